@@ -1,0 +1,30 @@
+# make test / make bench work on a fresh machine: they create .venv, install what is needed, build the
+# extension (CPU always; CUDA too when nvcc and a CUDA torch are present) and run.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+export CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: test bench install clean
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(shell find csrc -type f 2>/dev/null)
+	$(VPY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.built
+
+test: install
+	TRITON_INTERPRET=1 $(VPY) -m pytest python_tests -q -rs
+
+bench: install
+	$(VPY) -m mgpo_kernels.bench table3
+	$(VPY) -m mgpo_kernels.bench step --ranks 8
+
+clean:
+	rm -rf build *.egg-info mgpo_kernels/*.so $(VENV)/.built

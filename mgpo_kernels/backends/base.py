@@ -1,0 +1,150 @@
+"""The interface every MGPO backend implements.
+
+The optimizer (``mgpo_kernels.optimizer.MGPO``) owns validation, state allocation, state_dict and modes;
+a backend owns only the arithmetic of one ``step()`` and of the perturb/unperturb used by ``eval()``/``train()``.
+Adding a backend means one module that subclasses :class:`Backend` and one line in ``backends/__init__.py``.
+
+Conventions shared by all backends (the spec is README.md / the paper's Eqs. 2-6):
+
+* ``eps_t = coef * m_{t-1}``: the perturbation is never stored, only the scalar ``coef`` that was applied
+  (``GlobalState.coef``).  Restoring is ``theta = p - coef * m`` (fp32 params, in place) or ``theta = master``
+  (bf16/fp16 params, whose fp32 master copy holds theta exactly).
+* All scalars live in 0-d tensors on the parameters' device; a backend never reads them on the host.
+* A step whose gradients are non-finite (or whose GradScaler ``found_inf`` is set) changes nothing except
+  ``GlobalState.skipped``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class GroupTensors:
+    """One param group's tensors, restricted to parameters that have state (saw a gradient at least once).
+
+    ``grads[i] is None`` means parameter i has no gradient this step: it is not updated by AdamW (moments and
+    step count unchanged) but its perturbation is moved from the old to the new coefficient.
+    ``masters[i]`` is the fp32 master copy for a bf16/fp16 parameter, ``None`` for an fp32 parameter.
+    ``steps[i]`` is the per-parameter AdamW step count (fp32 0-d tensor on the device, as torch's fused AdamW).
+    """
+
+    params: List[Tensor]
+    grads: List[Optional[Tensor]]
+    exp_avgs: List[Tensor]
+    exp_avg_sqs: List[Tensor]
+    masters: List[Optional[Tensor]]
+    steps: List[Tensor]
+    lr: Union[float, Tensor]
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+
+@dataclass
+class GlobalState:
+    """Optimizer-wide scalars, 0-d tensors on the parameters' device (so ``step()`` never syncs the host).
+
+    step:    number of MGPO steps taken (not skipped); float32.  ``gbar`` is initialised when it is 0.
+    gbar:    EMA of the global gradient norm; float32.
+    coef:    the coefficient of the perturbation currently applied (or to be applied by ``train()``): eps = coef*m.
+    skipped: number of skipped (non-finite) steps; int64.
+    """
+
+    step: Tensor
+    gbar: Tensor
+    coef: Tensor
+    skipped: Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "GlobalState":
+        f = dict(dtype=torch.float32, device=device)
+        return cls(
+            step=torch.zeros((), **f),
+            gbar=torch.zeros((), **f),
+            coef=torch.zeros((), **f),
+            skipped=torch.zeros((), dtype=torch.int64, device=device),
+        )
+
+    def tensors(self) -> dict:
+        return {"step": self.step, "gbar": self.gbar, "coef": self.coef, "skipped": self.skipped}
+
+
+@dataclass
+class StepConfig:
+    """Optimizer-wide hyper-parameters and GradScaler inputs for one step.
+
+    sign:          +1.0 for direction="momentum" (paper Eq. 3), -1.0 for "-momentum".
+    perturbed:     True when the parameters currently hold theta + coef*m (train mode).  When False (eval mode),
+                   the step restores nothing and applies nothing; it still updates ``coef`` for ``train()``.
+    grad_scale:    GradScaler's scale (grads are divided by it), or None.
+    found_inf:     GradScaler's found-inf flag (float tensor, >0 means skip), or None.
+    reduce_hook:   called in place on the float64 ``sums`` tensor (layout below) before the scalar stage.
+    """
+
+    rho: float
+    ema_beta: float
+    adaptive_norm: bool
+    sign: float
+    max_grad_norm: Optional[float]
+    perturbed: bool
+    grad_scale: Optional[Tensor] = None
+    found_inf: Optional[Tensor] = None
+    reduce_hook: Optional[Callable[[Tensor], None]] = None
+
+
+#: Layout of the global sums a backend's reduce pass produces (float64, 1-D, length 4 * number of groups):
+#: for group k, ``sums[4k:4k+4] = [ |g|^2, <m, g>, |m|^2 (tensors with grad), |m|^2 (tensors without grad) ]``
+#: over raw gradients (before unscale/clip) and the momentum m_{t-1}.  ``StepConfig.reduce_hook`` (FSDP2: an
+#: all-reduce over the mesh) is called on it before the scalar stage, so the new momentum's norm is
+#: ``sum_k b1^2 S_mm + 2 b1 (1-b1) c S_mg + (1-b1)^2 c^2 S_gg + S_mm_nograd`` with c the unscale*clip factor.
+SUMS_PER_GROUP = 4
+
+
+class Backend:
+    """Base class. Subclasses implement :meth:`step`; :meth:`perturb` has a generic torch implementation."""
+
+    name: str = "base"
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        """None if this backend can run on ``device`` here, else a sentence saying why not."""
+        raise NotImplementedError
+
+    @classmethod
+    def priority(cls, device: torch.device) -> int:
+        """Higher wins for backend="auto" among the usable ones; negative means never picked by auto."""
+        return 0
+
+    def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
+        """One MGPO step, in place: restore, AdamW, new coefficient, re-perturb (see module docstring)."""
+        raise NotImplementedError
+
+    def perturb(self, groups: List[GroupTensors], coef: Tensor, apply: bool) -> None:
+        """Move the parameters between theta (``apply=False``) and theta + coef*m (``apply=True``).
+
+        Not on the hot path (eval()/train()/load_state_dict), so plain per-tensor torch ops are fine.
+        """
+        for g in groups:
+            for p, m, master in zip(g.params, g.exp_avgs, g.masters):
+                if master is None:
+                    if apply:
+                        p.addcmul_(m, coef)
+                    else:
+                        p.addcmul_(m, coef, value=-1.0)
+                else:
+                    if apply:
+                        p.copy_(master.addcmul(m, coef))
+                    else:
+                        p.copy_(master)
+
+
+def split_by_grad(g: GroupTensors) -> Tuple[List[int], List[int]]:
+    """Indices of the tensors with and without a gradient this step."""
+    with_grad = [i for i, gr in enumerate(g.grads) if gr is not None]
+    without = [i for i, gr in enumerate(g.grads) if gr is None]
+    return with_grad, without

@@ -1,0 +1,410 @@
+"""MGPO: AdamW with momentum-guided perturbation (LoRA-MGPO, Chang et al., Eqs. 2-6), a drop-in torch optimizer.
+
+After ``step()`` the parameters hold theta_{t+1} + eps_{t+1} with eps = coef * m (see backends/base.py), so the
+next forward/backward of any training loop is taken at the perturbed point; ``eval()``/``train()`` remove and
+re-apply the perturbation.  This module validates, allocates state and handles checkpoints; the arithmetic of a
+step is the backend's.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends as _backends
+from .backends.base import GlobalState, GroupTensors, StepConfig
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DIRECTIONS = {"momentum": 1.0, "-momentum": -1.0}
+_OPTIONS = ("rho", "ema_beta", "adaptive_norm", "direction", "max_grad_norm")
+
+
+def _local(t):
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _check_group_hparams(lr, betas, eps, weight_decay) -> None:
+    lr_v = float(lr.item()) if isinstance(lr, Tensor) else lr
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr as a tensor must have one element, got shape {tuple(lr.shape)}")
+    if not isinstance(lr_v, (int, float)) or not math.isfinite(lr_v) or lr_v < 0:
+        raise ValueError(f"Invalid learning rate lr={lr!r}: must be a finite number >= 0")
+    if not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"Invalid eps={eps!r}: must be a finite number > 0")
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid betas={betas!r}: must be a pair (beta1, beta2)") from None
+    for name, b in (("betas[0]", b1), ("betas[1]", b2)):
+        if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid {name}={b!r}: must be in [0, 1)")
+    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"Invalid weight_decay={weight_decay!r}: must be a finite number >= 0")
+
+
+def _check_option(name: str, value) -> None:
+    if name == "rho":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"Invalid rho={value!r}: must be a finite number >= 0")
+    elif name == "ema_beta":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid ema_beta={value!r}: must be in [0, 1)")
+    elif name == "adaptive_norm":
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid adaptive_norm={value!r}: must be True or False")
+    elif name == "direction":
+        if value not in DIRECTIONS:
+            raise ValueError(f"Invalid direction={value!r}: valid directions are {', '.join(map(repr, DIRECTIONS))}")
+    elif name == "max_grad_norm":
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+        ):
+            raise ValueError(f"Invalid max_grad_norm={value!r}: must be None or a finite number > 0")
+
+
+class MGPO(torch.optim.Optimizer):
+    """AdamW + momentum-guided perturbation of the parameters it holds (the paper's LoRA-MGPO).
+
+    Args:
+        params: parameters or param groups (lr, betas, eps, weight_decay may differ per group).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay; default 0).
+        rho: perturbation radius (paper: 0.05 NLU, 0.01 LLaMA NLG). ``rho=0`` is AdamW exactly.
+        ema_beta: EMA decay of the global gradient norm gbar (paper: 0.9 NLU, 0.8 NLG).
+        adaptive_norm: divide the perturbation by gbar (the paper's APN); False is the "LoRA + MGPO" ablation.
+        direction: "momentum" (paper Eq. 3) or "-momentum" (Momentum-SAM's sign, used by the authors' code).
+        max_grad_norm: clip the global gradient norm to this (torch's clip_grad_norm_ formula), fused in the step.
+        backend: "auto", "reference", "cpp" or "triton" (see ``available_backends()``).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rho: float = 0.05,
+        ema_beta: float = 0.9,
+        adaptive_norm: bool = True,
+        direction: str = "momentum",
+        max_grad_norm: Optional[float] = None,
+        backend: str = "auto",
+    ):
+        _check_group_hparams(lr, betas, eps, weight_decay)
+        opts = dict(rho=rho, ema_beta=ema_beta, adaptive_norm=adaptive_norm, direction=direction,
+                    max_grad_norm=max_grad_norm)
+        for k, v in opts.items():
+            _check_option(k, v)
+        if backend != "auto" and backend not in _backends.BACKEND_NAMES:
+            raise ValueError(
+                f"unknown backend {backend!r}; valid backends are {', '.join(('auto',) + _backends.BACKEND_NAMES)}"
+            )
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self._options: Dict[str, Any] = opts
+        self._gstate: Optional[GlobalState] = None
+        self._perturbed = True  # train mode: parameters hold theta + coef*m (coef is 0 until the first step)
+        super().__init__(params, defaults)
+        self._device = self._check_params()
+        self.backend_name = backend
+        self._backend = _backends.resolve(backend, self._device)
+
+    # ------------------------------------------------------------------ options
+    def __getattr__(self, name):
+        opts = self.__dict__.get("_options")
+        if opts is not None and name in _OPTIONS:
+            return opts[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in _OPTIONS and "_options" in self.__dict__:
+            _check_option(name, value)
+            self._options[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend that runs the step (what "auto" resolved to)."""
+        return self._backend.name
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (reading it synchronises with the device)."""
+        return 0 if self._gstate is None else int(self._gstate.skipped.item())
+
+    def add_param_group(self, param_group: dict) -> None:
+        g = dict(param_group)
+        for k, v in self.defaults.items():
+            g.setdefault(k, v)
+        _check_group_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"])
+        super().add_param_group(param_group)
+        if "_device" in self.__dict__:
+            self._check_params()
+
+    def _check_params(self) -> torch.device:
+        devices = set()
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if not (p.is_floating_point()):
+                    raise TypeError(
+                        f"MGPO needs floating-point parameters; param {pi} of group {gi} has dtype {p.dtype}"
+                        + (" (complex parameters are not supported)" if p.is_complex() else "")
+                    )
+                if p.dtype not in SUPPORTED_DTYPES:
+                    raise TypeError(
+                        f"MGPO supports float32, bfloat16 and float16 parameters; param {pi} of group {gi} has "
+                        f"dtype {p.dtype}"
+                    )
+                devices.add(p.device)
+        if len(devices) > 1:
+            raise ValueError(
+                f"MGPO needs all parameters on one device (its norms are global); got {sorted(map(str, devices))}"
+            )
+        if not devices:
+            raise ValueError("MGPO got no parameters")
+        return next(iter(devices))
+
+    # ------------------------------------------------------------------ state
+    def _global_state(self) -> GlobalState:
+        if self._gstate is None:
+            self._gstate = GlobalState.zeros(self._device)
+        return self._gstate
+
+    def _validate_grads(self) -> None:
+        """Every check that can fail, before anything is modified."""
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.device != self._device:
+                    raise ValueError(
+                        f"MGPO needs all parameters on one device: param {pi} of group {gi} is on {p.device}, "
+                        f"the optimizer's state is on {self._device}"
+                    )
+                if p.dtype not in SUPPORTED_DTYPES:
+                    raise TypeError(
+                        f"MGPO supports float32, bfloat16 and float16 parameters; param {pi} of group {gi} has "
+                        f"dtype {p.dtype}"
+                    )
+                gr = p.grad
+                if gr is None:
+                    continue
+                if gr.is_sparse or gr.layout != torch.strided:
+                    raise RuntimeError(f"MGPO does not support sparse gradients (param {pi} of group {gi})")
+                if gr.is_complex():
+                    raise RuntimeError(f"MGPO does not support complex gradients (param {pi} of group {gi})")
+                if gr.dtype != p.dtype:
+                    raise TypeError(
+                        f"gradient dtype {gr.dtype} does not match parameter dtype {p.dtype} (param {pi} of group {gi})"
+                    )
+                if gr.shape != p.shape:
+                    raise ValueError(
+                        f"gradient shape {tuple(gr.shape)} does not match parameter shape {tuple(p.shape)} "
+                        f"(param {pi} of group {gi})"
+                    )
+                if gr.device != p.device:
+                    raise ValueError(f"gradient on {gr.device} but parameter on {p.device} (param {pi} of group {gi})")
+
+    def _init_state(self, p: Tensor) -> dict:
+        st = self.state[p]
+        if len(st) == 0:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            if p.dtype != torch.float32:
+                # the parameter holds theta exactly here: its perturbation is coef * m = 0
+                st["master_param"] = p.detach().clone(memory_format=torch.preserve_format).float()
+        return st
+
+    def _groups(self, with_grads: bool) -> List[GroupTensors]:
+        out = []
+        for group in self.param_groups:
+            params, grads, ms, vs, masters, steps = [], [], [], [], [], []
+            for p in group["params"]:
+                if with_grads and p.grad is not None:
+                    st = self._init_state(p)
+                else:
+                    st = self.state.get(p)
+                    if not st:
+                        continue
+                params.append(_local(p).detach())
+                grads.append(_local(p.grad) if (with_grads and p.grad is not None) else None)
+                ms.append(_local(st["exp_avg"]))
+                vs.append(_local(st["exp_avg_sq"]))
+                masters.append(_local(st["master_param"]) if "master_param" in st else None)
+                steps.append(st["step"])
+            b1, b2 = group["betas"]
+            out.append(GroupTensors(params, grads, ms, vs, masters, steps, group["lr"], b1, b2,
+                                    group["eps"], group["weight_decay"]))
+        return out
+
+    def _config(self) -> StepConfig:
+        o = self._options
+        return StepConfig(
+            rho=float(o["rho"]), ema_beta=float(o["ema_beta"]), adaptive_norm=bool(o["adaptive_norm"]),
+            sign=DIRECTIONS[o["direction"]],
+            max_grad_norm=None if o["max_grad_norm"] is None else float(o["max_grad_norm"]),
+            perturbed=self._perturbed,
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+            reduce_hook=self._reduce_hook(),
+        )
+
+    def _reduce_hook(self):
+        """FSDP2/DTensor: all-reduce the global sums over the parameters' mesh (a few scalars per step)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                mesh = getattr(p, "device_mesh", None)
+                if mesh is not None:
+                    import torch.distributed as dist
+
+                    pg = mesh.get_group()
+                    return lambda sums: dist.all_reduce(sums, group=pg)
+        return None
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._validate_grads()
+        groups = self._groups(with_grads=True)
+        if not any(any(gr is not None for gr in g.grads) for g in groups):
+            return loss  # no gradient anywhere: nothing to do, as in AdamW
+        self._backend.step(groups, self._global_state(), self._config())
+        return loss
+
+    # ------------------------------------------------------------------ modes
+    @torch.no_grad()
+    def eval(self) -> "MGPO":
+        """Remove the perturbation: the parameters hold theta (for evaluation or saving). Idempotent."""
+        if self._perturbed:
+            if self._gstate is not None:
+                self._backend.perturb(self._groups(with_grads=False), self._gstate.coef, apply=False)
+            self._perturbed = False
+        return self
+
+    @torch.no_grad()
+    def train(self, mode: bool = True) -> "MGPO":
+        """Re-apply the perturbation (``train(False)`` is ``eval()``). Idempotent."""
+        if not mode:
+            return self.eval()
+        if not self._perturbed:
+            if self._gstate is not None:
+                self._backend.perturb(self._groups(with_grads=False), self._gstate.coef, apply=True)
+            self._perturbed = True
+        return self
+
+    @property
+    def training(self) -> bool:
+        return self._perturbed
+
+    @contextlib.contextmanager
+    def unperturbed(self):
+        """``with opt.unperturbed(): evaluate()`` — parameters hold theta inside, previous mode after."""
+        was = self._perturbed
+        self.eval()
+        try:
+            yield self
+        finally:
+            if was:
+                self.train()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        g = self._global_state()
+        sd["mgpo"] = {
+            "step": g.step.detach().clone(),
+            "gbar": g.gbar.detach().clone(),
+            "coef": g.coef.detach().clone(),
+            "skipped": g.skipped.detach().clone(),
+            **{k: self._options[k] for k in _OPTIONS},
+        }
+        return sd
+
+    def _check_loaded_state(self, state_dict: Dict[str, Any]) -> None:
+        """Shapes and kinds of the saved state against our parameters, before anything is modified."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state dict has {len(saved_groups)} param groups, the optimizer has {len(self.param_groups)}"
+            )
+        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(
+                    f"param group {gi}: state dict has {len(sg['params'])} parameters, the optimizer has "
+                    f"{len(g['params'])}"
+                )
+            _check_group_hparams(sg.get("lr", g["lr"]), sg.get("betas", g["betas"]), sg.get("eps", g["eps"]),
+                                 sg.get("weight_decay", g["weight_decay"]))
+            for idx, p in zip(sg["params"], g["params"]):
+                st = state_dict["state"].get(idx)
+                if st is None:
+                    continue
+                for key in ("exp_avg", "exp_avg_sq", "master_param"):
+                    if key not in st:
+                        if key == "master_param":
+                            continue
+                        raise ValueError(f"state of parameter {idx} lacks {key!r}")
+                    t = st[key]
+                    if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
+                        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                        raise ValueError(
+                            f"state {key!r} of parameter {idx} has shape {shape}, the parameter has "
+                            f"{tuple(p.shape)}: the state dict does not match the parameters"
+                        )
+                    if not t.is_floating_point():
+                        raise ValueError(f"state {key!r} of parameter {idx} is not floating point ({t.dtype})")
+                if "step" not in st:
+                    raise ValueError(f"state of parameter {idx} lacks 'step'")
+        extra = state_dict.get("mgpo")
+        if extra is not None:
+            for k in _OPTIONS:
+                if k in extra:
+                    _check_option(k, extra[k])
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a MGPO or torch AdamW state dict.  Load the model's (unperturbed) weights first: in train mode the
+        perturbation of the loaded state is then applied to them, as the uninterrupted run had it."""
+        self._check_loaded_state(state_dict)
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("mgpo", None)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device).reshape(())
+                st["exp_avg"] = st["exp_avg"].to(device=p.device, dtype=torch.float32)
+                st["exp_avg_sq"] = st["exp_avg_sq"].to(device=p.device, dtype=torch.float32)
+                if p.dtype != torch.float32 and "master_param" not in st:
+                    st["master_param"] = p.detach().float().clone()
+                if "master_param" in st:
+                    if p.dtype == torch.float32:
+                        del st["master_param"]
+                    else:
+                        st["master_param"] = st["master_param"].to(device=p.device, dtype=torch.float32)
+        g = GlobalState.zeros(self._device)
+        if extra is not None:
+            for k in ("step", "gbar", "coef", "skipped"):
+                if k in extra:
+                    getattr(g, k).copy_(torch.as_tensor(extra[k]))
+            for k in _OPTIONS:
+                if k in extra:
+                    self._options[k] = extra[k]
+        self._gstate = g
+        # the model holds theta (checkpoints are unperturbed); put it where the uninterrupted run was
+        if self._perturbed:
+            self._perturbed = False
+            self.train()
