@@ -380,21 +380,23 @@ class MGPO(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("mgpo", None)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for p in group["params"]:
+        # torch casts loaded state to the parameter's dtype (bf16 moments, bf16 master!): take the saved
+        # tensors again, in fp32, as our state is always fp32.
+        for sg, group in zip(state_dict["param_groups"], self.param_groups):
+            for idx, p in zip(sg["params"], group["params"]):
+                saved = state_dict["state"].get(idx)
                 st = self.state.get(p)
-                if not st:
+                if not saved or not st:
                     continue
-                st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device).reshape(())
-                st["exp_avg"] = st["exp_avg"].to(device=p.device, dtype=torch.float32)
-                st["exp_avg_sq"] = st["exp_avg_sq"].to(device=p.device, dtype=torch.float32)
+                st["step"] = torch.as_tensor(saved["step"]).detach().to(device=p.device, dtype=torch.float32,
+                                                                          copy=True).reshape(())
+                for key in ("exp_avg", "exp_avg_sq", "master_param"):
+                    if key in saved and (key != "master_param" or p.dtype != torch.float32):
+                        st[key] = saved[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
+                    else:
+                        st.pop(key, None)
                 if p.dtype != torch.float32 and "master_param" not in st:
                     st["master_param"] = p.detach().float().clone()
-                if "master_param" in st:
-                    if p.dtype == torch.float32:
-                        del st["master_param"]
-                    else:
-                        st["master_param"] = st["master_param"].to(device=p.device, dtype=torch.float32)
         g = GlobalState.zeros(self._device)
         if extra is not None:
             for k in ("step", "gbar", "coef", "skipped"):

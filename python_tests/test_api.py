@@ -1,0 +1,400 @@
+"""The drop-in API: modes, checkpoints, GradScaler, skipping non-finite steps, and errors that change nothing."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from mgpo_kernels import MGPO, available_backends, backend_reasons
+from problems import Problem, rel_err
+
+
+def _train(opt, params, prob, steps, active=None):
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        prob.loss(params, active).backward()
+        opt.step()
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(before, opt, params):
+    ps, sd = before
+    for a, b in zip(params, ps):
+        assert torch.equal(a.detach(), b)
+    now = opt.state_dict()
+    assert now["mgpo"].keys() == sd["mgpo"].keys()
+    for k, v in sd["mgpo"].items():
+        if k == "skipped":  # the one thing a skipped step changes
+            continue
+        assert (torch.equal(now["mgpo"][k], v) if torch.is_tensor(v) else now["mgpo"][k] == v), k
+    assert now["state"].keys() == sd["state"].keys()
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            assert torch.equal(now["state"][i][k], v), (i, k)
+    assert now["param_groups"] == sd["param_groups"]
+
+
+def test_available_backends_lists_reference_and_reasons():
+    names = available_backends()
+    assert names[0] == "reference"
+    reasons = backend_reasons()
+    for n, why in reasons.items():
+        assert (why is None) == (n in names)
+        if why is not None:
+            assert isinstance(why, str) and len(why) > 10
+
+
+def test_auto_never_picks_triton_on_cpu():
+    p = torch.nn.Parameter(torch.randn(3))
+    assert MGPO([p]).backend in ("cpp", "reference")
+    assert MGPO([p]).backend == ("cpp" if "cpp" in available_backends() else "reference")
+
+
+# ------------------------------------------------------------------------------------------ modes
+
+def test_eval_train_round_trip(backend):
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, rho=5.0, backend=backend)
+    _train(opt, params, prob, 6)
+    pert = [p.detach().clone() for p in params]
+    coef = opt.state_dict()["mgpo"]["coef"]
+    opt.eval()
+    theta = [p.detach().clone() for p in params]
+    for p, t, q in zip(params, theta, pert):
+        m = opt.state[p]["exp_avg"]
+        want = q - coef * m
+        # theta to within 1 ulp of fp32
+        assert torch.all((t - want).abs() <= torch.finfo(torch.float32).eps * want.abs().clamp_min(1e-30) * 1.0001)
+        assert not torch.equal(t, q)  # the perturbation was really removed
+    opt.eval()  # idempotent
+    for p, t in zip(params, theta):
+        assert torch.equal(p.detach(), t)
+    opt.train()
+    opt.train()  # idempotent
+    for p, q in zip(params, pert):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
+    with opt.unperturbed():
+        for p, t in zip(params, theta):
+            assert torch.equal(p.detach(), t)
+    for p, q in zip(params, pert):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
+    # inside eval mode, unperturbed() leaves it in eval mode
+    opt.eval()
+    with opt.unperturbed():
+        pass
+    for p, t in zip(params, theta):
+        assert torch.equal(p.detach(), t)
+
+
+def test_step_in_eval_mode_is_still_correct(backend):
+    prob = Problem()
+    pa, pb = prob.params(), prob.params()
+    oa = MGPO(pa, lr=1e-2, rho=5.0, backend=backend)
+    ob = MGPO(pb, lr=1e-2, rho=5.0, backend=backend)
+    for t in range(12):
+        for opt, ps in ((oa, pa), (ob, pb)):
+            opt.zero_grad()
+            prob.loss(ps).backward()
+        if t % 3 == 1:
+            oa.eval()
+            oa.step()
+            for p in pa:  # in eval mode the step leaves theta_{t+1}
+                pass
+            oa.train()
+        else:
+            oa.step()
+        ob.step()
+    for a, b in zip(pa, pb):
+        assert rel_err(a.detach(), b.detach()) < 1e-5
+
+
+def test_step_in_eval_mode_leaves_unperturbed_weights(backend):
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, rho=5.0, backend=backend)
+    _train(opt, params, prob, 3)
+    opt.eval()
+    opt.zero_grad()
+    prob.loss(params).backward()
+    opt.step()
+    theta = [p.detach().clone() for p in params]
+    opt.eval()  # already unperturbed: nothing moves
+    for p, t in zip(params, theta):
+        assert torch.equal(p.detach(), t)
+    opt.train()
+    assert any(not torch.equal(p.detach(), t) for p, t in zip(params, theta))
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_equals_uninterrupted(backend, dtype):
+    prob = Problem()
+    kw = dict(lr=1e-2, rho=5.0, weight_decay=0.01, max_grad_norm=5.0, backend=backend)
+    params = prob.params(dtype)
+    opt = MGPO(params, **kw)
+    _train(opt, params, prob, 8)
+    opt.rho = 3.0  # changed options travel with the checkpoint
+    with opt.unperturbed():
+        model_ckpt = _roundtrip([p.detach().clone() for p in params])
+    opt_ckpt = _roundtrip(opt.state_dict())
+    _train(opt, params, prob, 8)
+
+    params2 = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    opt2 = MGPO(params2, **{**kw, "rho": 0.01})
+    with torch.no_grad():
+        for p, w in zip(params2, model_ckpt):
+            p.copy_(w)
+    opt2.load_state_dict(opt_ckpt)
+    assert opt2.rho == 3.0
+    _train(opt2, params2, prob, 8)
+    tol = 1e-6 if dtype == torch.float32 else 0.0
+    for a, b in zip(params, params2):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=tol, atol=tol)
+
+
+def test_torch_adamw_state_dict_loads(backend):
+    prob = Problem()
+    pa, pb = prob.params(), prob.params()
+    adam_a = torch.optim.AdamW(pa, lr=1e-2, weight_decay=0.0)
+    _train(adam_a, pa, prob, 5)
+    with torch.no_grad():
+        for a, b in zip(pa, pb):
+            b.copy_(a)
+    opt = MGPO(pb, lr=1e-2, rho=0.0, backend=backend)
+    opt.load_state_dict(_roundtrip(adam_a.state_dict()))
+    _train(adam_a, pa, prob, 5)
+    _train(opt, pb, prob, 5)
+    for a, b in zip(pa, pb):
+        assert rel_err(b.detach(), a.detach()) < 1e-6
+    assert float(opt.state[pb[0]]["step"]) == 10.0
+
+
+def test_state_dict_is_torch_adamw_compatible(backend):
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, backend=backend)
+    _train(opt, params, prob, 3)
+    sd = _roundtrip(opt.state_dict())
+    for st in sd["state"].values():
+        assert {"step", "exp_avg", "exp_avg_sq"} <= set(st)
+    pa = prob.params()
+    adam = torch.optim.AdamW(pa, lr=1e-2)
+    adam.load_state_dict(sd)  # torch ignores our extra top-level key
+    assert float(adam.state[pa[0]]["step"]) == 3.0
+
+
+def test_mismatched_state_dict_raises_and_changes_nothing(backend):
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, rho=1.0, backend=backend)
+    _train(opt, params, prob, 3)
+    good = opt.state_dict()
+    before = _snapshot(opt, params)
+
+    bad_shape = copy.deepcopy(good)
+    bad_shape["state"][2]["exp_avg"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(bad_shape)
+    _assert_unchanged(before, opt, params)
+
+    bad_groups = copy.deepcopy(good)
+    bad_groups["param_groups"][0]["params"] = bad_groups["param_groups"][0]["params"][:-1]
+    with pytest.raises(ValueError, match="parameters"):
+        opt.load_state_dict(bad_groups)
+    _assert_unchanged(before, opt, params)
+
+    bad_opt = copy.deepcopy(good)
+    bad_opt["mgpo"]["rho"] = -1.0
+    with pytest.raises(ValueError, match="rho"):
+        opt.load_state_dict(bad_opt)
+    _assert_unchanged(before, opt, params)
+
+
+# ------------------------------------------------------------------------------------------ GradScaler, non-finite
+
+def test_grad_scaler_matches_unscaled_and_skips_inf(backend):
+    prob = Problem()
+    pa, pb = prob.params(), prob.params()
+    oa = MGPO(pa, lr=1e-2, rho=5.0, max_grad_norm=10.0, backend=backend)
+    ob = MGPO(pb, lr=1e-2, rho=5.0, max_grad_norm=10.0, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    for t in range(8):
+        oa.zero_grad()
+        scaler.scale(prob.loss(pa)).backward()
+        if t == 4:
+            before = _snapshot(oa, pa)
+            pa[1].grad[3] = float("inf")
+            scaler.step(oa)
+            scaler.update()
+            _assert_unchanged(before, oa, pa)
+            assert oa.skipped_steps == 1
+            continue
+        scaler.step(oa)
+        scaler.update()
+        ob.zero_grad()
+        prob.loss(pb).backward()
+        ob.step()
+    assert not hasattr(oa, "grad_scale")
+    for a, b in zip(pa, pb):
+        assert rel_err(a.detach(), b.detach()) < 1e-6
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_gradient_skips_the_whole_step(backend, bad):
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, rho=5.0, backend=backend)
+    _train(opt, params, prob, 3)
+    before = _snapshot(opt, params)
+    opt.zero_grad()
+    prob.loss(params).backward()
+    params[3].grad[0, 0] = bad
+    opt.step()
+    _assert_unchanged(before, opt, params)
+    assert opt.skipped_steps == 1
+    _train(opt, params, prob, 2)
+    assert opt.state_dict()["mgpo"]["step"] == 5
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_closure_is_called_like_torch(backend):
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, backend=backend)
+
+    def closure():
+        opt.zero_grad()
+        loss = prob.loss(params)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and float(opt.state_dict()["mgpo"]["step"]) == 1.0
+
+
+def test_grad_scaler_sees_amp_support():
+    assert MGPO._step_supports_amp_scaling is True
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(eps=0.0), "eps"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(betas=(1.0, 0.999)), "betas"),
+        (dict(betas=(0.9, -0.1)), "betas"),
+        (dict(ema_beta=1.0), "ema_beta"),
+        (dict(ema_beta=-0.5), "ema_beta"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(rho=-0.01), "rho"),
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm"),
+        (dict(direction="sideways"), "momentum"),
+        (dict(backend="cuda-magic"), "reference"),
+    ],
+)
+def test_bad_hyperparameters_raise(kwargs, match):
+    p = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match=match):
+        MGPO([p], **kwargs)
+
+
+def test_bad_param_group_raises():
+    p, q = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    opt = MGPO([p])
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [q], "lr": -1})
+    assert len(opt.param_groups) == 1
+
+
+def test_setting_a_bad_option_raises_and_keeps_the_old_value():
+    opt = MGPO([torch.nn.Parameter(torch.randn(4))], rho=0.05)
+    with pytest.raises(ValueError, match="rho"):
+        opt.rho = -1.0
+    assert opt.rho == 0.05
+
+
+def test_unusable_backend_says_why():
+    reasons = backend_reasons()
+    p = torch.nn.Parameter(torch.randn(4))
+    for name, why in reasons.items():
+        if why is not None:
+            with pytest.raises(RuntimeError, match=name):
+                MGPO([p], backend=name)
+    if torch.cuda.is_available() is False:
+        with pytest.raises(ValueError, match="valid backends"):
+            MGPO([p], backend="cuda")
+
+
+def test_non_floating_and_unsupported_params_raise():
+    with pytest.raises(TypeError, match="floating"):
+        MGPO([torch.zeros(3, dtype=torch.int64)])
+    with pytest.raises(TypeError, match="complex"):
+        MGPO([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))])
+    with pytest.raises(TypeError, match="float64"):
+        MGPO([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))])
+
+
+def test_params_on_two_devices_raise():
+    p = torch.nn.Parameter(torch.randn(3))
+    q = torch.nn.Parameter(torch.randn(3, device="meta"))
+    with pytest.raises(ValueError, match="one device"):
+        MGPO([p, q])
+
+
+def _bad_grad_cases():
+    def sparse(p):
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.tensor([1.0]), p.shape)
+
+    def dtype(p):
+        p.grad_dtype = None  # torch itself refuses a grad of another dtype unless told otherwise
+        p.grad = torch.randn(p.shape, dtype=torch.float64)
+
+    def complex_(p):
+        p.grad_dtype = None
+        p.grad = torch.randn(p.shape, dtype=torch.complex64)
+
+    return [(sparse, "sparse"), (dtype, "dtype"), (complex_, "complex")]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_bad_gradients_raise_and_change_nothing(backend, case):
+    mutate, match = _bad_grad_cases()[case]
+    prob = Problem([(5,), (7,)])
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, rho=1.0, backend=backend)
+    _train(opt, params, prob, 2)
+    before = _snapshot(opt, params)
+    opt.zero_grad()
+    prob.loss(params).backward()
+    mutate(params[1])
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
+        opt.step()
+    _assert_unchanged(before, opt, params)
+
+
+def test_complex_gradient_raises(backend):
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = MGPO([p], backend=backend)
+    p.grad_dtype = None
+    p.grad = torch.randn(4, dtype=torch.complex64)
+    with pytest.raises((RuntimeError, TypeError), match="complex"):
+        opt.step()
+    assert len(opt.state) == 0
