@@ -398,3 +398,54 @@ def test_complex_gradient_raises(backend):
     with pytest.raises((RuntimeError, TypeError), match="complex"):
         opt.step()
     assert len(opt.state) == 0
+
+
+# ------------------------------------------------------------------------------------------ no host sync, functional
+
+class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on aten._local_scalar_dense, which every .item()/bool(tensor)/float(tensor) goes through."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("host synchronisation (.item()/bool/float of a tensor) inside step()")
+        return func(*args, **(kwargs or {}))
+
+
+def test_step_never_reads_a_device_scalar_on_the_host(backend):
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, rho=1.0, max_grad_norm=1.0, backend=backend)
+    lr_tensor_opt = MGPO(prob.params(), lr=torch.tensor(1e-2), backend=backend)
+    for o, ps in ((opt, params), (lr_tensor_opt, lr_tensor_opt.param_groups[0]["params"])):
+        for _ in range(3):
+            o.zero_grad()
+            prob.loss(ps).backward()
+            with _NoHostSync():
+                o.step()
+    # and the mode does catch a sync
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        with _NoHostSync():
+            torch.ones(()).item()
+
+
+def test_functional_step_matches_optimizer(backend):
+    from mgpo_kernels.functional import init_global_state, mgpo
+
+    prob = Problem()
+    pa, pb = prob.params(), prob.params()
+    opt = MGPO(pa, lr=1e-2, rho=2.0, weight_decay=0.01, backend=backend)
+    ms = [torch.zeros_like(p) for p in pb]
+    vs = [torch.zeros_like(p) for p in pb]
+    steps = [torch.zeros(()) for _ in pb]
+    gs = init_global_state("cpu")
+    for _ in range(5):
+        opt.zero_grad()
+        prob.loss(pa).backward()
+        opt.step()
+        for p in pb:
+            p.grad = None
+        prob.loss(pb).backward()
+        mgpo(pb, [p.grad for p in pb], ms, vs, steps, gs, lr=1e-2, rho=2.0, weight_decay=0.01, backend=backend)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+    assert float(gs["step"]) == 5.0
