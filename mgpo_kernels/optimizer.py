@@ -143,32 +143,41 @@ class MGPO(torch.optim.Optimizer):
         for k, v in self.defaults.items():
             g.setdefault(k, v)
         _check_group_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"])
+        if "_device" in self.__dict__:  # after construction: check the new parameters before adding them
+            new = g["params"]
+            new = [new] if isinstance(new, Tensor) else list(new)
+            self._check_param_list(new, len(self.param_groups), {self._device})
+            param_group = dict(param_group, params=new)
         super().add_param_group(param_group)
-        if "_device" in self.__dict__:
-            self._check_params()
 
     def _check_params(self) -> torch.device:
-        devices = set()
+        devices: set = set()
         for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if not (p.is_floating_point()):
-                    raise TypeError(
-                        f"MGPO needs floating-point parameters; param {pi} of group {gi} has dtype {p.dtype}"
-                        + (" (complex parameters are not supported)" if p.is_complex() else "")
-                    )
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise TypeError(
-                        f"MGPO supports float32, bfloat16 and float16 parameters; param {pi} of group {gi} has "
-                        f"dtype {p.dtype}"
-                    )
-                devices.add(p.device)
-        if len(devices) > 1:
-            raise ValueError(
-                f"MGPO needs all parameters on one device (its norms are global); got {sorted(map(str, devices))}"
-            )
+            self._check_param_list(group["params"], gi, devices)
         if not devices:
             raise ValueError("MGPO got no parameters")
         return next(iter(devices))
+
+    @staticmethod
+    def _check_param_list(params, gi: int, devices: set) -> None:
+        """Floating dtype we support, and one device overall (``devices`` accumulates)."""
+        for pi, p in enumerate(params):
+            if not (p.is_floating_point()):
+                raise TypeError(
+                    f"MGPO needs floating-point parameters; param {pi} of group {gi} has dtype {p.dtype}"
+                    + (" (complex parameters are not supported)" if p.is_complex() else "")
+                )
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"MGPO supports float32, bfloat16 and float16 parameters; param {pi} of group {gi} has "
+                    f"dtype {p.dtype}"
+                )
+            if devices and p.device not in devices:
+                raise ValueError(
+                    "MGPO needs all parameters on one device (its norms are global); got "
+                    f"{sorted(map(str, devices | {p.device}))}"
+                )
+            devices.add(p.device)
 
     # ------------------------------------------------------------------ state
     def _global_state(self) -> GlobalState:

@@ -449,3 +449,14 @@ def test_functional_step_matches_optimizer(backend):
     for a, b in zip(pa, pb):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
     assert float(gs["step"]) == 5.0
+
+
+def test_add_param_group_with_bad_params_changes_nothing():
+    opt = MGPO([torch.nn.Parameter(torch.randn(4))])
+    with pytest.raises(TypeError, match="float64"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, dtype=torch.float64))]})
+    with pytest.raises(ValueError, match="one device"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, device="meta"))]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "lr": 0.5})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.5
