@@ -9,7 +9,6 @@ export CUDA_HOME ?= /usr/local/cuda
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
