@@ -1,0 +1,224 @@
+"""MGPO with the Hugging Face Trainer and PEFT.
+
+What the Trainer already does (transformers 5.x, accelerate 1.x; see docs/integrations.md for the lines):
+
+* ``Trainer.training_step`` calls ``self.optimizer.train()`` before every forward/backward and
+  ``Trainer.evaluation_loop`` calls ``self.optimizer.eval()`` before evaluating, when the optimizer has them.
+  ``self.optimizer`` is accelerate's ``AcceleratedOptimizer``, whose ``train()``/``eval()`` forward to the wrapped
+  optimizer (or to ``optimizer.optimizer`` under DeepSpeed).  So evaluation runs at the unperturbed theta.
+* The Trainer does **not** call ``eval()`` before saving a checkpoint, nor at the end of training.  ``MGPOCallback``
+  does: checkpoint weights and the weights left in the model after ``train()`` are theta, not theta + eps.
+
+Usage::
+
+    from mgpo_kernels.integrations.hf import MGPOCallback, mgpo_for_peft
+    opt = mgpo_for_peft(peft_model, lr=2e-4, loraplus_lr_ratio=16, rho=0.01, ema_beta=0.8)
+    trainer = Trainer(model=peft_model, args=args, ..., optimizers=(opt, None), callbacks=[MGPOCallback()])
+
+or, letting the Trainer build it (and its scheduler)::
+
+    trainer = Trainer(..., optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(lr=2e-4, rho=0.01),
+                      callbacks=[MGPOCallback()])
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from transformers import TrainerCallback
+
+from ..optimizer import MGPO
+
+#: attribute names under which optimizer wrappers keep the optimizer they wrap: accelerate's AcceleratedOptimizer
+#: (``.optimizer``), DeepSpeed's ZeRO / bf16 optimizers (``.optimizer``), a few others (``.base_optimizer``).
+_WRAPPER_ATTRS = ("optimizer", "base_optimizer", "_optimizer")
+
+
+def _wrapper_chain(optimizer) -> List[Any]:
+    chain, seen, o = [], set(), optimizer
+    while o is not None and id(o) not in seen:
+        chain.append(o)
+        seen.add(id(o))
+        if isinstance(o, MGPO):
+            break
+        o = next((getattr(o, a) for a in _WRAPPER_ATTRS if getattr(o, a, None) is not None), None)
+    return chain
+
+
+def find_mgpo(optimizer) -> Optional[MGPO]:
+    """The MGPO inside ``optimizer`` (itself, or wrapped by accelerate / DeepSpeed), or None."""
+    chain = _wrapper_chain(optimizer)
+    return chain[-1] if chain and isinstance(chain[-1], MGPO) else None
+
+
+def _check_not_deepspeed(optimizer) -> None:
+    """DeepSpeed ZeRO hands the optimizer flat fp32 partitions of the master weights: the norms would be per
+    rank, and eval()/train() would change the master copy but not the model's weights.  Refuse clearly."""
+    for o in _wrapper_chain(optimizer)[:-1]:
+        mod = type(o).__module__ or ""
+        if mod.startswith("deepspeed"):
+            raise NotImplementedError(
+                f"MGPO is wrapped by DeepSpeed ({type(o).__module__}.{type(o).__name__}). DeepSpeed hands the "
+                "optimizer flat shards of its fp32 master weights, so MGPO's global norms would be per rank and "
+                "eval()/train() would not reach the model's weights. Use DDP or FSDP2 (fully_shard) with MGPO; "
+                "see docs/integrations.md."
+            )
+
+
+class MGPOCallback(TrainerCallback):
+    """Keeps checkpoints and end-of-training weights unperturbed (theta) under the Hugging Face Trainer.
+
+    * ``on_step_end`` / ``on_epoch_end`` with ``control.should_save``: ``eval()`` before the Trainer saves (the
+      Trainer's next ``training_step`` calls ``optimizer.train()``, which re-applies the perturbation; so does
+      ``on_step_begin`` here, for custom training steps that do not).
+    * ``on_train_end``: ``eval()``, so ``trainer.save_model()`` and any use of the model after training see theta.
+    * ``on_train_begin``: refuses DeepSpeed-wrapped MGPO (see docs/integrations.md).
+
+    Put it after any callback that sets ``control.should_save`` itself (the Trainer's own flow callback always
+    runs first).  ``optimizer``: pass the MGPO explicitly if the Trainer does not know it (rare).
+    """
+
+    def __init__(self, optimizer: Optional[MGPO] = None):
+        self._explicit = optimizer
+
+    def _mgpo(self, kwargs) -> Optional[MGPO]:
+        if self._explicit is not None:
+            return self._explicit
+        opt = find_mgpo(kwargs.get("optimizer"))
+        return opt
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        opt = kwargs.get("optimizer")
+        if opt is not None:
+            _check_not_deepspeed(opt)
+            if find_mgpo(opt) is None and self._explicit is None:
+                warnings.warn(
+                    f"MGPOCallback: the Trainer's optimizer ({type(opt).__name__}) is not MGPO; the callback does "
+                    "nothing", stacklevel=2
+                )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        opt = self._mgpo(kwargs)
+        if opt is not None:
+            opt.train()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            opt = self._mgpo(kwargs)
+            if opt is not None:
+                opt.eval()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        opt = self._mgpo(kwargs)
+        if opt is not None:
+            opt.eval()
+
+
+# ---------------------------------------------------------------------------------------------- PEFT helpers
+def _is_lora_b(name: str) -> bool:
+    return ".lora_B." in name or name.startswith("lora_B.") or ".lora_embedding_B" in name or (
+        "lora_embedding_B" in name
+    )
+
+
+def _is_lora(name: str) -> bool:
+    return "lora_" in name
+
+
+def lora_param_groups(
+    model: torch.nn.Module,
+    lr: float | torch.Tensor,
+    loraplus_lr_ratio: Optional[float] = None,
+    weight_decay: float = 0.0,
+    include_non_lora: bool = False,
+) -> List[Dict[str, Any]]:
+    """Param groups of a PEFT model's trainable LoRA parameters (names containing ``lora_``).
+
+    ``loraplus_lr_ratio``: LoRA+ (Hayou et al. 2024): the B matrices (``lora_B``, ``lora_embedding_B``) get
+    ``lr * loraplus_lr_ratio``, everything else ``lr``.  ``None`` gives one group.
+    ``include_non_lora``: also put other trainable parameters (e.g. ``modules_to_save`` heads) in a group at ``lr``
+    (they are then perturbed too); by default they are left out with a warning that names them.
+    A tensor ``lr`` (for torch.compile) is cloned per group, so a scheduler can set each group's lr.
+    """
+    if loraplus_lr_ratio is not None and (not isinstance(loraplus_lr_ratio, (int, float)) or loraplus_lr_ratio <= 0):
+        raise ValueError(f"Invalid loraplus_lr_ratio={loraplus_lr_ratio!r}: must be None or a number > 0")
+    a_params, b_params, other, other_names = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if _is_lora(name):
+            (b_params if (loraplus_lr_ratio is not None and _is_lora_b(name)) else a_params).append(p)
+        else:
+            other.append(p)
+            other_names.append(name)
+    if not a_params and not b_params:
+        raise ValueError(
+            "the model has no trainable LoRA parameters (no trainable parameter name contains 'lora_'); is it a "
+            "PEFT LoRA model?"
+        )
+    if other and not include_non_lora:
+        shown = ", ".join(other_names[:5]) + (" ..." if len(other_names) > 5 else "")
+        warnings.warn(
+            f"{len(other)} trainable parameters are not LoRA parameters and are not given to MGPO ({shown}); "
+            "pass include_non_lora=True to optimize (and perturb) them too, or give them another optimizer",
+            stacklevel=2,
+        )
+
+    def _lr(scale: float = 1.0):
+        if isinstance(lr, torch.Tensor):
+            return (lr.detach().clone() * scale) if scale != 1.0 else lr.detach().clone()
+        return lr * scale
+
+    groups = [{"params": a_params, "lr": _lr(), "weight_decay": weight_decay}] if a_params else []
+    if b_params:
+        groups.append({"params": b_params, "lr": _lr(float(loraplus_lr_ratio)), "weight_decay": weight_decay})
+    if other and include_non_lora:
+        groups.append({"params": other, "lr": _lr(), "weight_decay": weight_decay})
+    return groups
+
+
+def mgpo_for_peft(
+    model: torch.nn.Module,
+    lr: float | torch.Tensor = 2e-4,
+    loraplus_lr_ratio: Optional[float] = None,
+    weight_decay: float = 0.0,
+    include_non_lora: bool = False,
+    **mgpo_kwargs,
+) -> MGPO:
+    """MGPO over a PEFT model's trainable LoRA parameters (see :func:`lora_param_groups`).
+
+    ``mgpo_kwargs`` go to :class:`MGPO` (betas, eps, rho, ema_beta, adaptive_norm, direction, max_grad_norm,
+    backend).  The paper's NLG setting is ``rho=0.01, ema_beta=0.8``.
+    """
+    groups = lora_param_groups(model, lr, loraplus_lr_ratio, weight_decay, include_non_lora)
+    return MGPO(groups, lr=lr, weight_decay=weight_decay, **mgpo_kwargs)
+
+
+class MGPOForPeft:
+    """An optimizer *factory* for ``Trainer(optimizer_cls_and_kwargs=(MGPOForPeft, kwargs))``.
+
+    The Trainer treats a first element that is not an Optimizer subclass as a factory: it calls
+    ``MGPOForPeft()(model, **kwargs)``, so the LoRA parameters (and LoRA+ groups) are taken from the model, not from
+    the Trainer's decay/no-decay grouping of every trainable parameter.
+    """
+
+    def __call__(self, model: torch.nn.Module, **kwargs) -> MGPO:
+        return mgpo_for_peft(model, **kwargs)
+
+
+def mgpo_optimizer_cls_and_kwargs(**kwargs) -> Tuple[type, Dict[str, Any]]:
+    """``(MGPOForPeft, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; kwargs as :func:`mgpo_for_peft`
+    (lr, loraplus_lr_ratio, weight_decay, include_non_lora, rho, ema_beta, max_grad_norm, backend, ...).
+
+    The Trainer then also creates the lr scheduler (``lr_scheduler_type``, warmup) over these groups.  ``lr`` is
+    required: the Trainer does not pass its ``learning_rate`` to ``optimizer_cls_and_kwargs``."""
+    if "lr" not in kwargs:
+        raise ValueError(
+            "mgpo_optimizer_cls_and_kwargs needs lr=... (the Trainer does not pass args.learning_rate to "
+            "optimizer_cls_and_kwargs)"
+        )
+    return MGPOForPeft, dict(kwargs)

@@ -1,0 +1,313 @@
+"""MGPO under the Hugging Face Trainer with a PEFT LoRA model (tiny LlamaForCausalLM built from a config, CPU).
+
+Checks: evaluation runs at the unperturbed theta (against a manual evaluation), checkpoint adapter weights and the
+weights left after training are theta, resume_from_checkpoint reproduces the uninterrupted run, the Trainer's
+clipping equals MGPO's fused clipping, and the optimizer_cls_and_kwargs / factory form.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import default_data_collator  # noqa: E402
+
+from mgpo_kernels import MGPO  # noqa: E402
+from mgpo_kernels.integrations.hf import (  # noqa: E402
+    MGPOCallback,
+    MGPOForPeft,
+    find_mgpo,
+    lora_param_groups,
+    mgpo_for_peft,
+    mgpo_optimizer_cls_and_kwargs,
+)
+
+SEQ = 16
+VOCAB = 64
+BACKEND = "reference"  # the Trainer path is backend-agnostic; the kernels are tested elsewhere
+MGPO_KW = dict(lr=3e-3, rho=0.05, ema_beta=0.9, backend=BACKEND)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Sequences with learnable structure (next token = previous + a per-sequence stride, mod VOCAB)."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, VOCAB, (n, 1), generator=g)
+        stride = torch.randint(1, 4, (n, 1), generator=g)
+        self.ids = (start + stride * torch.arange(SEQ)) % VOCAB
+        noise = torch.rand(n, SEQ, generator=g) < 0.1
+        self.ids = torch.where(noise, torch.randint(0, VOCAB, (n, SEQ), generator=g), self.ids)
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+    def __getitem__(self, i):
+        x = self.ids[i]
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+
+TRAIN = TokenDataset(48, seed=1)
+EVAL = TokenDataset(16, seed=2)
+
+
+def make_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    base = LlamaForCausalLM(cfg)
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                           init_lora_weights="gaussian")
+    model = peft.get_peft_model(base, lcfg)
+    # LoRA initialises B = 0; give B small values too, so A and B both move and the perturbation shows early
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def make_args(out, **kw):
+    base = dict(
+        output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        gradient_accumulation_steps=2, max_steps=20, learning_rate=3e-3, lr_scheduler_type="linear",
+        warmup_steps=2, weight_decay=0.0, max_grad_norm=0.0, eval_strategy="steps", eval_steps=4,
+        save_strategy="steps", save_steps=5, logging_steps=2, report_to=[], use_cpu=True,
+        dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True, save_only_model=False,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def lora_params(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def manual_eval_loss(model, dataset, batch_size=8):
+    """What Trainer.evaluate computes: the batch-size weighted mean of the per-batch mean losses."""
+    was = model.training
+    model.eval()
+    losses, sizes = [], []
+    with torch.no_grad():
+        for i in range(0, len(dataset), batch_size):
+            batch = default_data_collator([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+            losses.append(model(**batch).loss.double())
+            sizes.append(batch["input_ids"].shape[0])
+    model.train(was)
+    return float(sum(l * s for l, s in zip(losses, sizes)) / sum(sizes))
+
+
+class Recorder(TrainerCallback):
+    """Placed *before* MGPOCallback: at on_step_end the optimizer is still in train mode, so the parameters hold
+    theta + eps.  Records theta = p - coef*m (the definition, computed here independently of eval()), the
+    perturbed p, and manual evaluation losses at both, for every step that evaluates or saves."""
+
+    def __init__(self, model):
+        self.model = model
+        self.theta, self.perturbed, self.loss_theta, self.loss_perturbed = {}, {}, {}, {}
+
+    def on_step_end(self, args, state, control, optimizer=None, **kw):
+        if not (control.should_evaluate or control.should_save or state.global_step == state.max_steps):
+            return
+        opt = find_mgpo(optimizer)
+        assert opt is not None and opt.training
+        coef = opt._gstate.coef
+        params = lora_params(self.model)
+        pert = {n: p.detach().clone() for n, p in params.items()}
+        theta = {n: (p.detach() - coef * opt.state[p]["exp_avg"]) for n, p in params.items()}
+        s = state.global_step
+        self.perturbed[s], self.theta[s] = pert, theta
+        self.loss_perturbed[s] = manual_eval_loss(self.model, EVAL)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(theta[n])
+            self.loss_theta[s] = manual_eval_loss(self.model, EVAL)
+            for n, p in params.items():
+                p.copy_(pert[n])
+
+
+def run_trainer(out, model=None, callbacks=None, resume=None, optimizer=None, **arg_kw):
+    model = make_model() if model is None else model
+    opt = MGPO(lora_param_groups(model, MGPO_KW["lr"]), **MGPO_KW) if optimizer is None else optimizer
+    trainer = Trainer(
+        model=model, args=make_args(out, **arg_kw), train_dataset=TRAIN, eval_dataset=EVAL,
+        data_collator=default_data_collator, optimizers=(opt, None),
+        callbacks=(callbacks or []) + [MGPOCallback()],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer, model, opt
+
+
+def adapter_name(param_name: str) -> str:
+    return param_name.replace(".default.", ".")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    model = make_model()
+    rec = Recorder(model)
+    trainer, model, opt = run_trainer(out, model=model, callbacks=[rec])
+    return out, trainer, model, opt, rec
+
+
+def test_trainer_calls_optimizer_train_eval_through_accelerate(full_run):
+    _, trainer, _, opt, _ = full_run
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    assert isinstance(trainer.optimizer, AcceleratedOptimizer)
+    assert find_mgpo(trainer.optimizer) is opt
+    assert find_mgpo(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))])) is None
+    # the wrapper forwards train()/eval() (this is what Trainer.training_step / evaluation_loop call)
+    trainer.optimizer.train()
+    assert opt.training
+    trainer.optimizer.eval()
+    assert not opt.training
+
+
+def test_eval_loss_is_at_unperturbed_weights(full_run):
+    _, trainer, _, opt, rec = full_run
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    assert sorted(evals) == [4, 8, 12, 16, 20]
+    for s, loss in evals.items():
+        assert math.isclose(loss, rec.loss_theta[s], rel_tol=2e-6), (s, loss, rec.loss_theta[s])
+        # the test can tell the two apart: the perturbed loss differs by much more than the tolerance
+        assert abs(rec.loss_perturbed[s] - rec.loss_theta[s]) > 1e-4 * abs(loss), (s, rec.loss_perturbed[s])
+    # training actually happened
+    assert evals[20] < evals[4]
+
+
+def test_checkpoint_adapter_weights_are_unperturbed(full_run):
+    out, _, model, opt, rec = full_run
+    ckpts = sorted(int(d.split("-")[1]) for d in os.listdir(out) if d.startswith("checkpoint-"))
+    assert ckpts == [5, 10, 15, 20]  # saves at 5, 15 come without an evaluation: only MGPOCallback unperturbs
+    for s in ckpts:
+        saved = safetensors_torch.load_file(os.path.join(out, f"checkpoint-{s}", "adapter_model.safetensors"))
+        theta = {adapter_name(n): t for n, t in rec.theta[s].items()}
+        pert = {adapter_name(n): t for n, t in rec.perturbed[s].items()}
+        assert set(saved) == set(theta)
+        dist = sum((saved[n].double() - pert[n].double()).norm() ** 2 for n in saved) ** 0.5
+        assert dist > 1e-3, "saved weights should differ from the perturbed ones"
+        for n, t in saved.items():
+            torch.testing.assert_close(t, theta[n], rtol=1e-6, atol=1e-7, msg=f"step {s} {n}")
+
+
+def test_weights_after_training_are_unperturbed(full_run, tmp_path):
+    _, trainer, model, opt, rec = full_run
+    assert not opt.training  # MGPOCallback.on_train_end
+    for n, p in lora_params(model).items():
+        torch.testing.assert_close(p.detach(), rec.theta[20][n], rtol=1e-6, atol=1e-7)
+    # save_model after training writes theta
+    trainer.save_model(str(tmp_path / "final"))
+    saved = safetensors_torch.load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
+    for n, p in lora_params(model).items():
+        torch.testing.assert_close(saved[adapter_name(n)], p.detach(), rtol=0, atol=0)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(full_run, tmp_path):
+    out, _, model_full, opt_full, _ = full_run
+    import shutil
+
+    ckpt = tmp_path / "checkpoint-10"
+    shutil.copytree(out / "checkpoint-10", ckpt)
+    # a fresh model (same frozen base) with scrambled LoRA weights: they must come from the checkpoint, the
+    # optimizer state (incl. the perturbation coefficient and gbar) from optimizer.pt
+    fresh = make_model()
+    with torch.no_grad():
+        for p in lora_params(fresh).values():
+            p.normal_()
+    _, model, opt = run_trainer(tmp_path, model=fresh, resume=str(ckpt))
+    assert int(opt._gstate.step.item()) == 20
+    full = lora_params(model_full)
+    for n, p in lora_params(model).items():
+        torch.testing.assert_close(p.detach(), full[n].detach(), rtol=1e-6, atol=1e-8, msg=n)
+    for n, p in lora_params(model).items():
+        torch.testing.assert_close(opt.state[p]["exp_avg"], opt_full.state[full[n]]["exp_avg"], rtol=1e-6,
+                                   atol=1e-9)
+
+
+def test_fused_clipping_matches_trainer_clipping(tmp_path):
+    """Trainer(max_grad_norm=0) + MGPO(max_grad_norm=c) == Trainer(max_grad_norm=c) + MGPO()."""
+    c = 0.05
+    common = dict(max_steps=8, eval_strategy="no", save_strategy="no", logging_steps=1)
+    m1 = make_model()
+    o1 = MGPO(lora_param_groups(m1, MGPO_KW["lr"]), **MGPO_KW)
+    t1, _, _ = run_trainer(tmp_path / "trainer_clip", model=m1, optimizer=o1, max_grad_norm=c, **common)
+    m2 = make_model()
+    o2 = MGPO(lora_param_groups(m2, MGPO_KW["lr"]), max_grad_norm=c, **MGPO_KW)
+    run_trainer(tmp_path / "fused_clip", model=m2, optimizer=o2, max_grad_norm=0.0, **common)
+    norms = [h["grad_norm"] for h in t1.state.log_history if "grad_norm" in h]
+    assert len(norms) == 8 and min(norms) > 2 * c, norms  # clipping is active in every step
+    p2 = lora_params(m2)
+    for n, p in lora_params(m1).items():
+        torch.testing.assert_close(p.detach(), p2[n].detach(), rtol=2e-5, atol=1e-7, msg=n)
+    torch.testing.assert_close(o1._gstate.gbar, o2._gstate.gbar, rtol=1e-5, atol=0)
+
+
+def test_optimizer_cls_and_kwargs_form_and_loraplus(tmp_path):
+    common = dict(max_steps=4, eval_strategy="no", save_strategy="no")
+    kw = dict(lr=3e-3, loraplus_lr_ratio=4.0, rho=0.05, backend=BACKEND)
+    m1 = make_model()
+    t1 = Trainer(model=m1, args=make_args(tmp_path / "a", **common), train_dataset=TRAIN,
+                 data_collator=default_data_collator, optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(**kw),
+                 callbacks=[MGPOCallback()])
+    t1.train()
+    o1 = find_mgpo(t1.optimizer)
+    assert isinstance(o1, MGPO) and len(o1.param_groups) == 2
+    names = {id(p): n for n, p in m1.named_parameters()}
+    assert all("lora_A" in names[id(p)] for p in o1.param_groups[0]["params"])
+    assert all("lora_B" in names[id(p)] for p in o1.param_groups[1]["params"])
+    assert o1.param_groups[0]["initial_lr"] == 3e-3
+    assert math.isclose(o1.param_groups[1]["initial_lr"], 4.0 * 3e-3, rel_tol=1e-12)
+    # same as building it explicitly and passing optimizers=(opt, None)
+    m2 = make_model()
+    _, _, o2 = run_trainer(tmp_path / "b", model=m2, optimizer=mgpo_for_peft(m2, **kw), **common)
+    p2 = lora_params(m2)
+    for n, p in lora_params(m1).items():
+        torch.testing.assert_close(p.detach(), p2[n].detach(), rtol=0, atol=0, msg=n)
+
+
+def test_lora_param_groups_selection_and_errors():
+    model = make_model()
+    groups = lora_param_groups(model, 1e-3)
+    assert len(groups) == 1 and len(groups[0]["params"]) == sum(1 for _ in lora_params(model).values())
+    with pytest.raises(ValueError, match="loraplus_lr_ratio"):
+        lora_param_groups(model, 1e-3, loraplus_lr_ratio=0)
+    with pytest.raises(ValueError, match="no trainable LoRA"):
+        lora_param_groups(torch.nn.Linear(2, 2), 1e-3)
+    # a trainable non-LoRA parameter (e.g. modules_to_save) is named in a warning, or included on request
+    model.base_model.model.lm_head.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match="lm_head"):
+        groups = lora_param_groups(model, 1e-3)
+    assert all(p is not model.base_model.model.lm_head.weight for g in groups for p in g["params"])
+    groups = lora_param_groups(model, torch.tensor(1e-3), loraplus_lr_ratio=2.0, include_non_lora=True)
+    assert len(groups) == 3 and torch.is_tensor(groups[1]["lr"]) and groups[1]["lr"].item() == pytest.approx(2e-3)
+    assert groups[0]["lr"] is not groups[2]["lr"]  # separate tensors: a scheduler sets each group's lr
+
+
+def test_callback_refuses_deepspeed_and_warns_without_mgpo():
+    opt = MGPO([torch.nn.Parameter(torch.ones(3))], backend=BACKEND)
+    Wrapper = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2"})
+    ds = Wrapper()
+    ds.optimizer = opt
+    outer = type("DeepSpeedOptimizerWrapper", (), {})()
+    outer.optimizer = ds
+    assert find_mgpo(outer) is opt
+    cb = MGPOCallback()
+    with pytest.raises(NotImplementedError, match="DeepSpeed"):
+        cb.on_train_begin(None, None, None, optimizer=outer)
+    with pytest.warns(UserWarning, match="not MGPO"):
+        cb.on_train_begin(None, None, None, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]))
+    assert isinstance(MGPOForPeft()(make_model(), lr=1e-3, backend=BACKEND), MGPO)
