@@ -1,0 +1,221 @@
+"""MGPO under torch.distributed on the CPU (gloo, 2 spawned processes): DDP and FSDP2 (fully_shard, DTensor).
+
+Each distributed run is compared with a single process that trains the same model on the full batch.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mgpo_kernels import MGPO, available_backends, backend_reasons
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+WORLD = 2
+STEPS = 12
+BATCH = 8
+OPT_KW = dict(lr=2e-2, betas=(0.9, 0.99), weight_decay=0.01, rho=0.05, ema_beta=0.9, max_grad_norm=1.0)
+
+
+def _backend_param(name):
+    why = backend_reasons("cpu")[name]
+    return pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=f"backend {name!r}: {why}"))
+
+
+DIST_BACKENDS = [_backend_param("reference"), _backend_param("cpp")]
+
+
+class Net(nn.Module):
+    """Ragged shapes, so that FSDP2's dim-0 shards over 2 ranks are uneven (13 -> 7+6, 5 -> 3+2) or empty
+    (1 -> 1+0); ``rare`` gets a gradient only in even steps (a parameter without grad keeps its perturbation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(7, 13)
+        self.fc2 = nn.Linear(13, 5)
+        self.row = nn.Parameter(0.1 * torch.randn(1, 5))
+        self.cube = nn.Parameter(0.1 * torch.randn(3, 4, 2))
+        self.rare = nn.Parameter(0.1 * torch.randn(5, 5))
+
+    def forward(self, x, use_rare: bool):
+        h = torch.tanh(self.fc1(x))
+        y = self.fc2(h) + self.row + self.cube.sum(dim=(1, 2)).mean()
+        if use_rare:
+            y = y @ torch.tanh(self.rare)
+        return y
+
+
+def make_data():
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(BATCH, 7, generator=g), torch.randn(BATCH, 5, generator=g)) for _ in range(STEPS)]
+
+
+def make_net():
+    torch.manual_seed(0)
+    return Net()
+
+
+def lr_at(step):
+    return OPT_KW["lr"] * (1.0 - step / (2 * STEPS))
+
+
+def train(model, opt, data, shard: slice, use_rare_in_all=False):
+    for t, (x, y) in enumerate(data):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(t)
+        use_rare = use_rare_in_all or t % 2 == 0
+        loss = ((model(x[shard], use_rare) - y[shard]) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def single_process(backend, use_rare_in_all=False):
+    model = make_net()
+    opt = MGPO(model.parameters(), backend=backend, **OPT_KW)
+    train(model, opt, make_data(), slice(None), use_rare_in_all)
+    perturbed = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.eval()
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return perturbed, theta
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank, port):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+
+
+def spawn(fn, *args):
+    port = free_port()
+    mp.start_processes(fn, args=(port,) + args, nprocs=WORLD, join=True, start_method="spawn")
+
+
+# ---------------------------------------------------------------------------------------------------- DDP
+def _ddp_worker(rank, port, backend, out):
+    _init(rank, port)
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = make_net()
+        ddp = DDP(model, find_unused_parameters=True)
+        opt = MGPO(ddp.parameters(), backend=backend, **OPT_KW)
+        per = BATCH // WORLD
+        train(ddp, opt, make_data(), slice(rank * per, (rank + 1) * per))
+        perturbed = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.eval()
+        theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.save({"perturbed": perturbed, "theta": theta}, os.path.join(out, f"ddp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", DIST_BACKENDS)
+def test_ddp_two_processes_match_single_process(backend, tmp_path):
+    spawn(_ddp_worker, backend, str(tmp_path))
+    r0 = torch.load(tmp_path / "ddp0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp1.pt", weights_only=True)
+    per_ref, theta_ref = single_process(backend)
+    for n in theta_ref:
+        # both ranks hold identical parameters (same averaged gradients, same global norms)
+        assert torch.equal(r0["perturbed"][n], r1["perturbed"][n]), n
+        assert torch.equal(r0["theta"][n], r1["theta"][n]), n
+        torch.testing.assert_close(r0["theta"][n], theta_ref[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(r0["perturbed"][n], per_ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2
+def _fsdp_worker(rank, port, backend, out):
+    _init(rank, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor, Shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        model = make_net()
+        # built on the plain parameters; FSDP2 then replaces them by DTensor parameters and we swap them into
+        # the param group afterwards, as accelerate does: the state must be allocated lazily
+        opt = MGPO(model.parameters(), backend=backend, **OPT_KW)
+        fully_shard(model.fc1, mesh=mesh)
+        fully_shard(model.fc2, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt.param_groups[0]["params"] = list(model.parameters())
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        assert not opt.state
+
+        # record every collective issued inside opt.step(): one all_reduce of 4 fp64 scalars per group
+        calls = []
+        names = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+                 "broadcast", "all_to_all", "all_to_all_single", "gather", "scatter")
+        originals = {nm: getattr(dist, nm) for nm in names}
+
+        def recording(nm):
+            def f(tensor, *a, **k):
+                calls.append((nm, tensor.numel() if torch.is_tensor(tensor) else -1,
+                              tensor.dtype if torch.is_tensor(tensor) else None))
+                return originals[nm](tensor, *a, **k)
+            return f
+
+        orig_step = opt.step
+
+        def step_recorded(*a, **k):
+            for nm in names:
+                setattr(dist, nm, recording(nm))
+            try:
+                return orig_step(*a, **k)
+            finally:
+                for nm in names:
+                    setattr(dist, nm, originals[nm])
+
+        opt.step = step_recorded
+        per = BATCH // WORLD
+        train(model, opt, make_data(), slice(rank * per, (rank + 1) * per))
+        opt.step = orig_step
+
+        # state stays DTensor, sharded like the parameter (so distributed checkpoints reshard)
+        for p in model.parameters():
+            for key in ("exp_avg", "exp_avg_sq"):
+                st = opt.state[p][key]
+                assert isinstance(st, DTensor) and st.placements == (Shard(0),) and st.shape == p.shape, key
+                assert st.to_local().shape == p.to_local().shape
+        sd = opt.state_dict()
+        assert all(isinstance(s["exp_avg"], DTensor) for s in sd["state"].values())
+
+        perturbed = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        opt.eval()
+        theta = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        local_shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
+        torch.save({"perturbed": perturbed, "theta": theta, "calls": calls, "local_shapes": local_shapes},
+                   os.path.join(out, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", DIST_BACKENDS)
+def test_fsdp2_two_processes_match_single_process(backend, tmp_path):
+    spawn(_fsdp_worker, backend, str(tmp_path))
+    r = [torch.load(tmp_path / f"fsdp{k}.pt", weights_only=False) for k in range(WORLD)]
+    per_ref, theta_ref = single_process(backend)
+    # uneven and empty shards really occurred
+    assert r[0]["local_shapes"]["fc1.weight"] == (7, 7) and r[1]["local_shapes"]["fc1.weight"] == (6, 7)
+    assert r[0]["local_shapes"]["row"] == (1, 5) and r[1]["local_shapes"]["row"] == (0, 5)
+    for k in range(WORLD):
+        # the optimizer's only communication: one all_reduce of the 4 fp64 global sums per step
+        assert r[k]["calls"] == [("all_reduce", 4, torch.float64)] * STEPS, r[k]["calls"][:5]
+        for n in theta_ref:
+            torch.testing.assert_close(r[k]["theta"][n], theta_ref[n], rtol=1e-5, atol=1e-6, msg=n)
+            torch.testing.assert_close(r[k]["perturbed"][n], per_ref[n], rtol=1e-5, atol=1e-6, msg=n)
