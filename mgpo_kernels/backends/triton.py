@@ -1,0 +1,297 @@
+"""MGPO as two multi-tensor Triton kernels: a reduce pass and an update pass (see triton_kernels.py).
+
+Per step: one launch of the reduce kernel (deterministic partial sums -> the float64 ``sums`` of base.py's
+layout), ``cfg.reduce_hook(sums)`` if set, one launch of the update kernel (scalar stage in every program,
+restore, AdamW, re-perturb, step counts and optimizer-wide scalars).  Nothing is read on the host: lr, step
+counts, coefficients, grad_scale and found_inf are read by the kernels from device memory.
+
+The kernels find the tensors through tables of int64 addresses.  The tables live on the device and are cached:
+the block table depends only on the parameters (addresses, sizes, dtypes), the tensor table is re-uploaded
+(one small host-to-device copy, no launch, no sync) only when an address changes, e.g. gradients re-created
+after ``zero_grad(set_to_none=True)`` or state replaced by ``load_state_dict``.
+
+This module is named ``triton`` inside the package; ``import triton`` below is the absolute import of Triton.
+"""
+from __future__ import annotations
+
+import collections
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import SUMS_PER_GROUP, Backend, GlobalState, GroupTensors, StepConfig
+
+try:
+    import triton  # noqa: F401  (Triton itself, not this module)
+
+    from . import triton_kernels as _k
+
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as e:  # ImportError (Triton not installed), or a broken install
+    _k = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MAX_ITERS = 16
+_TARGET_PROGRAMS = 2048
+_CACHE_SIZE = 16
+
+
+def _interpreted() -> bool:
+    """True when the kernels were created under TRITON_INTERPRET=1 (they then run on the CPU, in numpy)."""
+    if _k is None:
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:
+        return False
+    return isinstance(_k.mgpo_update_kernel, InterpretedFunction)
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+class _Entry:
+    """Device tables for one set of parameters (one optimizer): the block table, buffers, the tensor table."""
+
+    def __init__(self, numels: Sequence[int], group_sizes: Sequence[int], device: torch.device):
+        self.device = device
+        n = np.asarray(numels, dtype=np.int64)
+        total = int(n.sum())
+        biggest = int(n.max()) if len(n) else 1
+        # block sizes by a rule (no autotuning on these in-place kernels): BLOCK elements per inner iteration,
+        # ITERS iterations per program so that big models get ~2k+ programs and tiny ones one block each.
+        self.block = min(_k.BLOCK, max(256, triton.next_power_of_2(max(biggest, 1))))
+        self.num_warps = self.block // 256
+        self.iters = min(_MAX_ITERS, _pow2_floor(total // (self.block * _TARGET_PROGRAMS)))
+        chunk = self.block * self.iters
+        counts = (n + chunk - 1) // chunk
+        t_idx = np.repeat(np.arange(len(n), dtype=np.int64), counts)
+        first = np.cumsum(counts) - counts
+        starts = (np.arange(len(t_idx), dtype=np.int64) - np.repeat(first, counts)) * chunk
+        if len(t_idx) == 0:  # every tensor is empty: one idle program still runs the bookkeeping
+            t_idx = np.zeros(1, dtype=np.int64)
+            starts = np.zeros(1, dtype=np.int64)
+        group_of_tensor = np.repeat(np.arange(len(group_sizes), dtype=np.int64), group_sizes)
+        blk_group = group_of_tensor[t_idx]
+        grp_blk = np.searchsorted(blk_group, np.arange(len(group_sizes) + 1), side="left").astype(np.int64)
+        self.n_blocks = len(t_idx)
+        self.n_tensors = len(n)
+        self.n_groups = len(group_sizes)
+        self.group_of_tensor = group_of_tensor
+        self.blk = torch.from_numpy(np.stack([t_idx, starts], axis=1).reshape(-1).copy()).to(device)
+        self.grp_blk = torch.from_numpy(grp_blk).to(device)
+        self.partials = torch.zeros(self.n_blocks * 4, dtype=torch.float64, device=device)
+        self.counters = torch.zeros(2, dtype=torch.int32, device=device)
+        self.counter_reduce = self.counters[0:1]
+        self.counter_update = self.counters[1:2]
+        self.lr_slots = torch.zeros(max(self.n_groups, 1), dtype=torch.float32, device=device)
+        # filled by set_addresses / set_hyper
+        self.addr_key: Optional[list] = None
+        self.needs_copy = False
+        self.tab: Optional[Tensor] = None
+        self.grp_lr: Optional[Tensor] = None
+        self.hyp_key: Optional[tuple] = None
+        self.hyp: Optional[Tensor] = None
+
+
+_CACHE: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
+
+
+def _h2d(arr: np.ndarray, device: torch.device) -> Tensor:
+    """Upload a small host array without synchronising (pageable memory is staged by the copy)."""
+    t = torch.from_numpy(arr)
+    return t.to(device, non_blocking=True) if device.type != "cpu" else t
+
+
+def _aligned(*ptrs: int) -> bool:
+    return all(p % 16 == 0 for p in ptrs)
+
+
+class _Prepared:
+    __slots__ = ("entry", "writeback")
+
+    def __init__(self, entry: _Entry, writeback: List[Tuple[Tensor, Tensor]]):
+        self.entry = entry
+        self.writeback = writeback
+
+
+def _prepare(groups: List[GroupTensors], device: torch.device) -> _Prepared:
+    """The cached device tables for these tensors, rebuilt only where an address, size or dtype changed."""
+    params = [p for g in groups for p in g.params]
+    key = tuple((p.data_ptr(), p.numel(), p.dtype) for p in params)
+    entry = _CACHE.get(key)
+    if entry is None:
+        entry = _Entry([p.numel() for p in params], [len(g.params) for g in groups], device)
+        _CACHE[key] = entry
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+
+    # the addresses that may change between steps (grads, state, lr tensors)
+    addr_key = []
+    for g in groups:
+        for gr, m, v, ma, st in zip(g.grads, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps):
+            addr_key.append((0 if gr is None else gr.data_ptr(), m.data_ptr(), v.data_ptr(),
+                             0 if ma is None else ma.data_ptr(), st.data_ptr()))
+        lr = g.lr
+        addr_key.append(lr.data_ptr() if isinstance(lr, Tensor) else None)
+    writeback: List[Tuple[Tensor, Tensor]] = []
+    if entry.needs_copy or addr_key != entry.addr_key:
+        _build_tensor_table(entry, groups, writeback)
+        entry.addr_key = addr_key
+    # lr tensors that the kernel cannot read in place (another device or dtype): copied into a slot (no sync)
+    for k, g in enumerate(groups):
+        lr = g.lr
+        if isinstance(lr, Tensor) and not _direct_lr(lr, device):
+            entry.lr_slots[k].copy_(lr.reshape(()), non_blocking=True)
+    return _Prepared(entry, writeback)
+
+
+def _direct_lr(lr: Tensor, device: torch.device) -> bool:
+    return lr.device == device and lr.dtype == torch.float32 and lr.numel() == 1
+
+
+def _build_tensor_table(entry: _Entry, groups: List[GroupTensors], writeback: List[Tuple[Tensor, Tensor]]):
+    rows = []
+    needs_copy = False
+
+    def dense(t: Tensor, write: bool) -> Tensor:
+        nonlocal needs_copy
+        if t.is_contiguous():
+            return t
+        needs_copy = True
+        c = t.contiguous()
+        if write:
+            writeback.append((t, c))
+        return c
+
+    for gi, g in enumerate(groups):
+        for p, gr, m, v, ma, st in zip(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps):
+            p, m, v = dense(p, True), dense(m, True), dense(v, True)
+            gr = None if gr is None else dense(gr, False)
+            ma = None if ma is None else dense(ma, True)
+            pa, ga, mpa, va = p.data_ptr(), 0 if gr is None else gr.data_ptr(), m.data_ptr(), v.data_ptr()
+            maa = 0 if ma is None else ma.data_ptr()
+            code = _DTYPE_CODE[p.dtype]
+            if code != 0 and ma is None:
+                raise RuntimeError("MGPO triton backend: a bf16/fp16 parameter needs its fp32 master copy")
+            aligned = _aligned(pa, ga, mpa, va, maa)
+            meta = (gr is not None) | (code << 1) | (int(aligned) << 3) | (gi << 8)
+            rows.append((pa, ga, mpa, va, maa, st.data_ptr(), p.numel(), meta))
+    tab = np.asarray(rows, dtype=np.int64).reshape(-1, _k.TAB_W)
+    entry.tab = _h2d(np.ascontiguousarray(tab.reshape(-1)), entry.device)
+    grp_lr = np.zeros(max(len(groups), 1), dtype=np.int64)
+    slot0 = entry.lr_slots.data_ptr()
+    for k, g in enumerate(groups):
+        lr = g.lr
+        if isinstance(lr, Tensor):
+            grp_lr[k] = lr.data_ptr() if _direct_lr(lr, entry.device) else slot0 + 4 * k
+    entry.grp_lr = _h2d(grp_lr, entry.device)
+    entry.needs_copy = needs_copy
+
+
+def _set_hyper(entry: _Entry, groups: List[GroupTensors], cfg: StepConfig, has_scale: bool, has_found_inf: bool):
+    vals = [cfg.sign * cfg.rho, cfg.ema_beta, 1.0 - cfg.ema_beta,
+            0.0 if cfg.max_grad_norm is None else cfg.max_grad_norm, float(cfg.max_grad_norm is not None),
+            float(cfg.adaptive_norm), float(cfg.perturbed), float(has_scale), float(has_found_inf), 0.0, 0.0, 0.0]
+    for g in groups:
+        b1, b2 = g.beta1, g.beta2
+        lr = 0.0 if isinstance(g.lr, Tensor) else float(g.lr)
+        vals += [lr, b1, 1.0 - b1, b2, 1.0 - b2, g.eps, g.weight_decay, b1 * b1, 2.0 * b1 * (1.0 - b1),
+                 (1.0 - b1) ** 2, 0.0, 0.0]
+    key = tuple(vals)
+    if key != entry.hyp_key:
+        entry.hyp = _h2d(np.asarray(vals, dtype=np.float64), entry.device)
+        entry.hyp_key = key
+
+
+# ------------------------------------------------------------------------------------------------- launches
+
+def _launch_reduce(entry: _Entry, sums: Tensor) -> None:
+    _k.mgpo_reduce_kernel[(entry.n_blocks,)](
+        entry.tab, entry.blk, entry.grp_blk, entry.partials, sums, entry.counter_reduce,
+        entry.n_blocks, entry.n_groups, entry.iters,
+        BLOCK=entry.block, RBLOCK=_k.RBLOCK, TAB_W=_k.TAB_W, num_warps=entry.num_warps,
+    )
+
+
+def _launch_update(entry: _Entry, sums: Tensor, gstate: GlobalState, scale: Tensor, found_inf: Tensor) -> None:
+    _k.mgpo_update_kernel[(entry.n_blocks,)](
+        entry.tab, entry.blk, entry.grp_lr, entry.hyp, sums,
+        gstate.step, gstate.gbar, gstate.coef, gstate.skipped, scale, found_inf, entry.counter_update,
+        entry.n_blocks, entry.n_tensors, entry.n_groups, entry.iters,
+        BLOCK=entry.block, TBLOCK=_k.TBLOCK, TAB_W=_k.TAB_W, HYP_W=_k.HYP_W, num_warps=entry.num_warps,
+    )
+
+
+def _device_scalar(t: Optional[Tensor], device: torch.device, fallback: Tensor) -> Tuple[Tensor, bool]:
+    if t is None:
+        return fallback, False
+    return t.to(device=device, dtype=torch.float32).reshape(1), True
+
+
+def _reduce(groups: List[GroupTensors], device: torch.device) -> Tuple[Tensor, _Prepared]:
+    prep = _prepare(groups, device)
+    sums = torch.empty(SUMS_PER_GROUP * len(groups), dtype=torch.float64, device=device)
+    _launch_reduce(prep.entry, sums)
+    return sums, prep
+
+
+def _update(prep: _Prepared, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig, sums: Tensor):
+    device = gstate.step.device
+    scale, has_scale = _device_scalar(cfg.grad_scale, device, gstate.coef)
+    found_inf, has_found_inf = _device_scalar(cfg.found_inf, device, gstate.coef)
+    _set_hyper(prep.entry, groups, cfg, has_scale, has_found_inf)
+    _launch_update(prep.entry, sums, gstate, scale, found_inf)
+    for dst, src in prep.writeback:
+        dst.copy_(src)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        device = torch.device(device)
+        if _k is None:
+            return f"Triton is not installed or failed to import ({_IMPORT_ERROR})"
+        if device.type == "cpu":
+            if not _interpreted():
+                return ("on CPU Triton runs only under its interpreter: set TRITON_INTERPRET=1 before triton is "
+                        "first imported")
+            return None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            if _interpreted():
+                return ("Triton was imported with TRITON_INTERPRET=1 (CPU interpreter), which cannot run the "
+                        "kernels on CUDA tensors; unset it to use the triton backend on the GPU")
+            return None
+        return f"the triton backend runs on CUDA devices (and on CPU under TRITON_INTERPRET=1), not {device.type}"
+
+    @classmethod
+    def priority(cls, device: torch.device) -> int:
+        return 10 if torch.device(device).type == "cuda" else -1
+
+    @torch.no_grad()
+    def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
+        device = gstate.step.device
+        if sum(len(g.params) for g in groups) == 0:
+            from .reference import ReferenceBackend
+
+            return ReferenceBackend().step(groups, gstate, cfg)
+        sums, prep = _reduce(groups, device)
+        if cfg.reduce_hook is not None:
+            cfg.reduce_hook(sums)
+        _update(prep, groups, gstate, cfg, sums)
+
+
+BACKEND = TritonBackend

@@ -1,0 +1,364 @@
+"""The Triton kernels of the ``triton`` backend: one launch for the reduce pass, one for the update pass.
+
+Both kernels walk a *block table* (program -> (tensor index, first element)) and a *tensor table* (one row of
+int64 per tensor: addresses of p, g, m, v, master, step, the element count and a meta word), so one launch covers
+every tensor of every param group whatever their number, sizes and dtypes.  A program never straddles tensors:
+it handles ``ITERS * BLOCK`` consecutive elements of one tensor.
+
+Tensor table row (``TAB_W`` int64):
+  0 p  1 g (0: no grad this step)  2 m  3 v  4 master (0: fp32 param)  5 step  6 numel
+  7 meta = has_grad | dtype_code << 1 | aligned << 3 | group << 8        dtype_code: 0 fp32, 1 bf16, 2 fp16
+``aligned`` says every address of the row is 16-byte aligned, so full blocks may use vector loads.
+
+Hyper table ``hyp`` (float64, rows of ``HYP_W``): row 0 is global, row 1 + k is param group k.
+  row 0: sign*rho, ema_beta, 1-ema_beta, max_grad_norm, has_clip, adaptive, perturbed, has_scale, has_found_inf
+  row 1+k: lr (when the group's lr address is 0), b1, 1-b1, b2, 1-b2, eps, wd, b1*b1, 2*b1*(1-b1), (1-b1)**2
+
+Deterministic: no float atomics.  Each program of the reduce pass writes its 4 partial sums; the last program to
+finish (an int32 ticket counter, the classic "last block" pattern) adds the partials group by group in a fixed
+order into ``sums`` and resets the counter.  The update pass computes the scalar stage redundantly in every
+program (a few float64 flops on 4 * groups sums) and its last program writes the optimizer-wide scalars and the
+per-tensor step counts, after every program has read them.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+TAB_W = 8
+HYP_W = 12
+BLOCK = 1024  # elements per inner iteration (4 warps x 32 threads x 8 elements)
+RBLOCK = 256  # partial rows per iteration of the final sum
+TBLOCK = 256  # tensor rows per iteration of the step-count update
+
+
+@triton.jit
+def _isfinite(x):
+    return (x - x) == 0.0
+
+
+@triton.jit
+def _ptr(addr, DT: tl.constexpr, HINT: tl.constexpr):
+    if HINT:
+        addr = tl.multiple_of(addr, 16)
+    return addr.to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _load_lowp(addr, code, offs, mask, FULL: tl.constexpr):
+    """A tensor in the parameter dtype (``code``) as fp32."""
+    if code == 0:
+        ptr = _ptr(addr, tl.float32, FULL)
+        if FULL:
+            x = tl.load(ptr + offs).to(tl.float32)
+        else:
+            x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    elif code == 1:
+        ptr = _ptr(addr, tl.bfloat16, FULL)
+        if FULL:
+            x = tl.load(ptr + offs).to(tl.float32)
+        else:
+            x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        ptr = _ptr(addr, tl.float16, FULL)
+        if FULL:
+            x = tl.load(ptr + offs).to(tl.float32)
+        else:
+            x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_f32(addr, offs, mask, FULL: tl.constexpr):
+    ptr = _ptr(addr, tl.float32, FULL)
+    if FULL:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_f32(addr, offs, x, mask, FULL: tl.constexpr):
+    ptr = _ptr(addr, tl.float32, FULL)
+    if FULL:
+        tl.store(ptr + offs, x)
+    else:
+        tl.store(ptr + offs, x, mask=mask)
+
+
+@triton.jit
+def _store_param(addr, code, offs, x, mask, FULL: tl.constexpr):
+    if code == 0:
+        _store_f32(addr, offs, x, mask, FULL)
+    elif code == 1:
+        ptr = _ptr(addr, tl.bfloat16, FULL)
+        if FULL:
+            tl.store(ptr + offs, x.to(tl.bfloat16))
+        else:
+            tl.store(ptr + offs, x.to(tl.bfloat16), mask=mask)
+    else:
+        ptr = _ptr(addr, tl.float16, FULL)
+        if FULL:
+            tl.store(ptr + offs, x.to(tl.float16))
+        else:
+            tl.store(ptr + offs, x.to(tl.float16), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- reduce pass
+
+@triton.jit
+def _reduce_chunk(g_addr, m_addr, code, has_grad, offs, mask, acc_gg, acc_mg, acc_mm, FULL: tl.constexpr):
+    m = _load_f32(m_addr, offs, mask, FULL).to(tl.float64)
+    acc_mm += m * m
+    if has_grad:
+        g = _load_lowp(g_addr, code, offs, mask, FULL).to(tl.float64)
+        acc_gg += g * g
+        acc_mg += m * g
+    return acc_gg, acc_mg, acc_mm
+
+
+@triton.jit
+def mgpo_reduce_kernel(
+    tab_ptr, blk_ptr, grp_blk_ptr, part_ptr, sums_ptr, counter_ptr,
+    n_blocks, n_groups, iters,
+    BLOCK: tl.constexpr, RBLOCK: tl.constexpr, TAB_W: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(blk_ptr + 2 * pid)
+    start = tl.load(blk_ptr + 2 * pid + 1)
+    row = tab_ptr + t * TAB_W
+    g_addr = tl.load(row + 1)
+    m_addr = tl.load(row + 2)
+    numel = tl.load(row + 6)
+    meta = tl.load(row + 7)
+    has_grad = (meta & 1) != 0
+    code = (meta >> 1) & 3
+    aligned = ((meta >> 3) & 1) != 0
+    end = tl.minimum(start + iters * BLOCK, numel)
+
+    acc_gg = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_mg = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_mm = tl.zeros([BLOCK], dtype=tl.float64)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+    for it in range(0, iters):
+        base = tl.multiple_of(start + it * BLOCK, BLOCK)
+        offs = base + lane
+        if aligned & (base + BLOCK <= end):
+            acc_gg, acc_mg, acc_mm = _reduce_chunk(g_addr, m_addr, code, has_grad, offs, offs < end,
+                                                   acc_gg, acc_mg, acc_mm, True)
+        elif base < end:
+            acc_gg, acc_mg, acc_mm = _reduce_chunk(g_addr, m_addr, code, has_grad, offs, offs < end,
+                                                   acc_gg, acc_mg, acc_mm, False)
+    s_gg = tl.sum(acc_gg, axis=0)
+    s_mg = tl.sum(acc_mg, axis=0)
+    s_mm = tl.sum(acc_mm, axis=0)
+    zero = tl.zeros_like(s_mm)
+    part = part_ptr + 4 * pid
+    tl.store(part + 0, tl.where(has_grad, s_gg, zero))
+    tl.store(part + 1, tl.where(has_grad, s_mg, zero))
+    tl.store(part + 2, tl.where(has_grad, s_mm, zero))
+    tl.store(part + 3, tl.where(has_grad, zero, s_mm))
+
+    # last program to finish: partials -> sums, in a fixed order (deterministic), then reset the ticket.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_blocks - 1:
+        rows = tl.arange(0, RBLOCK).to(tl.int64)
+        cols = tl.arange(0, 4).to(tl.int64)
+        for k in range(0, n_groups):
+            b0 = tl.load(grp_blk_ptr + k)
+            b1 = tl.load(grp_blk_ptr + k + 1)
+            acc = tl.zeros([RBLOCK, 4], dtype=tl.float64)
+            for r0 in range(b0, b1, RBLOCK):
+                r = r0 + rows
+                ptrs = part_ptr + r[:, None] * 4 + cols[None, :]
+                acc += tl.load(ptrs, mask=(r < b1)[:, None], other=0.0, volatile=True)
+            tl.store(sums_ptr + 4 * k + cols, tl.sum(acc, axis=0))
+        tl.store(counter_ptr, 0)
+
+
+# ----------------------------------------------------------------------------------------------- scalar stage
+
+@triton.jit
+def _scalar_stage(sums_ptr, hyp_ptr, g_step_ptr, g_gbar_ptr, scale_ptr, found_inf_ptr, n_groups,
+                  HYP_W: tl.constexpr):
+    """The reference backend's scalar_stage in float64: (c, skip, gbar_new, coef_new)."""
+    rho_s = tl.load(hyp_ptr + 0)
+    ema = tl.load(hyp_ptr + 1)
+    one_m_ema = tl.load(hyp_ptr + 2)
+    mgn = tl.load(hyp_ptr + 3).to(tl.float32)
+    has_clip = tl.load(hyp_ptr + 4) != 0.0
+    adaptive = tl.load(hyp_ptr + 5) != 0.0
+    has_scale = tl.load(hyp_ptr + 7) != 0.0
+    has_found_inf = tl.load(hyp_ptr + 8) != 0.0
+
+    s_gg = tl.load(sums_ptr + 0)
+    for k in range(1, n_groups):
+        s_gg += tl.load(sums_ptr + 4 * k)
+    inv_scale = tl.full([], 1.0, tl.float64)
+    if has_scale:
+        inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float64)
+    raw_norm = tl.sqrt(s_gg) * inv_scale  # fp64 sqrt is IEEE-rounded
+    clip = tl.full([], 1.0, tl.float64)
+    if has_clip:
+        denom32 = raw_norm.to(tl.float32) + 1e-6
+        clip32 = tl.math.div_rn(1.0, denom32) * mgn  # torch: scalar / t is t.reciprocal() * scalar
+        clip32 = tl.where(clip32 > 1.0, 1.0, clip32)  # clamp(max=1), NaN stays NaN
+        clip = clip32.to(tl.float64)
+    c = inv_scale * clip
+    n_t = raw_norm * clip
+    skip = ~_isfinite(s_gg)
+    if has_found_inf:
+        skip = skip | (tl.load(found_inf_ptr) > 0.0)
+
+    first = tl.load(g_step_ptr) == 0.0
+    gbar_old = tl.load(g_gbar_ptr).to(tl.float64)
+    gbar_new = tl.where(first, n_t, ema * gbar_old + one_m_ema * n_t)
+
+    mm = tl.full([], 0.0, tl.float64)
+    for k in range(0, n_groups):
+        h = hyp_ptr + (1 + k) * HYP_W
+        b1sq = tl.load(h + 7)
+        k2 = tl.load(h + 8)
+        k3 = tl.load(h + 9)
+        gg = tl.load(sums_ptr + 4 * k + 0)
+        mg = tl.load(sums_ptr + 4 * k + 1)
+        m_g = tl.load(sums_ptr + 4 * k + 2)
+        m_ng = tl.load(sums_ptr + 4 * k + 3)
+        mm = mm + b1sq * m_g + k2 * c * mg + k3 * c * c * gg + m_ng
+    mm = tl.where(mm < 0.0, 0.0, mm)
+    m_norm = tl.sqrt(mm)
+    denom = m_norm
+    if adaptive:
+        denom = m_norm * gbar_new
+    coef = rho_s / denom
+    ok = _isfinite(coef) & (denom > 0.0)
+    coef = tl.where(ok, coef, 0.0)
+    return c, skip, gbar_new, coef
+
+
+# ----------------------------------------------------------------------------------------------- update pass
+
+@triton.jit
+def _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, mask,
+                  c, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, FULL: tl.constexpr):
+    m = _load_f32(m_addr, offs, mask, FULL)
+    if code == 0:
+        theta = _load_f32(p_addr, offs, mask, FULL) - restore * m
+    else:
+        theta = _load_f32(ma_addr, offs, mask, FULL)
+    if has_grad:
+        v = _load_f32(v_addr, offs, mask, FULL)
+        gt = _load_lowp(g_addr, code, offs, mask, FULL) * c
+        theta = theta * decay
+        m = m * b1 + gt * omb1
+        v = v * b2 + gt * gt * omb2
+        denom = tl.math.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
+        theta = theta - tl.math.div_rn(step_size * m, denom)
+        _store_f32(m_addr, offs, m, mask, FULL)
+        _store_f32(v_addr, offs, v, mask, FULL)
+        if code != 0:
+            _store_f32(ma_addr, offs, theta, mask, FULL)
+    _store_param(p_addr, code, offs, theta + apply * m, mask, FULL)
+
+
+@triton.jit
+def _pow_int(base, n):
+    """base ** n for an integer n >= 0 (< 2**31), by squaring, in the dtype of base."""
+    result = tl.full([], 1.0, base.dtype)
+    for i in range(0, 31):
+        bit = ((n >> i) & 1) != 0
+        result = tl.where(bit, result * base, result)
+        base = base * base
+    return result
+
+
+@triton.jit
+def mgpo_update_kernel(
+    tab_ptr, blk_ptr, grp_lr_ptr, hyp_ptr, sums_ptr,
+    g_step_ptr, g_gbar_ptr, g_coef_ptr, g_skipped_ptr, scale_ptr, found_inf_ptr, counter_ptr,
+    n_blocks, n_tensors, n_groups, iters,
+    BLOCK: tl.constexpr, TBLOCK: tl.constexpr, TAB_W: tl.constexpr, HYP_W: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    c64, skip, gbar_new, coef_new64 = _scalar_stage(sums_ptr, hyp_ptr, g_step_ptr, g_gbar_ptr, scale_ptr,
+                                                    found_inf_ptr, n_groups, HYP_W)
+    coef_new = coef_new64.to(tl.float32)
+    if not skip:
+        c = c64.to(tl.float32)
+        perturbed = tl.load(hyp_ptr + 6) != 0.0
+        coef_old = tl.load(g_coef_ptr)
+        zero32 = tl.zeros_like(coef_old)
+        restore = tl.where(perturbed, coef_old, zero32)
+        apply = tl.where(perturbed, coef_new, zero32)
+
+        t = tl.load(blk_ptr + 2 * pid)
+        start = tl.load(blk_ptr + 2 * pid + 1)
+        row = tab_ptr + t * TAB_W
+        p_addr = tl.load(row + 0)
+        g_addr = tl.load(row + 1)
+        m_addr = tl.load(row + 2)
+        v_addr = tl.load(row + 3)
+        ma_addr = tl.load(row + 4)
+        st_addr = tl.load(row + 5)
+        numel = tl.load(row + 6)
+        meta = tl.load(row + 7)
+        has_grad = (meta & 1) != 0
+        code = (meta >> 1) & 3
+        aligned = ((meta >> 3) & 1) != 0
+        grp = meta >> 8
+        h = hyp_ptr + (1 + grp) * HYP_W
+        lr_addr = tl.load(grp_lr_ptr + grp)
+        if lr_addr != 0:
+            lr = tl.load(lr_addr.to(tl.pointer_type(tl.float32)))
+        else:
+            lr = tl.load(h + 0).to(tl.float32)
+        b1 = tl.load(h + 1).to(tl.float32)
+        omb1 = tl.load(h + 2).to(tl.float32)
+        b2 = tl.load(h + 3).to(tl.float32)
+        omb2 = tl.load(h + 4).to(tl.float32)
+        eps = tl.load(h + 5).to(tl.float32)
+        wd = tl.load(h + 6).to(tl.float32)
+        # AdamW's scalars for this tensor, as torch computes them in fp32 (pow exactly rounded via fp64)
+        step_new = tl.load(st_addr.to(tl.pointer_type(tl.float32))) + 1.0
+        n_step = step_new.to(tl.int64)
+        bc1 = 1.0 - _pow_int(b1.to(tl.float64), n_step).to(tl.float32)
+        bc2 = 1.0 - _pow_int(b2.to(tl.float64), n_step).to(tl.float32)
+        step_size = tl.math.div_rn(lr, bc1)
+        sqrt_bc2 = tl.sqrt_rn(bc2)
+        decay = 1.0 - lr * wd
+
+        end = tl.minimum(start + iters * BLOCK, numel)
+        lane = tl.arange(0, BLOCK).to(tl.int64)
+        for it in range(0, iters):
+            base = tl.multiple_of(start + it * BLOCK, BLOCK)
+            offs = base + lane
+            if aligned & (base + BLOCK <= end):
+                _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, offs < end,
+                              c, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, True)
+            elif base < end:
+                _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, offs < end,
+                              c, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, False)
+
+    # last program to finish: every program has read the old scalars and step counts; now write the new ones.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_blocks - 1:
+        if skip:
+            tl.store(g_skipped_ptr, tl.load(g_skipped_ptr) + 1)
+        else:
+            tl.store(g_gbar_ptr, gbar_new.to(tl.float32))
+            tl.store(g_coef_ptr, coef_new)
+            tl.store(g_step_ptr, tl.load(g_step_ptr) + 1.0)
+            rows = tl.arange(0, TBLOCK).to(tl.int64)
+            for r0 in range(0, n_tensors, TBLOCK):
+                r = r0 + rows
+                inb = r < n_tensors
+                meta_v = tl.load(tab_ptr + r * TAB_W + 7, mask=inb, other=0)
+                st_v = tl.load(tab_ptr + r * TAB_W + 5, mask=inb, other=0)
+                hg = inb & ((meta_v & 1) != 0)
+                sp = st_v.to(tl.pointer_type(tl.float32))
+                s = tl.load(sp, mask=hg, other=0.0, volatile=True)
+                tl.store(sp, s + 1.0, mask=hg)
+        tl.store(counter_ptr, 0)
