@@ -1,0 +1,385 @@
+"""Shared helpers of the benchmarks: machine/version info, statistics, memory probes, result files, charts."""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of a non-empty sequence."""
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(times_s: Sequence[float]) -> Dict[str, float]:
+    """median and p20/p80 of a list of seconds, in milliseconds."""
+    return {
+        "median_ms": 1e3 * percentile(times_s, 50),
+        "p20_ms": 1e3 * percentile(times_s, 20),
+        "p80_ms": 1e3 * percentile(times_s, 80),
+        "n": len(times_s),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here")
+    return dev
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_slug(device: torch.device) -> str:
+    """Short name for file names: 'cpu', 'nvidia-h200', ..."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def live_tensor_bytes(device_type: str = "cpu") -> int:
+    """Bytes of the distinct storages of every tensor reachable by Python's gc on ``device_type``.
+
+    Used as the baseline at an optimizer-step boundary (parameters, buffers, optimizer state, anything a
+    procedure keeps); the profiler's allocation events give the changes from there.
+    """
+    gc.collect()
+    seen = set()
+    total = 0
+    for o in gc.get_objects():
+        try:
+            if not isinstance(o, torch.Tensor) or o.device.type != device_type or o.is_meta:
+                continue
+            st = o.untyped_storage()
+            key = st.data_ptr()
+            if key == 0 or key in seen:
+                continue
+            seen.add(key)
+            total += st.nbytes()
+        except Exception:  # sparse/nested/odd tensor subclasses: not ours
+            continue
+    return total
+
+
+class CpuAllocPeak:
+    """Peak of the bytes allocated (net of frees) by the CPU allocator inside a ``with`` block.
+
+    Uses ``torch.profiler`` with ``profile_memory=True``: every allocation and free of c10's CPU allocator (torch
+    ops, autograd, C++ extension ops alike) is an event with a signed byte count; their running sum in time order,
+    relative to the start of the block, peaks at ``peak_delta``.  ``final_delta`` is the net change.
+    """
+
+    def __enter__(self):
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        evs = self._prof.profiler.kineto_results.events()
+        mem = []
+        for e in evs:
+            if e.name() != "[memory]":
+                continue
+            try:
+                if e.device_type() != torch.autograd.DeviceType.CPU:
+                    continue
+            except Exception:
+                pass
+            mem.append((e.start_ns(), e.nbytes()))
+        mem.sort()
+        cum = list(itertools.accumulate(n for _, n in mem))
+        self.peak_delta = max([0] + cum)
+        self.final_delta = cum[-1] if cum else 0
+        self.events = len(mem)
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) * (1 if sys.platform == "darwin" else 1024)
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except Exception:
+        return 0
+
+
+# ----------------------------------------------------------------------------------------------- machine info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except Exception:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    return int(line.split()[1]) * 1024
+    except Exception:
+        pass
+    return None
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        m = __import__(mod)
+        return getattr(m, "__version__", "?")
+    except Exception:
+        return None
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    info: Dict[str, Any] = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "mem_total_gib": round((_mem_total() or 0) / 2**30, 1),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=torch.cuda.get_device_name(device),
+            gpu_mem_gib=round(p.total_memory / 2**30, 1),
+            gpu_sms=p.multi_processor_count,
+            capability=f"{p.major}.{p.minor}",
+            cuda_runtime=torch.version.cuda,
+        )
+    return info
+
+
+def versions() -> Dict[str, Any]:
+    import mgpo_kernels
+    from mgpo_kernels import backend_reasons
+
+    v = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mgpo_kernels": mgpo_kernels.__version__,
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    for mod in ("triton", "transformers", "peft", "numpy"):
+        v[mod] = _version(mod)
+    v["backends"] = {}
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        v["backends"][dev] = backend_reasons(dev)
+    return v
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def repo_root() -> Optional[Path]:
+    """The source checkout this package lives in, if it is one (a fresh clone, an editable install)."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "setup.py").exists() or (root / ".git").exists():
+        return root
+    return None
+
+
+def results_dir(out_dir: Optional[str]) -> Path:
+    """--out-dir, else <checkout>/benchmarks/results, else ./benchmarks/results."""
+    if out_dir:
+        p = Path(out_dir)
+    else:
+        root = repo_root()
+        p = (root if root is not None else Path.cwd()) / "benchmarks" / "results"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def command_line() -> str:
+    argv0 = Path(sys.argv[0]).name if sys.argv else "mgpo-bench"
+    if argv0 in ("__main__.py", "-m", "-c", ""):
+        argv0 = "python -m mgpo_kernels.bench"
+    return " ".join([argv0] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def result_stem(device: torch.device, name: str) -> str:
+    return f"{_dt.date.today().isoformat()}-{device_slug(device)}-{name}"
+
+
+def write_results(out: Path, stem: str, payload: Dict[str, Any], markdown: str) -> Dict[str, Path]:
+    jp, mp = out / f"{stem}.json", out / f"{stem}.md"
+    jp.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    mp.write_text(markdown)
+    return {"json": jp, "md": mp}
+
+
+def _json_default(o):
+    if isinstance(o, (torch.device, torch.dtype, Path)):
+        return str(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def md_table(headers: List[str], rows: Iterable[List[Any]], align: Optional[str] = None) -> str:
+    """A GitHub markdown table; ``align`` is a string of 'l'/'r' per column (default: first left, rest right)."""
+    rows = [[("—" if c is None else str(c)) for c in r] for r in rows]
+    align = align or ("l" + "r" * (len(headers) - 1))
+    sep = [(":---" if a == "l" else "---:") for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def header_md(title: str, payload: Dict[str, Any]) -> str:
+    m, v = payload["machine"], payload["versions"]
+    dev = m.get("gpu") or f"CPU ({m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads)"
+    lines = [
+        f"# {title}",
+        "",
+        f"- date: {payload['date']}",
+        f"- command: `{payload['command']}`",
+        f"- device: {dev}; host {m['host']}; load average at start {m.get('loadavg_at_start')}"
+        + (f", at end {payload.get('loadavg_at_end')}" if payload.get("loadavg_at_end") else ""),
+        f"- versions: python {v['python']}, torch {v['torch']}, triton {v['triton']}, transformers "
+        f"{v['transformers']}, peft {v['peft']}, mgpo_kernels {v['mgpo_kernels']} "
+        f"(git {v['git_commit']}{', dirty tree' if v['git_dirty'] else ''})",
+        f"- MGPO backends benchmarked on {payload['device']}: {', '.join(payload['backends']) or 'none'}"
+        + (f"; usable but not benchmarked: {', '.join(payload['skipped_backends'])} (Triton's interpreter on a CPU)"
+           if payload.get("skipped_backends") else "")
+        + (
+            "; not usable: "
+            + "; ".join(f"{k} ({r})" for k, r in payload.get("unusable_backends", {}).items())
+            if payload.get("unusable_backends")
+            else ""
+        ),
+        "",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def fmt(x: Optional[float], nd: int = 2) -> Optional[str]:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return f"{x:.{nd}f}"
+
+
+def fmt_bytes(n: Optional[float], unit: str = "auto") -> Optional[str]:
+    if n is None:
+        return None
+    if unit == "auto":
+        unit = "GiB" if n >= 2**30 else "MiB"
+    div = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}[unit]
+    return f"{n / div:.2f} {unit}"
+
+
+def tqdm(*a, **k):
+    """tqdm when installed (it is a dependency), else a plain iterator."""
+    try:
+        from tqdm.auto import tqdm as _t
+    except Exception:  # pragma: no cover
+        it = a[0] if a else k.get("iterable")
+
+        class _Null:
+            def __init__(self, it):
+                self.it = it
+
+            def __iter__(self):
+                return iter(self.it)
+
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *e):
+                return False
+
+        return _Null(it if it is not None else [])
+    k.setdefault("file", sys.stderr)
+    k.setdefault("dynamic_ncols", True)
+    k.setdefault("leave", False)
+    return _t(*a, **k)
+
+
+def now_iso() -> str:
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+def backend_lists(device: torch.device):
+    from mgpo_kernels import available_backends, backend_reasons
+
+    usable = available_backends(device)
+    reasons = {k: r for k, r in backend_reasons(device).items() if r is not None}
+    return usable, reasons
+
+
+def default_backends(usable: List[str], device: torch.device) -> List[str]:
+    """The backends benchmarked when --backends is not given: every usable one, except Triton on a CPU (usable
+    there only under TRITON_INTERPRET=1, an interpreter for tests, not a kernel to time)."""
+    return [b for b in usable if not (b == "triton" and device.type == "cpu")]

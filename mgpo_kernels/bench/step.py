@@ -1,0 +1,496 @@
+"""Optimizer-step benchmark on the LoRA tensors of LLaMA-2-7B (``mgpo-bench step``).
+
+Every LoRA tensor of LLaMA-2-7B with adapters on all linear layers (q/k/v/o 4096x4096, gate/up 4096->11008,
+down 11008->4096; 32 layers; A is r x in, B is out x r: 448 tensors, 2,498,560*r parameters, 320M at r=128),
+fp32, one step of each method on fresh random gradients.  Methods are interleaved round-robin (a fresh random
+order each round) so drift of a shared machine hits all of them alike, and the copy bandwidth of the same device is
+measured inside the same rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import common as C
+
+HIDDEN, INTERMEDIATE, N_LAYERS = 4096, 11008, 32
+#: (name, in_features, out_features) of LLaMA-2-7B's linear layers in one decoder layer
+PROJECTIONS = (
+    ("q_proj", HIDDEN, HIDDEN),
+    ("k_proj", HIDDEN, HIDDEN),
+    ("v_proj", HIDDEN, HIDDEN),
+    ("o_proj", HIDDEN, HIDDEN),
+    ("gate_proj", HIDDEN, INTERMEDIATE),
+    ("up_proj", HIDDEN, INTERMEDIATE),
+    ("down_proj", INTERMEDIATE, HIDDEN),
+)
+
+# hyper-parameters of the benchmarked step (the values do not change the work done)
+LR, BETAS, RHO, EMA_BETA, MAX_GRAD_NORM, GRAD_STD = 1e-4, (0.9, 0.999), 0.05, 0.9, 1.0, 1e-3
+
+
+def lora_shapes(layers: int = N_LAYERS, rank: int = 8) -> List[Tuple[int, int]]:
+    """Shapes of the LoRA A (r x in) and B (out x r) tensors of the first ``layers`` layers of LLaMA-2-7B."""
+    shapes = []
+    for _ in range(layers):
+        for _, fin, fout in PROJECTIONS:
+            shapes.append((rank, fin))
+            shapes.append((fout, rank))
+    return shapes
+
+
+def numel(shapes) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+
+class Method:
+    """One row of the table: owns its parameters and optimizer state; gradients are shared and refilled."""
+
+    name = "?"
+    key = "?"
+    passes = 7  # fp32 passes over the parameters' size each step must make at least (read + written)
+    clip = False
+
+    def __init__(self, params: List[Tensor]):
+        self.params = params
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def state_tensors(self) -> List[Tensor]:
+        """Every tensor the method keeps between steps besides parameters and gradients."""
+        out = []
+        for st in self.opt.state.values():
+            out += [v for v in st.values() if isinstance(v, Tensor)]
+        return out
+
+
+class TorchAdamW(Method):
+    def __init__(self, params, impl: str, clip: bool = False):
+        super().__init__(params)
+        kw = {"foreach": True} if impl == "foreach" else {"fused": True}
+        self.opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=0.0, **kw)
+        self.clip = clip
+        self.name = ("clip_grad_norm_ + " if clip else "") + f"torch AdamW ({impl})"
+        self.key = ("clip+" if clip else "") + f"adamw-{impl}"
+        self.passes = 8 if clip else 7  # the clip must read the gradients once more (norm); scaling can be fused
+
+    def step(self):
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM, foreach=True)
+        self.opt.step()
+
+
+class OurMGPO(Method):
+    passes = 9  # a reduce pass (read g, m) + the fused update (read p, g, m, v; write p, m, v)
+
+    def __init__(self, params, backend: str, clip: bool):
+        super().__init__(params)
+        from mgpo_kernels import MGPO
+
+        self.opt = MGPO(params, lr=LR, betas=BETAS, weight_decay=0.0, rho=RHO, ema_beta=EMA_BETA,
+                        max_grad_norm=MAX_GRAD_NORM if clip else None, backend=backend)
+        self.clip = clip
+        self.name = f"MGPO [{backend}]" + (" + max_grad_norm" if clip else "")
+        self.key = f"mgpo-{backend}" + ("+clip" if clip else "")
+
+    def step(self):
+        self.opt.step()
+
+    def state_tensors(self):
+        out = super().state_tensors()
+        gs = self.opt._gstate
+        if gs is not None:
+            out += list(gs.tensors().values())
+        return out
+
+
+class NaiveMGPO(Method):
+    """MGPO as a user would write it by hand around torch's AdamW: separate foreach calls, one ``.item()``.
+
+    Exactly the paper's step (restore, AdamW, eps = rho * m / |m| / gbar, perturb), with the perturbation
+    coefficient kept as a Python float (hence the one host synchronisation per step).
+    """
+
+    passes = 9
+
+    def __init__(self, params, clip: bool):
+        super().__init__(params)
+        self.opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=0.0, foreach=True)
+        self.clip = clip
+        self.coef = 0.0
+        self.gbar: Optional[Tensor] = None
+        self.name = "naive PyTorch MGPO (foreach, 1 .item())" + (" + clip" if clip else "")
+        self.key = "naive-mgpo" + ("+clip" if clip else "")
+
+    @torch.no_grad()
+    def step(self):
+        params = self.params
+        grads = [p.grad for p in params]
+        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if self.clip:
+            c = (MAX_GRAD_NORM / (gnorm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, c)
+            gnorm = gnorm * c
+        self.gbar = gnorm if self.gbar is None else EMA_BETA * self.gbar + (1 - EMA_BETA) * gnorm
+        if self.coef != 0.0:  # restore theta = p - coef * m_{t-1}
+            torch._foreach_add_(params, [self.opt.state[p]["exp_avg"] for p in params], alpha=-self.coef)
+        self.opt.step()
+        ms = [self.opt.state[p]["exp_avg"] for p in params]
+        mnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ms)))
+        coef = (RHO / (mnorm * self.gbar)).item()  # the host synchronisation
+        self.coef = coef if math.isfinite(coef) else 0.0
+        torch._foreach_add_(params, ms, alpha=self.coef)
+
+    def state_tensors(self):
+        return super().state_tensors() + ([self.gbar] if self.gbar is not None else [])
+
+
+def build_methods(shapes, device, backends: List[str], include: Optional[List[str]], seed: int,
+                  grads: List[Tensor]) -> List[Method]:
+    specs: List[Tuple[str, Callable[[List[Tensor]], Method]]] = [
+        ("adamw-foreach", lambda p: TorchAdamW(p, "foreach")),
+        ("adamw-fused", lambda p: TorchAdamW(p, "fused")),
+        ("clip+adamw-fused", lambda p: TorchAdamW(p, "fused", clip=True)),
+    ]
+    for b in backends:
+        specs.append((f"mgpo-{b}", lambda p, b=b: OurMGPO(p, b, clip=False)))
+        specs.append((f"mgpo-{b}+clip", lambda p, b=b: OurMGPO(p, b, clip=True)))
+    specs.append(("naive-mgpo", lambda p: NaiveMGPO(p, clip=False)))
+    specs.append(("naive-mgpo+clip", lambda p: NaiveMGPO(p, clip=True)))
+    if include:
+        unknown = [k for k in include if k not in {s for s, _ in specs}]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; valid here: {[s for s, _ in specs]}")
+        specs = [s for s in specs if s[0] in include or s[0] == "adamw-fused"]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    methods = []
+    for _, make in specs:
+        params = []
+        for s, g in zip(shapes, grads):
+            p = (torch.randn(s, generator=gen) * 0.02).to(device).requires_grad_(True)
+            p.grad = g  # shared, refilled before every step
+            params.append(p)
+        methods.append(make(params))
+    return methods
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Times one call: CUDA events (after a synchronise, so launch overhead counts) or perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: List[Tuple[str, object, object]] = []
+        self.times: Dict[str, List[float]] = {}
+
+    def time(self, key: str, fn: Callable[[], None]) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            self.pending.append((key, a, b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            self.times.setdefault(key, []).append(time.perf_counter() - t0)
+
+    def flush(self) -> None:
+        if self.pending:
+            torch.cuda.synchronize(self.device)
+            for key, a, b in self.pending:
+                self.times.setdefault(key, []).append(a.elapsed_time(b) / 1e3)
+            self.pending.clear()
+
+
+def refill(grads: List[Tensor], gen: torch.Generator) -> None:
+    """Fresh random gradients (never zeros), untimed."""
+    for g in grads:
+        g.normal_(0.0, GRAD_STD, generator=gen)
+
+
+def measure_memory(m: Method, device, n: int, grads, gen) -> Dict[str, float]:
+    """Extra persistent state beyond AdamW's 8 B/param, and the temporary peak of one step, per parameter."""
+    state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in m.state_tensors()}
+    extra_state = (sum(state.values()) - 8 * n) / n
+    refill(grads, gen)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        m.step()
+        torch.cuda.synchronize(device)
+        temp = torch.cuda.max_memory_allocated(device) - base
+        how = "torch.cuda.max_memory_allocated"
+    else:
+        with C.CpuAllocPeak() as probe:
+            m.step()
+        temp = probe.peak_delta
+        how = "torch.profiler CPU allocator events"
+    return {"extra_state_B_per_param": extra_state, "temp_B_per_param": temp / n, "temp_bytes": temp,
+            "memory_method": how}
+
+
+def count_launches(m: Method, device, grads, gen, steps: int = 3) -> Optional[float]:
+    """GPU kernels (and memcpy/memset) per step from torch.profiler, CUDA only."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        refill(grads, gen)
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                m.step()
+            torch.cuda.synchronize(device)
+        n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        return n / steps
+    except Exception as e:  # pragma: no cover - profiler quirks
+        warnings.warn(f"launch count failed for {m.name}: {e}")
+        return None
+
+
+def count_syncs(m: Method, device, grads, gen) -> Optional[int]:
+    """Host synchronisations in one step, via torch.cuda.set_sync_debug_mode('warn'), CUDA only."""
+    if device.type != "cuda":
+        return None
+    refill(grads, gen)
+    torch.cuda.synchronize(device)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                m.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum(1 for x in w if "synchroniz" in str(x.message).lower())
+    except Exception:  # pragma: no cover
+        return None
+
+
+def run_rank(rank: int, layers: int, device: torch.device, backends: List[str], reps: int, warmup: int,
+             include: Optional[List[str]], seed: int, flush_mb: int, progress: bool = True) -> Dict:
+    shapes = lora_shapes(layers, rank)
+    n = numel(shapes)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    grads = [torch.empty(s, device=device) for s in shapes]
+    refill(grads, gen)
+    methods = build_methods(shapes, device, backends, include, seed, grads)
+
+    # copy bandwidth of the same device, in the same rounds: a buffer at least the size of the parameters
+    copy_elems = max(n, (flush_mb << 20) // 4)
+    src = torch.randn(copy_elems, device=device)
+    dst = torch.empty_like(src)
+    flush_buf = torch.empty((flush_mb << 20) // 4, device=device)  # evicts caches between steps
+
+    for m in methods:  # warm-up: state allocation, Triton compilation, caches of the allocator
+        for _ in range(warmup):
+            refill(grads, gen)
+            m.step()
+    for _ in range(max(1, warmup)):
+        dst.copy_(src)
+    C.sync(device)
+
+    timer = Timer(device)
+    order = list(range(len(methods))) + [-1]
+    rng = random.Random(seed)
+    bar = C.tqdm(total=reps * len(order), desc=f"step r={rank} L={layers}", disable=not progress)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for i in order:
+            if i < 0:
+                flush_buf.fill_(1.0)
+                timer.time("copy", lambda: dst.copy_(src))
+            else:
+                refill(grads, gen)
+                flush_buf.fill_(1.0)
+                timer.time(methods[i].key, methods[i].step)
+            bar.update(1)
+        timer.flush()
+    bar.close()
+
+    copy_t = C.percentile(timer.times["copy"], 50)
+    copy_gbs = 2 * 4 * copy_elems / copy_t / 1e9
+    ref_key = "adamw-fused"
+    ref_ms = C.summarize(timer.times[ref_key])["median_ms"]
+    rows = []
+    for m in methods:
+        s = C.summarize(timer.times[m.key])
+        bytes_moved = m.passes * 4 * n
+        gbs = bytes_moved / (s["median_ms"] / 1e3) / 1e9
+        mem = measure_memory(m, device, n, grads, gen)
+        rows.append({
+            "key": m.key, "method": m.name, "rank": rank, "layers": layers, "params": n, "tensors": len(shapes),
+            **s, "ratio_to_fused_adamw": s["median_ms"] / ref_ms, "passes": m.passes, "bytes": bytes_moved,
+            "GBps": gbs, "frac_copy_bw": gbs / copy_gbs, **mem,
+            "launches_per_step": count_launches(m, device, grads, gen),
+            "host_syncs_per_step": count_syncs(m, device, grads, gen),
+            "times_ms": [1e3 * t for t in timer.times[m.key]],
+        })
+    # sanity: the benchmarked steps produced finite parameters
+    bad = [m.name for m in methods if not all(torch.isfinite(p).all() for p in m.params)]
+    if bad:
+        warnings.warn(f"non-finite parameters after the benchmark: {bad}")
+    res = {"rank": rank, "layers": layers, "params": n, "tensors": len(shapes), "copy_GBps": copy_gbs,
+           "copy_bytes": 2 * 4 * copy_elems, "copy_median_ms": 1e3 * copy_t, "rows": rows}
+    del methods, grads, src, dst, flush_buf
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def markdown_rank(res: Dict, device: torch.device) -> str:
+    on_cuda = device.type == "cuda"
+    head = (f"## r = {res['rank']}: {res['tensors']} tensors, {res['params'] / 1e6:.2f}M parameters "
+            f"({res['layers']} of 32 layers); copy bandwidth {res['copy_GBps']:.1f} GB/s "
+            f"({res['copy_bytes'] / 2**20:.0f} MiB read+written)\n\n")
+    headers = ["Method", "median ms", "p20–p80 ms", "× fused AdamW", "passes", "GB/s", "% copy BW",
+               "extra state B/param", "step temp B/param"]
+    if on_cuda:
+        headers += ["launches/step", "host syncs/step"]
+    rows = []
+    for r in res["rows"]:
+        row = [r["method"], C.fmt(r["median_ms"], 3), f"{r['p20_ms']:.3f}–{r['p80_ms']:.3f}",
+               C.fmt(r["ratio_to_fused_adamw"], 2), r["passes"], C.fmt(r["GBps"], 1),
+               C.fmt(100 * r["frac_copy_bw"], 0), C.fmt(r["extra_state_B_per_param"], 3),
+               C.fmt(r["temp_B_per_param"], 3)]
+        if on_cuda:
+            row += [C.fmt(r["launches_per_step"], 0), r["host_syncs_per_step"]]
+        rows.append(row)
+    return head + C.md_table(headers, rows)
+
+
+NOTES = """
+Reading the columns: *passes* is the fewest fp32 passes over the parameters' size each method must make
+(AdamW reads p, g, m, v and writes p, m, v = 7; the clip adds a read of g = 8; MGPO adds a reduce pass over g and m
+before the update = 9, and the clip costs it nothing more); GB/s = passes × 4 B × parameters / median time;
+% copy BW = that over the device-to-device copy bandwidth measured in the same rounds. *extra state* is the bytes
+per parameter a method keeps between steps beyond AdamW's m and v (8 B/param); *step temp* is the peak of
+temporary memory inside one step above what was allocated before it ({mem}).
+Gradients are fresh N(0, {std}) draws before every step (untimed), a {flush} MiB buffer is written between steps
+to evict caches, and methods run round-robin in a fresh random order each round.
+"""
+
+
+def chart(payload: Dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = payload["ranks"]
+    per_rank = payload["results"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    ax = axes[0]
+    keys = [r["key"] for r in per_rank[0]["rows"]]
+    names = {r["key"]: r["method"] for r in per_rank[0]["rows"]}
+    width = 0.8 / max(1, len(per_rank))
+    for j, res in enumerate(per_rank):
+        ratios = {r["key"]: r["ratio_to_fused_adamw"] for r in res["rows"]}
+        ys = [ratios.get(k, float("nan")) for k in keys]
+        ax.barh([i + j * width for i in range(len(keys))], ys, height=width, label=f"r={res['rank']}")
+    ax.set_yticks([i + width * (len(per_rank) - 1) / 2 for i in range(len(keys))])
+    ax.set_yticklabels([names[k] for k in keys], fontsize=8)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("step time / torch fused AdamW (median)")
+    ax.set_xscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("optimizer step, time ratio")
+    ax = axes[1]
+    for k in keys:
+        xs, ys = [], []
+        for res in per_rank:
+            for r in res["rows"]:
+                if r["key"] == k:
+                    xs.append(res["rank"])
+                    ys.append(r["median_ms"])
+        ax.plot(xs, ys, marker="o", label=names[k])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ranks)
+    ax.set_xticklabels([str(r) for r in ranks])
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("median step time (ms)")
+    ax.set_title(f"step time vs rank ({per_rank[0]['layers']} of 32 layers, {payload['device']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128], help="LoRA ranks (default 8 32 128)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers of LLaMA-2-7B to take (default: 32 on CUDA, 4 on CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per method (default: 50 CUDA, 15 CPU)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per method first (default 3)")
+    p.add_argument("--backends", nargs="*", default=None,
+                   help="MGPO backends to run (default: every usable one, see mgpo_kernels.available_backends)")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="only these row keys (torch fused AdamW is always kept as the reference)")
+    p.add_argument("--flush-mb", type=int, default=None,
+                   help="MiB written between steps to evict caches; also the copy-bandwidth buffer's minimum "
+                        "(default 256 CUDA, 64 CPU)")
+
+
+def run(args) -> Dict:
+    device = C.pick_device(args.device)
+    torch.manual_seed(args.seed)
+    layers = args.layers or (N_LAYERS if device.type == "cuda" else 4)
+    reps = args.reps or (50 if device.type == "cuda" else 15)
+    flush_mb = args.flush_mb or (256 if device.type == "cuda" else 64)
+    usable, reasons = C.backend_lists(device)
+    backends = C.default_backends(usable, device) if args.backends is None else args.backends
+    for b in backends:
+        if b not in usable:
+            raise SystemExit(f"--backends: {b!r} is not usable on {device}: {reasons.get(b, 'unknown backend')}")
+    payload = {
+        "kind": "step", "date": C.now_iso(), "command": C.command_line(), "device": str(device),
+        "machine": C.machine_info(device), "versions": C.versions(), "backends": backends,
+        "unusable_backends": reasons,
+        "skipped_backends": [b for b in usable if b not in backends], "ranks": args.ranks, "layers": layers, "reps": reps, "warmup": args.warmup,
+        "flush_mb": flush_mb, "hparams": {"lr": LR, "betas": BETAS, "rho": RHO, "ema_beta": EMA_BETA,
+                                          "max_grad_norm": MAX_GRAD_NORM, "grad_std": GRAD_STD},
+        "results": [],
+    }
+    for r in args.ranks:
+        payload["results"].append(run_rank(r, layers, device, backends, reps, args.warmup, args.methods,
+                                           args.seed, flush_mb, progress=not args.no_progress))
+    payload["loadavg_at_end"] = [round(x, 2) for x in C.os.getloadavg()]
+    mem_how = payload["results"][0]["rows"][0]["memory_method"]
+    md = C.header_md(f"MGPO optimizer-step benchmark ({device})", payload)
+    md += "\n".join(markdown_rank(res, device) for res in payload["results"])
+    md += NOTES.format(mem=mem_how, std=GRAD_STD, flush=flush_mb)
+    name = args.name or ("step-r" + "-".join(map(str, args.ranks)) + ("" if layers == N_LAYERS else f"-L{layers}"))
+    out = C.results_dir(args.out_dir)
+    stem = C.result_stem(device, name)
+    files = C.write_results(out, stem, payload, md)
+    if not args.no_chart:
+        files["png"] = out / f"{stem}.png"
+        chart(payload, files["png"])
+        md += f"\n![chart]({stem}.png)\n"
+        files["md"].write_text(md)
+    print(md)
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    payload["files"] = {k: str(v) for k, v in files.items()}
+    return payload
