@@ -111,8 +111,12 @@ class MGPO(torch.optim.Optimizer):
         self._perturbed = True  # train mode: parameters hold theta + coef*m (coef is 0 until the first step)
         super().__init__(params, defaults)
         self._device = self._check_params()
+        self._dtensor_mesh()  # unsupported DTensor sharding fails here (and again in step() after a param swap)
         self.backend_name = backend
         self._backend = _backends.resolve(backend, self._device)
+        # Allocated here, not lazily in step(): under torch.compile, an attribute assigned inside the traced
+        # step() was lost (every compiled call then started from a fresh zero state).  integrations issue.
+        self._global_state()
 
     # ------------------------------------------------------------------ options
     def __getattr__(self, name):
@@ -263,17 +267,52 @@ class MGPO(torch.optim.Optimizer):
             reduce_hook=self._reduce_hook(),
         )
 
+    def _dtensor_mesh(self):
+        """The mesh of the DTensor (FSDP2) parameters, None if there are none; refuses layouts the single
+        all-reduce of the global sums would get wrong.
+
+        One all-reduce is exact when every element lives on exactly one rank: all parameters DTensors on one 1-D
+        mesh with a Shard placement (what ``fully_shard`` makes, uneven shards included).  Replicate (counted once
+        per rank), 2-D meshes (HSDP, FSDP + tensor parallel), several meshes, or DTensors mixed with plain tensors
+        would count elements more than once or not at all: raise instead of giving a wrong result.
+        """
+        mesh, plain, where = None, None, None
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                m = getattr(p, "device_mesh", None)
+                if m is None:
+                    plain = plain or f"param {pi} of group {gi}"
+                    continue
+                placements = tuple(p.placements)
+                if m.ndim != 1 or len(placements) != 1 or not placements[0].is_shard():
+                    raise NotImplementedError(
+                        f"MGPO supports DTensor parameters sharded on a 1-D device mesh (FSDP2 fully_shard); param "
+                        f"{pi} of group {gi} has placements {placements} on a {m.ndim}-D mesh. Replicated, "
+                        "HSDP and tensor-parallel layouts are not supported: its global norms would be wrong."
+                    )
+                if mesh is None:
+                    mesh, where = m, f"param {pi} of group {gi}"
+                elif m != mesh:
+                    raise NotImplementedError(
+                        f"MGPO needs all DTensor parameters on one device mesh; {where} and param {pi} of group "
+                        f"{gi} are on different meshes"
+                    )
+        if mesh is not None and plain is not None:
+            raise NotImplementedError(
+                f"MGPO got DTensor (sharded) parameters and plain tensors ({plain}) together; its global norms need "
+                "all parameters sharded the same way (apply fully_shard to every module whose parameters it holds)"
+            )
+        return mesh
+
     def _reduce_hook(self):
         """FSDP2/DTensor: all-reduce the global sums over the parameters' mesh (a few scalars per step)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                mesh = getattr(p, "device_mesh", None)
-                if mesh is not None:
-                    import torch.distributed as dist
+        mesh = self._dtensor_mesh()
+        if mesh is None:
+            return None
+        import torch.distributed as dist
 
-                    pg = mesh.get_group()
-                    return lambda sums: dist.all_reduce(sums, group=pg)
-        return None
+        pg = mesh.get_group()
+        return lambda sums: dist.all_reduce(sums, group=pg)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -283,10 +322,11 @@ class MGPO(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._validate_grads()
+        cfg = self._config()  # before any state is allocated: it refuses unsupported DTensor layouts
         groups = self._groups(with_grads=True)
         if not any(any(gr is not None for gr in g.grads) for g in groups):
             return loss  # no gradient anywhere: nothing to do, as in AdamW
-        self._backend.step(groups, self._global_state(), self._config())
+        self._backend.step(groups, self._global_state(), cfg)
         return loss
 
     # ------------------------------------------------------------------ modes
