@@ -1,0 +1,210 @@
+// The CPU kernels of both passes, compiled once per instruction set: each isa_*.cpp sets the target options,
+// defines MGPO_ISA_NS (a namespace of its own) and MGPO_ISA_NAME, and includes this file.
+//
+// Inner loops are plain loops over __restrict__ pointers that GCC/Clang auto-vectorize (-O3 -fno-math-errno
+// so that sqrt vectorizes; `#pragma omp simd` (-fopenmp-simd, no OpenMP runtime) for the float64 reductions).
+// Check with -fopt-info-vec-optimized (see csrc/NOTES.md).
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_kernels.h"
+
+#ifndef MGPO_ISA_NS
+#error "define MGPO_ISA_NS before including cpu_kernels_impl.h"
+#endif
+
+namespace mgpo {
+namespace cpu {
+namespace MGPO_ISA_NS {
+namespace {
+
+// ---------------------------------------------------------------------------------- loads and stores
+struct bf16_tag {};
+struct f16_tag {};
+
+template <typename Tag> struct Storage;
+template <> struct Storage<float> { using type = float; };
+template <> struct Storage<bf16_tag> { using type = uint16_t; };
+#if defined(__F16C__)
+template <> struct Storage<f16_tag> { using type = uint16_t; };  // converted with F16C instructions
+#else
+template <> struct Storage<f16_tag> { using type = _Float16; };  // converted by the compiler (libgcc)
+#endif
+
+static inline __attribute__((always_inline)) float ld(float x) { return x; }
+static inline __attribute__((always_inline)) float ld_bf16(uint16_t x) {
+  const uint32_t u = (uint32_t)x << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16)
+static inline __attribute__((always_inline)) uint16_t st_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? (uint16_t)0x7FC0 : (uint16_t)r;
+}
+
+template <typename Tag> struct Conv;
+template <> struct Conv<float> {
+  static inline __attribute__((always_inline)) float load(float x) { return x; }
+  static inline __attribute__((always_inline)) float store(float x) { return x; }
+};
+template <> struct Conv<bf16_tag> {
+  static inline __attribute__((always_inline)) float load(uint16_t x) { return ld_bf16(x); }
+  static inline __attribute__((always_inline)) uint16_t store(float x) { return st_bf16(x); }
+};
+#if defined(__F16C__)
+template <> struct Conv<f16_tag> {
+  static inline __attribute__((always_inline)) float load(uint16_t x) { return _cvtsh_ss(x); }
+  static inline __attribute__((always_inline)) uint16_t store(float x) {
+    return (uint16_t)_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);  // RNE
+  }
+};
+#else
+template <> struct Conv<f16_tag> {
+  static inline __attribute__((always_inline)) float load(_Float16 x) { return (float)x; }
+  static inline __attribute__((always_inline)) _Float16 store(float x) { return (_Float16)x; }  // RNE
+};
+#endif
+
+// ---------------------------------------------------------------------------------- pass 1
+template <typename Tag>
+static void reduce_grad(const typename Storage<Tag>::type* __restrict__ g, const float* __restrict__ m, int64_t n,
+                        double* __restrict__ out) {
+  double gg = 0.0, mg = 0.0, mm = 0.0;
+#pragma omp simd reduction(+ : gg, mg, mm)
+  for (int64_t i = 0; i < n; ++i) {
+    const double gi = (double)Conv<Tag>::load(g[i]);
+    const double mi = (double)m[i];
+    gg += gi * gi;
+    mg += mi * gi;
+    mm += mi * mi;
+  }
+  out[kSumGG] = gg;
+  out[kSumMG] = mg;
+  out[kSumMM] = mm;
+  out[kSumMMNoGrad] = 0.0;
+}
+
+// fp16 gradients: convert blocks to fp32 first (GCC turns a fused half->double conversion into a libgcc call).
+template <>
+void reduce_grad<f16_tag>(const typename Storage<f16_tag>::type* __restrict__ g, const float* __restrict__ m,
+                          int64_t n, double* __restrict__ out) {
+  constexpr int64_t kBlock = 512;
+  float buf[kBlock];
+  double acc[3] = {0.0, 0.0, 0.0};
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = n - b < kBlock ? n - b : kBlock;
+    for (int64_t i = 0; i < len; ++i) buf[i] = Conv<f16_tag>::load(g[b + i]);
+    double part[4];
+    reduce_grad<float>(buf, m + b, len, part);
+    acc[0] += part[kSumGG];
+    acc[1] += part[kSumMG];
+    acc[2] += part[kSumMM];
+  }
+  out[kSumGG] = acc[0];
+  out[kSumMG] = acc[1];
+  out[kSumMM] = acc[2];
+  out[kSumMMNoGrad] = 0.0;
+}
+
+static void reduce_nograd(const float* __restrict__ m, int64_t n, double* __restrict__ out) {
+  double mm = 0.0;
+#pragma omp simd reduction(+ : mm)
+  for (int64_t i = 0; i < n; ++i) {
+    const double mi = (double)m[i];
+    mm += mi * mi;
+  }
+  out[kSumGG] = 0.0;
+  out[kSumMG] = 0.0;
+  out[kSumMM] = 0.0;
+  out[kSumMMNoGrad] = mm;
+}
+
+static void reduce(const RedTensor* ts, const Chunk* chunks, int64_t b, int64_t e, double* partials) {
+  for (int64_t c = b; c < e; ++c) {
+    const Chunk ch = chunks[c];
+    const RedTensor& t = ts[ch.tensor];
+    const float* m = t.m + ch.start;
+    double* out = partials + kSumsPerGroup * c;
+    if (t.g == nullptr) {
+      reduce_nograd(m, ch.len, out);
+    } else if (t.dtype == kF32) {
+      reduce_grad<float>(static_cast<const float*>(t.g) + ch.start, m, ch.len, out);
+    } else if (t.dtype == kBF16) {
+      reduce_grad<bf16_tag>(static_cast<const uint16_t*>(t.g) + ch.start, m, ch.len, out);
+    } else {
+      reduce_grad<f16_tag>(static_cast<const typename Storage<f16_tag>::type*>(t.g) + ch.start, m, ch.len, out);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------- pass 2
+template <typename Tag, bool kMaster>
+static void update_grad(typename Storage<Tag>::type* __restrict__ p, const typename Storage<Tag>::type* __restrict__ g,
+                        float* __restrict__ m, float* __restrict__ v, float* __restrict__ master, int64_t n,
+                        const AdamCoefs k) {
+  for (int64_t i = 0; i < n; ++i) {
+    float mi = m[i];
+    float vi = v[i];
+    float theta = kMaster ? master[i] : mgpo_restore(Conv<Tag>::load(p[i]), mi, k.restore);
+    mgpo_adamw(theta, mi, vi, Conv<Tag>::load(g[i]), k);
+    if (kMaster) master[i] = theta;
+    p[i] = Conv<Tag>::store(mgpo_perturb(theta, mi, k.apply));
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+// No gradient this step: AdamW leaves theta, m, v alone; the perturbation moves from restore*m to apply*m.
+template <typename Tag, bool kMaster>
+static void update_nograd(typename Storage<Tag>::type* __restrict__ p, const float* __restrict__ m,
+                          const float* __restrict__ master, int64_t n, const AdamCoefs k) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float mi = m[i];
+    const float theta = kMaster ? master[i] : mgpo_restore(Conv<Tag>::load(p[i]), mi, k.restore);
+    p[i] = Conv<Tag>::store(mgpo_perturb(theta, mi, k.apply));
+  }
+}
+
+template <typename Tag>
+static void update_chunk(const UpdTensor& t, int64_t s, int64_t n) {
+  using S = typename Storage<Tag>::type;
+  S* p = static_cast<S*>(t.p) + s;
+  float* m = t.m + s;
+  if (t.g != nullptr) {
+    const S* g = static_cast<const S*>(t.g) + s;
+    float* v = t.v + s;
+    if (t.master != nullptr)
+      update_grad<Tag, true>(p, g, m, v, t.master + s, n, t.k);
+    else
+      update_grad<Tag, false>(p, g, m, v, nullptr, n, t.k);
+  } else {
+    if (t.master != nullptr)
+      update_nograd<Tag, true>(p, m, t.master + s, n, t.k);
+    else
+      update_nograd<Tag, false>(p, m, nullptr, n, t.k);
+  }
+}
+
+static void update(const UpdTensor* ts, const Chunk* chunks, int64_t b, int64_t e) {
+  for (int64_t c = e - 1; c >= b; --c) {
+    const Chunk ch = chunks[c];
+    const UpdTensor& t = ts[ch.tensor];
+    if (t.dtype == kF32)
+      update_chunk<float>(t, ch.start, ch.len);
+    else if (t.dtype == kBF16)
+      update_chunk<bf16_tag>(t, ch.start, ch.len);
+    else
+      update_chunk<f16_tag>(t, ch.start, ch.len);
+  }
+}
+
+const IsaKernels kKernels = {MGPO_ISA_NAME, &reduce, &update};
+
+}  // namespace
+}  // namespace MGPO_ISA_NS
+}  // namespace cpu
+}  // namespace mgpo

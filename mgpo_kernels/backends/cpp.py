@@ -1,0 +1,127 @@
+"""The ``cpp`` backend: fused C++ (CPU) and CUDA kernels of the extension ``mgpo_kernels._C``.
+
+One step is three custom ops (``torch.ops.mgpo.*``, see csrc/ops.cpp), all over every tensor of every group:
+
+1. ``reduce_sums``: pass 1 over (g, m) -> float64 ``sums`` (base.py layout) from per-chunk partials (fixed order);
+2. ``cfg.reduce_hook(sums)`` if set (FSDP2 all-reduce), then ``scalar_stage``: clip/unscale factor, gbar, the
+   new coefficient and the skip flag, computed on the device; it updates the GlobalState and the step counts;
+3. ``update``: pass 2 over (p or master, g, m, v): restore, AdamW, re-perturb.
+
+Nothing is read back to the host. Fake implementations make the ops traceable by torch.compile.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .base import Backend, GlobalState, GroupTensors, StepConfig
+
+try:
+    from mgpo_kernels import _C  # noqa: F401  (loads the .so, which registers torch.ops.mgpo.*)
+except ImportError as e:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "mgpo_kernels._C is not built: run `pip install --no-build-isolation -e .` in the repository "
+        f"(or `make install`) to build the C++/CUDA extension ({e})"
+    ) from e
+
+_ops = torch.ops.mgpo
+
+
+# ---------------------------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("mgpo::reduce_sums")
+def _reduce_sums_fake(grads, exp_avgs, group_index, num_groups):
+    return exp_avgs[0].new_empty((4 * num_groups,), dtype=torch.float64)
+
+
+@torch.library.register_fake("mgpo::scalar_stage")
+def _scalar_stage_fake(sums, beta1s, gstep, gbar, coef, skipped, steps, grad_scale, found_inf, rho, ema_beta,
+                       adaptive_norm, sign, max_grad_norm, perturbed):
+    return sums.new_empty((4,), dtype=torch.float32)
+
+
+@torch.library.register_fake("mgpo::update")
+def _update_fake(params, grads, exp_avgs, exp_avg_sqs, masters, steps, scal, group_index, lrs, lr_tensors,
+                 beta1s, beta2s, epss, weight_decays):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- backend
+def _lr_args(lr, device: torch.device):
+    """(float value, tensor or None): a tensor lr is read by the kernels on the device (no host sync)."""
+    if isinstance(lr, Tensor):
+        if lr.device.type == "cpu" and device.type != "cpu":
+            return float(lr), None  # a CPU tensor: reading it does not synchronise the device
+        t = lr.detach()
+        if t.dtype != torch.float32 or t.device != device:
+            t = t.to(device=device, dtype=torch.float32)
+        return 0.0, t.reshape(())
+    return float(lr), None
+
+
+def _scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or t.device != device:
+        t = t.to(device=device, dtype=torch.float32)
+    return t
+
+
+class CppBackend(Backend):
+    name = "cpp"
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> Optional[str]:
+        device = torch.device(device)
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda":
+            if not _C.cuda_built:
+                return ("mgpo_kernels._C was built without CUDA kernels (no nvcc or CPU-only torch at build time; "
+                        "rebuild with MGPO_BUILD_CUDA=1 pip install --no-build-isolation -e .)")
+            if not torch.cuda.is_available():
+                return "CUDA is not available in this process (no GPU or driver)"
+            return None
+        return f"no cpp kernels for device type {device.type!r} (only cpu and cuda)"
+
+    @classmethod
+    def priority(cls, device: torch.device) -> int:
+        return 20 if torch.device(device).type == "cuda" else 10
+
+    @torch.no_grad()
+    def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
+        device = gstate.step.device
+        params, grads, ms, vs, masters, steps, gidx, steps_with_grad = [], [], [], [], [], [], [], []
+        lrs, lr_ts, b1s, b2s, epss, wds = [], [], [], [], [], []
+        for k, g in enumerate(groups):
+            lr, lr_t = _lr_args(g.lr, device)
+            lrs.append(lr)
+            lr_ts.append(lr_t)
+            b1s.append(float(g.beta1))
+            b2s.append(float(g.beta2))
+            epss.append(float(g.eps))
+            wds.append(float(g.weight_decay))
+            params += g.params
+            grads += g.grads
+            ms += g.exp_avgs
+            vs += g.exp_avg_sqs
+            masters += g.masters
+            steps += g.steps
+            gidx += [k] * len(g.params)
+            steps_with_grad += [s for s, gr in zip(g.steps, g.grads) if gr is not None]
+        if not params:
+            return
+        sums = _ops.reduce_sums(grads, ms, gidx, len(groups))
+        if cfg.reduce_hook is not None:
+            cfg.reduce_hook(sums)
+        scal = _ops.scalar_stage(
+            sums, b1s, gstate.step, gstate.gbar, gstate.coef, gstate.skipped, steps_with_grad,
+            _scalar(cfg.grad_scale, device), _scalar(cfg.found_inf, device), float(cfg.rho), float(cfg.ema_beta),
+            bool(cfg.adaptive_norm), float(cfg.sign), None if cfg.max_grad_norm is None else float(cfg.max_grad_norm),
+            bool(cfg.perturbed),
+        )
+        _ops.update(params, grads, ms, vs, masters, steps, scal, gidx, lrs, lr_ts, b1s, b2s, epss, wds)
+
+
+BACKEND = CppBackend
