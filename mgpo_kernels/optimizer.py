@@ -20,6 +20,8 @@ from .backends.base import GlobalState, GroupTensors, StepConfig
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DIRECTIONS = {"momentum": 1.0, "-momentum": -1.0}
 _OPTIONS = ("rho", "ema_beta", "adaptive_norm", "direction", "max_grad_norm")
+_GLOBAL_KEYS = ("step", "gbar", "coef", "skipped")  # GlobalState, saved under state_dict()["mgpo"]
+_MIRRORED_KEYS = ("step", "gbar", "coef")  # ... and mirrored per parameter for distributed checkpoints
 
 
 def _local(t):
@@ -376,6 +378,12 @@ class MGPO(torch.optim.Optimizer):
             "skipped": g.skipped.detach().clone(),
             **{k: self._options[k] for k in _OPTIONS},
         }
+        # torch.distributed.checkpoint (get/set_optimizer_state_dict, what FSDP2 users and accelerate use) keeps
+        # only "state" and "param_groups" and drops the "mgpo" key: mirror the global scalars in every
+        # parameter's state (shared 0-d tensors, saved once by torch.save), so load_state_dict can recover them
+        # (not the skipped-steps counter, which is only a statistic).  integrations issue.
+        mirror = {f"mgpo_{k}": sd["mgpo"][k] for k in _MIRRORED_KEYS}
+        sd["state"] = {idx: {**st, **mirror} for idx, st in sd["state"].items()}
         return sd
 
     def _check_loaded_state(self, state_dict: Dict[str, Any]) -> None:
@@ -428,7 +436,15 @@ class MGPO(torch.optim.Optimizer):
         self._check_loaded_state(state_dict)
         state_dict = dict(state_dict)
         extra = state_dict.pop("mgpo", None)
+        if extra is None:  # a distributed checkpoint dropped it: take the per-parameter mirror (see state_dict)
+            for st in state_dict["state"].values():
+                if isinstance(st, dict) and all(f"mgpo_{k}" in st for k in _MIRRORED_KEYS):
+                    extra = {k: st[f"mgpo_{k}"] for k in _MIRRORED_KEYS}
+                    break
         super().load_state_dict(state_dict)
+        for st in self.state.values():
+            for k in _MIRRORED_KEYS:
+                st.pop(f"mgpo_{k}", None)
         # torch casts loaded state to the parameter's dtype (bf16 moments, bf16 master!): take the saved
         # tensors again, in fp32, as our state is always fp32.
         for sg, group in zip(state_dict["param_groups"], self.param_groups):
@@ -448,7 +464,7 @@ class MGPO(torch.optim.Optimizer):
                     st["master_param"] = p.detach().float().clone()
         g = GlobalState.zeros(self._device)
         if extra is not None:
-            for k in ("step", "gbar", "coef", "skipped"):
+            for k in _GLOBAL_KEYS:
                 if k in extra:
                     getattr(g, k).copy_(torch.as_tensor(extra[k]))
             for k in _OPTIONS:

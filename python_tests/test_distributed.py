@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 WORLD = 2
 STEPS = 12
+CKPT_STEP = 6
 BATCH = 8
 OPT_KW = dict(lr=2e-2, betas=(0.9, 0.99), weight_decay=0.01, rho=0.05, ema_beta=0.9, max_grad_norm=1.0)
 
@@ -67,8 +68,10 @@ def lr_at(step):
     return OPT_KW["lr"] * (1.0 - step / (2 * STEPS))
 
 
-def train(model, opt, data, shard: slice, use_rare_in_all=False):
+def train(model, opt, data, shard: slice, use_rare_in_all=False, start=0, stop=None, on_step_end=None):
     for t, (x, y) in enumerate(data):
+        if t < start or (stop is not None and t >= stop):
+            continue
         for g in opt.param_groups:
             g["lr"] = lr_at(t)
         use_rare = use_rare_in_all or t % 2 == 0
@@ -76,6 +79,8 @@ def train(model, opt, data, shard: slice, use_rare_in_all=False):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if on_step_end is not None:
+            on_step_end(t + 1)
 
 
 def single_process(backend, use_rare_in_all=False):
@@ -144,6 +149,8 @@ def _fsdp_worker(rank, port, backend, out):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor, Shard
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
         mesh = init_device_mesh("cpu", (WORLD,))
         model = make_net()
@@ -183,7 +190,17 @@ def _fsdp_worker(rank, port, backend, out):
 
         opt.step = step_recorded
         per = BATCH // WORLD
-        train(model, opt, make_data(), slice(rank * per, (rank + 1) * per))
+
+        def save_midway(t):
+            if t == CKPT_STEP:
+                # distributed checkpoint of the unperturbed weights + optimizer state (DTensor shards)
+                opt.step = orig_step
+                with opt.unperturbed():
+                    msd, osd = get_state_dict(model, opt)
+                    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out, "dcp"))
+                opt.step = step_recorded
+
+        train(model, opt, make_data(), slice(rank * per, (rank + 1) * per), on_step_end=save_midway)
         opt.step = orig_step
 
         # state stays DTensor, sharded like the parameter (so distributed checkpoints reshard)
@@ -216,6 +233,36 @@ def test_fsdp2_two_processes_match_single_process(backend, tmp_path):
     for k in range(WORLD):
         # the optimizer's only communication: one all_reduce of the 4 fp64 global sums per step
         assert r[k]["calls"] == [("all_reduce", 4, torch.float64)] * STEPS, r[k]["calls"][:5]
+        assert r[k]["local_shapes"] != r[1 - k]["local_shapes"]
         for n in theta_ref:
             torch.testing.assert_close(r[k]["theta"][n], theta_ref[n], rtol=1e-5, atol=1e-6, msg=n)
             torch.testing.assert_close(r[k]["perturbed"][n], per_ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("backend", DIST_BACKENDS)
+def test_fsdp2_distributed_checkpoint_reshards_to_single_process(backend, tmp_path):
+    """The 2-rank FSDP2 run saved a torch.distributed.checkpoint at step CKPT_STEP (inside opt.unperturbed());
+    one process without FSDP loads it (resharding the DTensor state to whole tensors) and continues: it must end
+    where the uninterrupted single process does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    spawn(_fsdp_worker, backend, str(tmp_path))
+    per_ref, theta_ref = single_process(backend)
+    model = make_net()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # must come from the checkpoint
+    opt = MGPO(model.parameters(), backend=backend, **OPT_KW)
+    # the optimizer state is loaded in eval mode, then the model's theta; train() applies the loaded perturbation
+    with opt.unperturbed():
+        msd, osd = get_state_dict(model, opt)
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "dcp"))
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    assert float(opt.state_dict()["mgpo"]["step"]) == CKPT_STEP
+    train(model, opt, make_data(), slice(None), start=CKPT_STEP)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), per_ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    opt.eval()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), theta_ref[n], rtol=1e-5, atol=1e-6, msg=n)
