@@ -222,10 +222,17 @@ def _fsdp_worker(rank, port, backend, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", DIST_BACKENDS)
-def test_fsdp2_two_processes_match_single_process(backend, tmp_path):
-    spawn(_fsdp_worker, backend, str(tmp_path))
-    r = [torch.load(tmp_path / f"fsdp{k}.pt", weights_only=False) for k in range(WORLD)]
+@pytest.fixture(scope="module", params=DIST_BACKENDS)
+def fsdp_run(request, tmp_path_factory):
+    """One 2-rank FSDP2 run per backend, shared by the tests below: (backend, its output folder)."""
+    out = tmp_path_factory.mktemp(f"fsdp_{request.param}")
+    spawn(_fsdp_worker, request.param, str(out))
+    return request.param, out
+
+
+def test_fsdp2_two_processes_match_single_process(fsdp_run):
+    backend, out = fsdp_run
+    r = [torch.load(out / f"fsdp{k}.pt", weights_only=False) for k in range(WORLD)]
     per_ref, theta_ref = single_process(backend)
     # uneven and empty shards really occurred
     assert r[0]["local_shapes"]["fc1.weight"] == (7, 7) and r[1]["local_shapes"]["fc1.weight"] == (6, 7)
@@ -239,15 +246,14 @@ def test_fsdp2_two_processes_match_single_process(backend, tmp_path):
             torch.testing.assert_close(r[k]["perturbed"][n], per_ref[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("backend", DIST_BACKENDS)
-def test_fsdp2_distributed_checkpoint_reshards_to_single_process(backend, tmp_path):
+def test_fsdp2_distributed_checkpoint_reshards_to_single_process(fsdp_run):
     """The 2-rank FSDP2 run saved a torch.distributed.checkpoint at step CKPT_STEP (inside opt.unperturbed());
     one process without FSDP loads it (resharding the DTensor state to whole tensors) and continues: it must end
     where the uninterrupted single process does."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    spawn(_fsdp_worker, backend, str(tmp_path))
+    backend, out = fsdp_run
     per_ref, theta_ref = single_process(backend)
     model = make_net()
     with torch.no_grad():
@@ -257,7 +263,7 @@ def test_fsdp2_distributed_checkpoint_reshards_to_single_process(backend, tmp_pa
     # the optimizer state is loaded in eval mode, then the model's theta; train() applies the loaded perturbation
     with opt.unperturbed():
         msd, osd = get_state_dict(model, opt)
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "dcp"))
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(out / "dcp"))
         set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     assert float(opt.state_dict()["mgpo"]["step"]) == CKPT_STEP
     train(model, opt, make_data(), slice(None), start=CKPT_STEP)
@@ -266,3 +272,45 @@ def test_fsdp2_distributed_checkpoint_reshards_to_single_process(backend, tmp_pa
     opt.eval()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), theta_ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _layouts_worker(rank, port, out):
+    _init(rank, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        mesh2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
+
+        def dparam(placements, m=mesh):
+            return nn.Parameter(distribute_tensor(torch.randn(6, 4), m, placements))
+
+        def refused(params, match):
+            with pytest.raises(NotImplementedError, match=match):
+                MGPO(params, backend="reference")
+
+        refused([dparam([Replicate()])], "placements")  # replicated: counted once per rank
+        refused([dparam([Shard(0), Shard(1)], mesh2d)], "2-D mesh")  # tensor parallel / HSDP layouts
+        refused([dparam([Shard(0)]), nn.Parameter(torch.randn(3))], "plain tensors")  # mixed
+        # allowed: any Shard placement on a 1-D mesh
+        MGPO([dparam([Shard(0)]), dparam([Shard(1)])], backend="reference")
+
+        # a swap after construction (as accelerate does) is checked in step(), before any state is allocated
+        p = nn.Parameter(torch.randn(6, 4))
+        opt = MGPO([p], backend="reference")
+        q = dparam([Replicate()])
+        q.grad = torch.ones_like(q)
+        opt.param_groups[0]["params"] = [q]
+        before = q.to_local().clone()
+        with pytest.raises(NotImplementedError, match="placements"):
+            opt.step()
+        assert not opt.state and torch.equal(q.to_local(), before)
+        open(os.path.join(out, f"layouts{rank}.ok"), "w").close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unsupported_dtensor_layouts_fail_clearly(tmp_path):
+    spawn(_layouts_worker, str(tmp_path))
+    assert all((tmp_path / f"layouts{k}.ok").exists() for k in range(WORLD))
