@@ -117,7 +117,7 @@ def _aligned(*ptrs: int) -> bool:
 class _Prepared:
     __slots__ = ("entry", "writeback")
 
-    def __init__(self, entry: _Entry, writeback: List[Tuple[Tensor, Tensor]]):
+    def __init__(self, entry: _Entry, writeback: List[Tuple[Optional[Tensor], Tensor]]):
         self.entry = entry
         self.writeback = writeback
 
@@ -143,7 +143,7 @@ def _prepare(groups: List[GroupTensors], device: torch.device) -> _Prepared:
                              0 if ma is None else ma.data_ptr(), st.data_ptr()))
         lr = g.lr
         addr_key.append(lr.data_ptr() if isinstance(lr, Tensor) else None)
-    writeback: List[Tuple[Tensor, Tensor]] = []
+    writeback: List[Tuple[Optional[Tensor], Tensor]] = []
     if entry.needs_copy or addr_key != entry.addr_key:
         _build_tensor_table(entry, groups, writeback)
         entry.addr_key = addr_key
@@ -159,7 +159,7 @@ def _direct_lr(lr: Tensor, device: torch.device) -> bool:
     return lr.device == device and lr.dtype == torch.float32 and lr.numel() == 1
 
 
-def _build_tensor_table(entry: _Entry, groups: List[GroupTensors], writeback: List[Tuple[Tensor, Tensor]]):
+def _build_tensor_table(entry: _Entry, groups: List[GroupTensors], writeback: List[Tuple[Optional[Tensor], Tensor]]):
     rows = []
     needs_copy = False
 
@@ -169,8 +169,7 @@ def _build_tensor_table(entry: _Entry, groups: List[GroupTensors], writeback: Li
             return t
         needs_copy = True
         c = t.contiguous()
-        if write:
-            writeback.append((t, c))
+        writeback.append((t, c) if write else (None, c))  # also keeps the temporary alive until the update ran
         return c
 
     for gi, g in enumerate(groups):
@@ -252,7 +251,108 @@ def _update(prep: _Prepared, groups: List[GroupTensors], gstate: GlobalState, cf
     _set_hyper(prep.entry, groups, cfg, has_scale, has_found_inf)
     _launch_update(prep.entry, sums, gstate, scale, found_inf)
     for dst, src in prep.writeback:
-        dst.copy_(src)
+        if dst is not None:
+            dst.copy_(src)
+
+
+# ------------------------------------------------------------------------------------------------- custom ops
+# The kernels find their tensors through address tables, which a tracer cannot see; a compiled training step
+# therefore sees the two passes as opaque custom ops that declare every tensor they read and write (so
+# functionalization orders them correctly against the surrounding graph), and builds the tables when they run.
+
+def _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, steps, group_sizes, lr_tensors, lr_floats,
+                      beta1s, beta2s, epss, wds) -> List[GroupTensors]:
+    out, i = [], 0
+    for k, n in enumerate(group_sizes):
+        sl = slice(i, i + n)
+        lr = lr_tensors[k] if lr_tensors[k] is not None else lr_floats[k]
+        out.append(GroupTensors(list(params[sl]), list(grads[sl]), list(exp_avgs[sl]), list(exp_avg_sqs[sl]),
+                                list(masters[sl]), list(steps[sl]), lr, beta1s[k], beta2s[k], epss[k], wds[k]))
+        i += n
+    return out
+
+
+def _flat_from_groups(groups: List[GroupTensors]) -> tuple:
+    return (
+        [p for g in groups for p in g.params], [x for g in groups for x in g.grads],
+        [x for g in groups for x in g.exp_avgs], [x for g in groups for x in g.exp_avg_sqs],
+        [x for g in groups for x in g.masters], [x for g in groups for x in g.steps],
+        [len(g.params) for g in groups],
+        [g.lr if isinstance(g.lr, Tensor) else None for g in groups],
+        [0.0 if isinstance(g.lr, Tensor) else float(g.lr) for g in groups],
+        [float(g.beta1) for g in groups], [float(g.beta2) for g in groups],
+        [float(g.eps) for g in groups], [float(g.weight_decay) for g in groups],
+    )
+
+
+_OPS_REGISTERED = False
+
+
+def _register_ops() -> None:
+    global _OPS_REGISTERED, _reduce_op, _update_op
+    if _OPS_REGISTERED:
+        return
+
+    @torch.library.custom_op("mgpo_kernels::triton_reduce", mutates_args=())
+    def _reduce_op(
+        params: List[Tensor], grads: List[Optional[Tensor]], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+        masters: List[Optional[Tensor]], steps: List[Tensor], group_sizes: List[int],
+        lr_tensors: List[Optional[Tensor]], lr_floats: List[float], beta1s: List[float], beta2s: List[float],
+        epss: List[float], wds: List[float],
+    ) -> Tensor:
+        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, steps, group_sizes, lr_tensors,
+                                   lr_floats, beta1s, beta2s, epss, wds)
+        sums, _ = _reduce(groups, params[0].device)
+        return sums
+
+    @_reduce_op.register_fake
+    def _(params, grads, exp_avgs, exp_avg_sqs, masters, steps, group_sizes, *rest):
+        return params[0].new_empty(SUMS_PER_GROUP * len(group_sizes), dtype=torch.float64)
+
+    @torch.library.custom_op(
+        "mgpo_kernels::triton_update",
+        mutates_args=("params", "exp_avgs", "exp_avg_sqs", "masters", "steps", "g_step", "g_gbar", "g_coef",
+                      "g_skipped"),
+    )
+    def _update_op(
+        params: List[Tensor], grads: List[Optional[Tensor]], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+        masters: List[Optional[Tensor]], steps: List[Tensor], group_sizes: List[int],
+        lr_tensors: List[Optional[Tensor]], lr_floats: List[float], beta1s: List[float], beta2s: List[float],
+        epss: List[float], wds: List[float],
+        sums: Tensor, g_step: Tensor, g_gbar: Tensor, g_coef: Tensor, g_skipped: Tensor,
+        grad_scale: Optional[Tensor], found_inf: Optional[Tensor], rho: float, ema_beta: float,
+        adaptive_norm: bool, sign: float, max_grad_norm: Optional[float], perturbed: bool,
+    ) -> None:
+        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, steps, group_sizes, lr_tensors,
+                                   lr_floats, beta1s, beta2s, epss, wds)
+        cfg = StepConfig(rho=rho, ema_beta=ema_beta, adaptive_norm=adaptive_norm, sign=sign,
+                         max_grad_norm=max_grad_norm, perturbed=perturbed, grad_scale=grad_scale,
+                         found_inf=found_inf)
+        gstate = GlobalState(step=g_step, gbar=g_gbar, coef=g_coef, skipped=g_skipped)
+        _update(_prepare(groups, g_step.device), groups, gstate, cfg, sums)
+
+    @_update_op.register_fake
+    def _(*args, **kwargs):
+        return None
+
+    _OPS_REGISTERED = True
+
+
+def _step_via_ops(groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
+    """The step as two custom ops (what a compiled graph records); the eager path calls the same code directly."""
+    flat = _flat_from_groups(groups)
+    sums = torch.ops.mgpo_kernels.triton_reduce(*flat)
+    if cfg.reduce_hook is not None:
+        cfg.reduce_hook(sums)
+    torch.ops.mgpo_kernels.triton_update(
+        *flat, sums, gstate.step, gstate.gbar, gstate.coef, gstate.skipped, cfg.grad_scale, cfg.found_inf,
+        float(cfg.rho), float(cfg.ema_beta), bool(cfg.adaptive_norm), float(cfg.sign),
+        None if cfg.max_grad_norm is None else float(cfg.max_grad_norm), bool(cfg.perturbed),
+    )
+
+
+if _k is not None:
+    _register_ops()
 
 
 class TritonBackend(Backend):
@@ -288,6 +388,8 @@ class TritonBackend(Backend):
             from .reference import ReferenceBackend
 
             return ReferenceBackend().step(groups, gstate, cfg)
+        if torch.compiler.is_compiling():
+            return _step_via_ops(groups, gstate, cfg)
         sums, prep = _reduce(groups, device)
         if cfg.reduce_hook is not None:
             cfg.reduce_hook(sums)

@@ -3,22 +3,28 @@
 Both kernels walk a *block table* (program -> (tensor index, first element)) and a *tensor table* (one row of
 int64 per tensor: addresses of p, g, m, v, master, step, the element count and a meta word), so one launch covers
 every tensor of every param group whatever their number, sizes and dtypes.  A program never straddles tensors:
-it handles ``ITERS * BLOCK`` consecutive elements of one tensor.
+it handles ``iters * BLOCK`` consecutive elements of one tensor (``iters`` and every count are runtime values).
 
 Tensor table row (``TAB_W`` int64):
   0 p  1 g (0: no grad this step)  2 m  3 v  4 master (0: fp32 param)  5 step  6 numel
   7 meta = has_grad | dtype_code << 1 | aligned << 3 | group << 8        dtype_code: 0 fp32, 1 bf16, 2 fp16
-``aligned`` says every address of the row is 16-byte aligned, so full blocks may use vector loads.
+``aligned`` says every address of the row is 16-byte aligned: full blocks of such a tensor take the FULL path
+(no mask, addresses rounded with ``(a >> 4) << 4`` so the compiler can prove the alignment and vectorize; a
+``tl.multiple_of`` hint on the loaded address would also apply to the unaligned path, which shares that value).
 
 Hyper table ``hyp`` (float64, rows of ``HYP_W``): row 0 is global, row 1 + k is param group k.
   row 0: sign*rho, ema_beta, 1-ema_beta, max_grad_norm, has_clip, adaptive, perturbed, has_scale, has_found_inf
-  row 1+k: lr (when the group's lr address is 0), b1, 1-b1, b2, 1-b2, eps, wd, b1*b1, 2*b1*(1-b1), (1-b1)**2
+  row 1+k: lr (used when the group's lr address is 0), b1, 1-b1, b2, 1-b2, eps, wd, b1*b1, 2*b1*(1-b1), (1-b1)**2
 
-Deterministic: no float atomics.  Each program of the reduce pass writes its 4 partial sums; the last program to
-finish (an int32 ticket counter, the classic "last block" pattern) adds the partials group by group in a fixed
-order into ``sums`` and resets the counter.  The update pass computes the scalar stage redundantly in every
-program (a few float64 flops on 4 * groups sums) and its last program writes the optimizer-wide scalars and the
-per-tensor step counts, after every program has read them.
+Deterministic, no float atomics: each program of the reduce pass writes its 4 partial sums (float64); the last
+program to finish (an int32 ticket counter: the classic "last block" pattern) adds the partials group by group
+in a fixed order into ``sums`` and resets the counter.  The update pass computes the scalar stage redundantly in
+every program (a few float64 flops on the 4 * groups sums) and its last program writes the optimizer-wide
+scalars and the per-tensor step counts, after every program has read the old ones.
+
+bf16 is loaded and stored as its uint16 bits with integer conversions (exactly c10::BFloat16's round to nearest
+even): the interpreter truncates ``.to(tl.bfloat16)``, and this gives the same bits on the CPU and the GPU.
+Helpers are few on purpose: under the interpreter every call of a ``@triton.jit`` helper costs ~1 ms.
 """
 from __future__ import annotations
 
@@ -27,104 +33,57 @@ import triton.language as tl
 
 TAB_W = 8
 HYP_W = 12
-BLOCK = 1024  # elements per inner iteration (4 warps x 32 threads x 8 elements)
+BLOCK = 1024  # largest elements per inner iteration (the host picks 256..1024 by a rule; 8 per thread)
 RBLOCK = 256  # partial rows per iteration of the final sum
 TBLOCK = 256  # tensor rows per iteration of the step-count update
-
-
-@triton.jit
-def _isfinite(x):
-    return (x - x) == 0.0
-
-
-@triton.jit
-def _ptr(addr, DT: tl.constexpr, HINT: tl.constexpr):
-    if HINT:
-        addr = tl.multiple_of(addr, 16)
-    return addr.to(tl.pointer_type(DT))
-
-
-@triton.jit
-def _load_lowp(addr, code, offs, mask, FULL: tl.constexpr):
-    """A tensor in the parameter dtype (``code``) as fp32."""
-    if code == 0:
-        ptr = _ptr(addr, tl.float32, FULL)
-        if FULL:
-            x = tl.load(ptr + offs).to(tl.float32)
-        else:
-            x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    elif code == 1:
-        ptr = _ptr(addr, tl.bfloat16, FULL)
-        if FULL:
-            x = tl.load(ptr + offs).to(tl.float32)
-        else:
-            x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        ptr = _ptr(addr, tl.float16, FULL)
-        if FULL:
-            x = tl.load(ptr + offs).to(tl.float32)
-        else:
-            x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return x
-
-
-@triton.jit
-def _load_f32(addr, offs, mask, FULL: tl.constexpr):
-    ptr = _ptr(addr, tl.float32, FULL)
-    if FULL:
-        x = tl.load(ptr + offs)
-    else:
-        x = tl.load(ptr + offs, mask=mask, other=0.0)
-    return x
-
-
-@triton.jit
-def _store_f32(addr, offs, x, mask, FULL: tl.constexpr):
-    ptr = _ptr(addr, tl.float32, FULL)
-    if FULL:
-        tl.store(ptr + offs, x)
-    else:
-        tl.store(ptr + offs, x, mask=mask)
-
-
-@triton.jit
-def _store_param(addr, code, offs, x, mask, FULL: tl.constexpr):
-    if code == 0:
-        _store_f32(addr, offs, x, mask, FULL)
-    elif code == 1:
-        ptr = _ptr(addr, tl.bfloat16, FULL)
-        if FULL:
-            tl.store(ptr + offs, x.to(tl.bfloat16))
-        else:
-            tl.store(ptr + offs, x.to(tl.bfloat16), mask=mask)
-    else:
-        ptr = _ptr(addr, tl.float16, FULL)
-        if FULL:
-            tl.store(ptr + offs, x.to(tl.float16))
-        else:
-            tl.store(ptr + offs, x.to(tl.float16), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- reduce pass
 
 @triton.jit
 def _reduce_chunk(g_addr, m_addr, code, has_grad, offs, mask, acc_gg, acc_mg, acc_mm, FULL: tl.constexpr):
-    m = _load_f32(m_addr, offs, mask, FULL).to(tl.float64)
+    if FULL:
+        m_addr = (m_addr >> 4) << 4
+        g_addr = (g_addr >> 4) << 4
+    m_ptr = m_addr.to(tl.pointer_type(tl.float32)) + offs
+    if FULL:
+        m = tl.load(m_ptr)
+    else:
+        m = tl.load(m_ptr, mask=mask, other=0.0)
+    m = m.to(tl.float64)
     acc_mm += m * m
     if has_grad:
-        g = _load_lowp(g_addr, code, offs, mask, FULL).to(tl.float64)
+        if code == 0:
+            g_ptr = g_addr.to(tl.pointer_type(tl.float32)) + offs
+            if FULL:
+                g = tl.load(g_ptr).to(tl.float64)
+            else:
+                g = tl.load(g_ptr, mask=mask, other=0.0).to(tl.float64)
+        elif code == 1:
+            g_ptr = g_addr.to(tl.pointer_type(tl.uint16)) + offs
+            if FULL:
+                raw = tl.load(g_ptr)
+            else:
+                raw = tl.load(g_ptr, mask=mask, other=0)
+            g = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(tl.float64)
+        else:
+            g_ptr = g_addr.to(tl.pointer_type(tl.float16)) + offs
+            if FULL:
+                g = tl.load(g_ptr).to(tl.float64)
+            else:
+                g = tl.load(g_ptr, mask=mask, other=0.0).to(tl.float64)
         acc_gg += g * g
         acc_mg += m * g
     return acc_gg, acc_mg, acc_mm
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_blocks", "n_groups", "iters"])
 def mgpo_reduce_kernel(
     tab_ptr, blk_ptr, grp_blk_ptr, part_ptr, sums_ptr, counter_ptr,
     n_blocks, n_groups, iters,
     BLOCK: tl.constexpr, RBLOCK: tl.constexpr, TAB_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     t = tl.load(blk_ptr + 2 * pid)
     start = tl.load(blk_ptr + 2 * pid + 1)
     row = tab_ptr + t * TAB_W
@@ -160,7 +119,7 @@ def mgpo_reduce_kernel(
     tl.store(part + 2, tl.where(has_grad, s_mm, zero))
     tl.store(part + 3, tl.where(has_grad, zero, s_mm))
 
-    # last program to finish: partials -> sums, in a fixed order (deterministic), then reset the ticket.
+    # the last program to finish adds the partials in a fixed order (deterministic), then resets the ticket
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == n_blocks - 1:
@@ -178,12 +137,12 @@ def mgpo_reduce_kernel(
         tl.store(counter_ptr, 0)
 
 
-# ----------------------------------------------------------------------------------------------- scalar stage
+# ----------------------------------------------------------------------------------------------- update pass
 
 @triton.jit
 def _scalar_stage(sums_ptr, hyp_ptr, g_step_ptr, g_gbar_ptr, scale_ptr, found_inf_ptr, n_groups,
                   HYP_W: tl.constexpr):
-    """The reference backend's scalar_stage in float64: (c, skip, gbar_new, coef_new)."""
+    """The reference backend's scalar_stage, float64: (c, skip, gbar_new, coef_new)."""
     rho_s = tl.load(hyp_ptr + 0)
     ema = tl.load(hyp_ptr + 1)
     one_m_ema = tl.load(hyp_ptr + 2)
@@ -199,16 +158,16 @@ def _scalar_stage(sums_ptr, hyp_ptr, g_step_ptr, g_gbar_ptr, scale_ptr, found_in
     inv_scale = tl.full([], 1.0, tl.float64)
     if has_scale:
         inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float64)
-    raw_norm = tl.sqrt(s_gg) * inv_scale  # fp64 sqrt is IEEE-rounded
+    raw_norm = tl.sqrt(s_gg) * inv_scale  # float64 sqrt and division are IEEE-rounded
     clip = tl.full([], 1.0, tl.float64)
     if has_clip:
-        denom32 = raw_norm.to(tl.float32) + 1e-6
-        clip32 = tl.math.div_rn(1.0, denom32) * mgn  # torch: scalar / t is t.reciprocal() * scalar
-        clip32 = tl.where(clip32 > 1.0, 1.0, clip32)  # clamp(max=1), NaN stays NaN
-        clip = clip32.to(tl.float64)
+        # torch.nn.utils.clip_grad_norm_ in fp32: max / (norm + 1e-6), clamped to 1; and torch evaluates
+        # ``scalar / tensor`` as ``tensor.reciprocal() * scalar``
+        clip32 = tl.math.div_rn(1.0, raw_norm.to(tl.float32) + 1e-6) * mgn
+        clip = tl.where(clip32 > 1.0, 1.0, clip32).to(tl.float64)  # NaN stays NaN
     c = inv_scale * clip
     n_t = raw_norm * clip
-    skip = ~_isfinite(s_gg)
+    skip = (s_gg - s_gg) != 0.0  # not finite
     if has_found_inf:
         skip = skip | (tl.load(found_inf_ptr) > 0.0)
 
@@ -219,69 +178,120 @@ def _scalar_stage(sums_ptr, hyp_ptr, g_step_ptr, g_gbar_ptr, scale_ptr, found_in
     mm = tl.full([], 0.0, tl.float64)
     for k in range(0, n_groups):
         h = hyp_ptr + (1 + k) * HYP_W
-        b1sq = tl.load(h + 7)
-        k2 = tl.load(h + 8)
-        k3 = tl.load(h + 9)
-        gg = tl.load(sums_ptr + 4 * k + 0)
-        mg = tl.load(sums_ptr + 4 * k + 1)
-        m_g = tl.load(sums_ptr + 4 * k + 2)
-        m_ng = tl.load(sums_ptr + 4 * k + 3)
-        mm = mm + b1sq * m_g + k2 * c * mg + k3 * c * c * gg + m_ng
+        s = sums_ptr + 4 * k
+        mm = mm + tl.load(h + 7) * tl.load(s + 2) + tl.load(h + 8) * c * tl.load(s + 1) \
+            + tl.load(h + 9) * c * c * tl.load(s + 0) + tl.load(s + 3)
     mm = tl.where(mm < 0.0, 0.0, mm)
     m_norm = tl.sqrt(mm)
     denom = m_norm
     if adaptive:
         denom = m_norm * gbar_new
     coef = rho_s / denom
-    ok = _isfinite(coef) & (denom > 0.0)
+    ok = ((coef - coef) == 0.0) & (denom > 0.0)
     coef = tl.where(ok, coef, 0.0)
     return c, skip, gbar_new, coef
 
 
-# ----------------------------------------------------------------------------------------------- update pass
-
 @triton.jit
 def _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, mask,
                   c, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, FULL: tl.constexpr):
-    m = _load_f32(m_addr, offs, mask, FULL)
-    if code == 0:
-        theta = _load_f32(p_addr, offs, mask, FULL) - restore * m
+    if FULL:
+        p_addr = (p_addr >> 4) << 4
+        g_addr = (g_addr >> 4) << 4
+        m_addr = (m_addr >> 4) << 4
+        v_addr = (v_addr >> 4) << 4
+        ma_addr = (ma_addr >> 4) << 4
+    m_ptr = m_addr.to(tl.pointer_type(tl.float32)) + offs
+    v_ptr = v_addr.to(tl.pointer_type(tl.float32)) + offs
+    ma_ptr = ma_addr.to(tl.pointer_type(tl.float32)) + offs
+    p32_ptr = p_addr.to(tl.pointer_type(tl.float32)) + offs
+    if FULL:
+        m = tl.load(m_ptr)
     else:
-        theta = _load_f32(ma_addr, offs, mask, FULL)
+        m = tl.load(m_ptr, mask=mask, other=0.0)
+    if code == 0:  # fp32 parameter: theta = p - coef_old * m, in place
+        if FULL:
+            theta = tl.load(p32_ptr) - restore * m
+        else:
+            theta = tl.load(p32_ptr, mask=mask, other=0.0) - restore * m
+    else:  # bf16/fp16: the fp32 master copy holds theta
+        if FULL:
+            theta = tl.load(ma_ptr)
+        else:
+            theta = tl.load(ma_ptr, mask=mask, other=0.0)
     if has_grad:
-        v = _load_f32(v_addr, offs, mask, FULL)
-        gt = _load_lowp(g_addr, code, offs, mask, FULL) * c
+        # AdamW exactly as torch.optim.AdamW (and the reference backend), fp32, IEEE division and sqrt
+        if code == 0:
+            g_ptr = g_addr.to(tl.pointer_type(tl.float32)) + offs
+            if FULL:
+                g = tl.load(g_ptr)
+            else:
+                g = tl.load(g_ptr, mask=mask, other=0.0)
+        elif code == 1:
+            g_ptr = g_addr.to(tl.pointer_type(tl.uint16)) + offs
+            if FULL:
+                raw = tl.load(g_ptr)
+            else:
+                raw = tl.load(g_ptr, mask=mask, other=0)
+            g = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            g_ptr = g_addr.to(tl.pointer_type(tl.float16)) + offs
+            if FULL:
+                g = tl.load(g_ptr).to(tl.float32)
+            else:
+                g = tl.load(g_ptr, mask=mask, other=0.0).to(tl.float32)
+        if FULL:
+            v = tl.load(v_ptr)
+        else:
+            v = tl.load(v_ptr, mask=mask, other=0.0)
+        gt = g * c
         theta = theta * decay
         m = m * b1 + gt * omb1
         v = v * b2 + gt * gt * omb2
         denom = tl.math.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
         theta = theta - tl.math.div_rn(step_size * m, denom)
-        _store_f32(m_addr, offs, m, mask, FULL)
-        _store_f32(v_addr, offs, v, mask, FULL)
+        if FULL:
+            tl.store(m_ptr, m)
+            tl.store(v_ptr, v)
+        else:
+            tl.store(m_ptr, m, mask=mask)
+            tl.store(v_ptr, v, mask=mask)
         if code != 0:
-            _store_f32(ma_addr, offs, theta, mask, FULL)
-    _store_param(p_addr, code, offs, theta + apply * m, mask, FULL)
+            if FULL:
+                tl.store(ma_ptr, theta)
+            else:
+                tl.store(ma_ptr, theta, mask=mask)
+    # re-perturb: p = theta + coef_new * m (rounded to the parameter dtype)
+    new_p = theta + apply * m
+    if code == 0:
+        if FULL:
+            tl.store(p32_ptr, new_p)
+        else:
+            tl.store(p32_ptr, new_p, mask=mask)
+    elif code == 1:
+        u = new_p.to(tl.uint32, bitcast=True)
+        bits = tl.where(new_p != new_p, 0x7FC0, (u + (((u >> 16) & 1) + 0x7FFF)) >> 16).to(tl.uint16)
+        pb_ptr = p_addr.to(tl.pointer_type(tl.uint16)) + offs
+        if FULL:
+            tl.store(pb_ptr, bits)
+        else:
+            tl.store(pb_ptr, bits, mask=mask)
+    else:
+        ph_ptr = p_addr.to(tl.pointer_type(tl.float16)) + offs
+        if FULL:
+            tl.store(ph_ptr, new_p.to(tl.float16))
+        else:
+            tl.store(ph_ptr, new_p.to(tl.float16), mask=mask)
 
 
-@triton.jit
-def _pow_int(base, n):
-    """base ** n for an integer n >= 0 (< 2**31), by squaring, in the dtype of base."""
-    result = tl.full([], 1.0, base.dtype)
-    for i in range(0, 31):
-        bit = ((n >> i) & 1) != 0
-        result = tl.where(bit, result * base, result)
-        base = base * base
-    return result
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["n_blocks", "n_tensors", "n_groups", "iters"])
 def mgpo_update_kernel(
     tab_ptr, blk_ptr, grp_lr_ptr, hyp_ptr, sums_ptr,
     g_step_ptr, g_gbar_ptr, g_coef_ptr, g_skipped_ptr, scale_ptr, found_inf_ptr, counter_ptr,
     n_blocks, n_tensors, n_groups, iters,
     BLOCK: tl.constexpr, TBLOCK: tl.constexpr, TAB_W: tl.constexpr, HYP_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     c64, skip, gbar_new, coef_new64 = _scalar_stage(sums_ptr, hyp_ptr, g_step_ptr, g_gbar_ptr, scale_ptr,
                                                     found_inf_ptr, n_groups, HYP_W)
     coef_new = coef_new64.to(tl.float32)
@@ -320,11 +330,22 @@ def mgpo_update_kernel(
         omb2 = tl.load(h + 4).to(tl.float32)
         eps = tl.load(h + 5).to(tl.float32)
         wd = tl.load(h + 6).to(tl.float32)
-        # AdamW's scalars for this tensor, as torch computes them in fp32 (pow exactly rounded via fp64)
-        step_new = tl.load(st_addr.to(tl.pointer_type(tl.float32))) + 1.0
-        n_step = step_new.to(tl.int64)
-        bc1 = 1.0 - _pow_int(b1.to(tl.float64), n_step).to(tl.float32)
-        bc2 = 1.0 - _pow_int(b2.to(tl.float64), n_step).to(tl.float32)
+        # AdamW's per-tensor scalars as torch computes them in fp32; b**step by squaring in fp64 and rounded
+        # once, i.e. the correctly rounded fp32 pow
+        n = (tl.load(st_addr.to(tl.pointer_type(tl.float32))) + 1.0).to(tl.int64)
+        x1 = b1.to(tl.float64)
+        x2 = b2.to(tl.float64)
+        pw1 = tl.full([], 1.0, tl.float64)
+        pw2 = tl.full([], 1.0, tl.float64)
+        while n > 0:
+            odd = (n & 1) != 0
+            pw1 = tl.where(odd, pw1 * x1, pw1)
+            pw2 = tl.where(odd, pw2 * x2, pw2)
+            x1 = x1 * x1
+            x2 = x2 * x2
+            n = n >> 1
+        bc1 = 1.0 - pw1.to(tl.float32)
+        bc2 = 1.0 - pw2.to(tl.float32)
         step_size = tl.math.div_rn(lr, bc1)
         sqrt_bc2 = tl.sqrt_rn(bc2)
         decay = 1.0 - lr * wd
@@ -341,7 +362,7 @@ def mgpo_update_kernel(
                 _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, offs < end,
                               c, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, False)
 
-    # last program to finish: every program has read the old scalars and step counts; now write the new ones.
+    # the last program to finish writes the new scalars and step counts: every program has read the old ones
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == n_blocks - 1:

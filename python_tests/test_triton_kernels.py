@@ -1,0 +1,341 @@
+"""The triton backend's kernels against the reference backend, step by step (CPU: Triton interpreter).
+
+Shapes are small: under TRITON_INTERPRET=1 every program of a launch runs in numpy, one after the other.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (conftest does the same)
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mgpo_kernels import MGPO, available_backends  # noqa: E402
+from mgpo_kernels.backends import reference as ref_mod  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and "triton" in available_backends("cuda") else "cpu"
+pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
+                                reason="triton backend not usable here")
+
+if "triton" in available_backends(DEVICE):
+    from mgpo_kernels.backends import triton as tb  # noqa: E402
+    from mgpo_kernels.backends import triton_kernels as tk  # noqa: E402
+
+RAGGED = [(1,), (1, 1), (17,), (8, 30), (30, 8), (3, 5, 7), (1025,)]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
+    """|a - b| <= tol * max|b| elementwise (relative to the tensor's scale), NaN-free."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    scale = b.abs().max().clamp_min(1e-30)
+    return bool(torch.isfinite(a).all() and ((a - b).abs() <= tol * scale).all())
+
+
+def _params(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(device=DEVICE, dtype=dtype)) for s in shapes]
+
+
+def _pair(shapes, dtype=torch.float32, groups=None, **kw):
+    """Identical parameters for a reference and a triton optimizer."""
+    pa, pb = _params(shapes, dtype), _params(shapes, dtype)
+    if groups is not None:  # list of (indices, overrides)
+        ga = [dict(params=[pa[i] for i in idx], **o) for idx, o in groups]
+        gb = [dict(params=[pb[i] for i in idx], **o) for idx, o in groups]
+        return pa, pb, MGPO(ga, backend="reference", **kw), MGPO(gb, backend="triton", **kw)
+    return pa, pb, MGPO(pa, backend="reference", **kw), MGPO(pb, backend="triton", **kw)
+
+
+def _set_grads(ps_list, shapes, dtype, gen, active=None, scale=1.0):
+    grads = []
+    for i, s in enumerate(shapes):
+        if active is not None and not active[i]:
+            grads.append(None)
+        else:
+            grads.append((torch.randn(s, generator=gen) * scale).to(device=DEVICE, dtype=dtype))
+    for ps in ps_list:
+        for p, g in zip(ps, grads):
+            p.grad = None if g is None else g.clone()
+
+
+def _assert_same_state(pa, pb, oa, ob, tol=1e-6, param_tol=None, skipped=True):
+    param_tol = tol if param_tol is None else param_tol
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        assert _close(b, a, param_tol), f"param {i} differs: {(a.double() - b.double()).abs().max()}"
+        sa, sb = oa.state.get(a, {}), ob.state.get(b, {})
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if k == "step":
+                assert float(sa[k]) == float(sb[k]), f"step of param {i}"
+            else:
+                assert _close(sb[k], sa[k], tol), f"state {k} of param {i} differs"
+    for k in ("step", "gbar", "coef") + (("skipped",) if skipped else ()):
+        x, y = getattr(oa._gstate, k), getattr(ob._gstate, k)
+        assert _close(y, x, tol) if k in ("gbar", "coef") else float(x) == float(y), k
+
+
+CONFIGS = {
+    "defaults": dict(lr=1e-2, rho=0.5),
+    "wd_clip_minus": dict(lr=2e-2, rho=0.3, weight_decay=0.1, max_grad_norm=0.5, direction="-momentum"),
+    "no_adaptive": dict(lr=1e-2, rho=0.05, adaptive_norm=False, betas=(0.8, 0.99), ema_beta=0.8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS) + ["multi_block"])
+def test_fp32_matches_reference_every_step(name, monkeypatch):
+    shapes = RAGGED
+    if name == "multi_block":  # several inner iterations per program, full and ragged ones, 2 programs a tensor
+        monkeypatch.setattr(tb, "_TARGET_PROGRAMS", 1)
+        shapes = RAGGED + [(4100,)]
+    kw = CONFIGS.get(name, CONFIGS["wd_clip_minus"])
+    pa, pb, oa, ob = _pair(shapes, **kw)
+    if name == "multi_block":
+        assert tb._Entry([p.numel() for p in pb], [len(pb)], torch.device(DEVICE)).iters == 4
+    gen = torch.Generator().manual_seed(1)
+    for t in range(5):
+        # some tensors without a gradient in some steps: they keep their share of the perturbation
+        active = [not (t in (2, 3) and i % 3 == 1) for i in range(len(shapes))]
+        _set_grads([pa, pb], shapes, torch.float32, gen, active)
+        if t == 3:
+            oa.eval(), ob.eval()  # a step in eval mode
+        oa.step(), ob.step()
+        if t == 3:
+            oa.train(), ob.train()
+        _assert_same_state(pa, pb, oa, ob)
+
+
+def test_param_groups_lr_tensor_and_hook():
+    shapes = [(5,), (7, 3), (1,), (40,)]
+    groups = [([0, 1], dict(lr=torch.tensor(3e-2), weight_decay=0.05)), ([2, 3], dict(lr=1e-2, betas=(0.5, 0.9)))]
+    pa, pb, oa, ob = _pair(shapes, groups=groups, rho=0.2)
+    seen = []
+
+    def hook(sums):  # FSDP would all-reduce; here: check the layout and scale it like 2 identical ranks
+        seen.append(sums.clone())
+        sums.mul_(2.0)
+
+    gen = torch.Generator().manual_seed(2)
+    for t in range(3):
+        _set_grads([pa, pb], shapes, torch.float32, gen)
+        want = ref_mod.reduce_sums(oa._groups(with_grads=True), torch.device(DEVICE))
+        oa._reduce_hook = ob._reduce_hook = lambda: hook
+        oa.step()
+        ob.step()
+        assert seen[-1].shape == (8,) and seen[-1].dtype == torch.float64
+        torch.testing.assert_close(seen[-1], want, rtol=1e-12, atol=0)
+        _assert_same_state(pa, pb, oa, ob)
+    oa.param_groups[0]["lr"].fill_(1e-3)  # an lr tensor changed in place is seen by the kernel
+    ob.param_groups[0]["lr"].fill_(1e-3)
+    _set_grads([pa, pb], shapes, torch.float32, gen)
+    oa.step(), ob.step()
+    _assert_same_state(pa, pb, oa, ob)
+
+
+def test_views_with_storage_offsets_and_non_contiguous():
+    # parameters and gradients are views at odd offsets into larger buffers (unaligned addresses) and a
+    # transposed (non-contiguous) parameter
+    def make():
+        gen = torch.Generator().manual_seed(3)
+        buf = torch.randn(2000, generator=gen).to(DEVICE)
+        views = [buf[1:2], buf[3:20], buf[21:261].view(8, 30), buf[300:1325]]
+        t = torch.randn(9, 4, generator=gen).to(DEVICE).t()
+        return [torch.nn.Parameter(v) for v in views] + [torch.nn.Parameter(t)]
+
+    pa, pb = make(), make()
+    assert pa[1].data_ptr() % 16 != 0 and not pa[4].is_contiguous()
+    oa, ob = MGPO(pa, lr=1e-2, rho=0.4, backend="reference"), MGPO(pb, lr=1e-2, rho=0.4, backend="triton")
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        gbuf = torch.randn(2100, generator=gen).to(DEVICE)
+        grads = [gbuf[5:6], gbuf[7:24], gbuf[31:271].view(8, 30), gbuf[1001:2026],
+                 torch.randn(9, 4, generator=gen).to(DEVICE).t()]
+        for ps in (pa, pb):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone() if g.is_contiguous() else g.clone().t().contiguous().t()
+        oa.step(), ob.step()
+        _assert_same_state(pa, pb, oa, ob)
+
+
+def test_many_tiny_tensors():
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(int(n),) for n in torch.randint(1, 6, (600,), generator=gen)] + [(3000,), (1,), (2049,)]
+    pa, pb, oa, ob = _pair(shapes, lr=1e-2, rho=0.3)
+    for t in range(2):
+        _set_grads([pa, pb], shapes, torch.float32, gen, [i % 7 != 3 or t == 0 for i in range(len(shapes))])
+        oa.step(), ob.step()
+        _assert_same_state(pa, pb, oa, ob)
+    entry = next(reversed(tb._CACHE.values()))
+    assert entry.n_tensors == len(shapes) and entry.n_blocks == len(shapes) + 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_with_master(dtype):
+    pa, pb, oa, ob = _pair(RAGGED, dtype=dtype, lr=1e-2, rho=0.5, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(6)
+    for t in range(4):
+        _set_grads([pa, pb], RAGGED, dtype, gen, [not (t == 2 and i == 3) for i in range(len(RAGGED))])
+        oa.step(), ob.step()
+        # masters and moments to fp32 precision; the parameter is the rounded master + eps (1 ulp of dtype)
+        _assert_same_state(pa, pb, oa, ob, tol=1e-6, param_tol=1e-2)
+        for b in pb:
+            st = ob.state[b]
+            want = (st["master_param"] + ob._gstate.coef * st["exp_avg"]).to(dtype)
+            assert torch.equal(b.detach(), want)
+
+
+def test_mixed_dtypes_in_one_launch_per_pass(monkeypatch):
+    shapes = [(17,), (8, 30), (3, 5, 7), (1,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32]
+
+    def make():
+        return [torch.nn.Parameter(p.to(dt)) for p, dt in zip(_params(shapes), dtypes)]
+
+    pa, pb = make(), make()
+    oa, ob = MGPO(pa, lr=1e-2, rho=0.3, backend="reference"), MGPO(pb, lr=1e-2, rho=0.3, backend="triton")
+    launches = []
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if DEVICE == "cpu":
+        orig = InterpretedFunction.run
+
+        def counting(self, *a, **k):
+            launches.append(self.fn.__name__)
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(InterpretedFunction, "run", counting)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen).to(DEVICE, dt) for s, dt in zip(shapes, dtypes)]
+        for ps in (pa, pb):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        launches.clear()
+        oa.step(), ob.step()
+        if DEVICE == "cpu":
+            assert launches == ["mgpo_reduce_kernel", "mgpo_update_kernel"]
+        _assert_same_state(pa, pb, oa, ob, param_tol=1e-2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_everything(bad):
+    pa, pb, oa, ob = _pair(RAGGED, lr=1e-2, rho=0.5)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(2):
+        _set_grads([pa, pb], RAGGED, torch.float32, gen)
+        oa.step(), ob.step()
+    before = [p.detach().clone() for p in pb]
+    st_before = {id(p): {k: v.clone() for k, v in ob.state[p].items()} for p in pb}
+    g_before = {k: v.clone() for k, v in ob._gstate.tensors().items()}
+    _set_grads([pa, pb], RAGGED, torch.float32, gen)
+    pb[3].grad[2, 5] = bad
+    ob.step()
+    assert ob.skipped_steps == 1
+    for p, b in zip(pb, before):
+        assert torch.equal(p.detach(), b)
+        for k, v in ob.state[p].items():
+            assert torch.equal(v, st_before[id(p)][k]), k
+    for k, v in ob._gstate.tensors().items():
+        if k != "skipped":
+            assert torch.equal(v, g_before[k]), k
+    # the next good step continues exactly like the reference, which never saw the bad step
+    _set_grads([pa, pb], RAGGED, torch.float32, gen)
+    oa.step(), ob.step()
+    ob._gstate.skipped.zero_()
+    _assert_same_state(pa, pb, oa, ob)
+
+
+def test_grad_scale_and_found_inf():
+    pa, pb, oa, ob = _pair(RAGGED, lr=1e-2, rho=0.5, max_grad_norm=2.0)
+    for t in range(4):
+        _set_grads([pa], RAGGED, torch.float32, torch.Generator().manual_seed(100 + t))
+        _set_grads([pb], RAGGED, torch.float32, torch.Generator().manual_seed(100 + t), scale=1024.0)
+        ob.grad_scale = torch.tensor(1024.0, device=DEVICE)
+        ob.found_inf = torch.tensor(1.0 if t == 2 else 0.0, device=DEVICE)
+        if t != 2:
+            oa.step()
+        ob.step()
+        del ob.grad_scale, ob.found_inf
+        assert ob.skipped_steps == (1 if t >= 2 else 0)
+        if t != 2:
+            _assert_same_state(pa, pb, oa, ob, tol=2e-6, skipped=False)
+
+
+def test_tables_cached_and_rebuilt_when_grads_are_recreated():
+    pa, pb, oa, ob = _pair(RAGGED, lr=1e-2, rho=0.5)
+    gen = torch.Generator().manual_seed(10)
+    _set_grads([pa, pb], RAGGED, torch.float32, gen)
+    oa.step(), ob.step()
+    entry = tb._CACHE[next(k for k, e in tb._CACHE.items() if e.n_tensors == len(RAGGED) and e.tab is not None
+                            and e.addr_key[0][0] == pb[0].grad.data_ptr())]
+    tab = entry.tab
+    oa.step(), ob.step()  # same gradient tensors: no rebuild
+    assert entry.tab is tab
+    _assert_same_state(pa, pb, oa, ob)
+    keep = [p.grad for p in pb]  # keep the old storage alive so the new grads get new addresses
+    ob.zero_grad(set_to_none=True)
+    oa.zero_grad(set_to_none=True)
+    _set_grads([pa, pb], RAGGED, torch.float32, gen)
+    assert all(p.grad.data_ptr() != k.data_ptr() for p, k in zip(pb, keep))
+    oa.step(), ob.step()
+    assert entry.tab is not tab  # rebuilt: the kernels read the new gradients
+    _assert_same_state(pa, pb, oa, ob)
+
+
+def test_bit_identical_run_to_run(monkeypatch):
+    monkeypatch.setattr(tb, "_TARGET_PROGRAMS", 1)
+    shapes = RAGGED + [(4100,), (2, 2)]
+
+    def run():
+        ps = _params(shapes)
+        opt = MGPO(ps, lr=1e-2, rho=0.7, backend="triton")
+        sums = []
+        opt._reduce_hook = lambda: (lambda s: sums.append(s.clone()))
+        gen = torch.Generator().manual_seed(11)
+        for _ in range(3):
+            _set_grads([ps], shapes, torch.float32, gen)
+            opt.step()
+        return [p.detach().clone() for p in ps] + [opt.state[p]["exp_avg_sq"] for p in ps] + sums
+
+    a, b = run(), run()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_compiled_step_sees_the_custom_ops():
+    pa, pb, oa, ob = _pair([(5,), (3, 4)], lr=1e-2, rho=0.3)
+    gen = torch.Generator().manual_seed(12)
+    _set_grads([pa, pb], [(5,), (3, 4)], torch.float32, gen)
+    oa.step()
+    groups, gstate, cfg = ob._groups(with_grads=True), ob._global_state(), ob._config()
+    backend = ob._backend
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    @torch.compile(backend=capture, fullgraph=True)
+    def compiled_step(groups, gstate):
+        backend.step(groups, gstate, cfg)
+
+    compiled_step(groups, gstate)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("triton_reduce" in t for t in targets) and any("triton_update" in t for t in targets), targets
+    _assert_same_state(pa, pb, oa, ob)
+
+
+def test_availability_and_priority():
+    assert tb.TritonBackend.priority(torch.device("cpu")) < 0
+    assert tb.TritonBackend.priority(torch.device("cuda")) == 10
+    assert "triton" in available_backends(DEVICE)
+    assert MGPO([torch.nn.Parameter(torch.randn(3))]).backend != "triton"
+    # without the interpreter, triton is not usable on the CPU, and says why
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    code = ("from mgpo_kernels.backends import unavailable_reason as u; import triton; print(u('triton', 'cpu'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
