@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--no-chart", action="store_true", help="do not write the PNG chart")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (per row process in table3). Default on a CPU device: 1, so that "
+                             "other load on a shared machine cannot stall OpenMP's barriers (seen: 10x slower "
+                             "steps with 2 threads on a busy 2-core machine); on CUDA: torch's default")
 
     sp = sub.add_parser("step", help="optimizer-step benchmark on LLaMA-2-7B LoRA tensors")
     step.add_arguments(sp)
@@ -43,6 +47,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads is None and args.device in ("cpu", "auto"):
+        import torch
+
+        if args.device == "cpu" or not torch.cuda.is_available():
+            args.threads = 1
     if args.cmd == "step":
         from . import step
 

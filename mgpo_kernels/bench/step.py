@@ -156,33 +156,42 @@ class NaiveMGPO(Method):
         return super().state_tensors() + ([self.gbar] if self.gbar is not None else [])
 
 
+def method_factories(backends: List[str]) -> Dict[str, Callable[[List[Tensor]], Method]]:
+    """Row key -> constructor taking the parameters, in table order."""
+    f: Dict[str, Callable[[List[Tensor]], Method]] = {
+        "adamw-foreach": lambda p: TorchAdamW(p, "foreach"),
+        "adamw-fused": lambda p: TorchAdamW(p, "fused"),
+        "clip+adamw-fused": lambda p: TorchAdamW(p, "fused", clip=True),
+    }
+    for b in backends:
+        f[f"mgpo-{b}"] = lambda p, b=b: OurMGPO(p, b, clip=False)
+        f[f"mgpo-{b}+clip"] = lambda p, b=b: OurMGPO(p, b, clip=True)
+    f["naive-mgpo"] = lambda p: NaiveMGPO(p, clip=False)
+    f["naive-mgpo+clip"] = lambda p: NaiveMGPO(p, clip=True)
+    return f
+
+
+def make_params(shapes, device, gen: torch.Generator, grads: List[Tensor]) -> List[Tensor]:
+    """Random fp32 LoRA tensors (never zeros) on ``device`` (``gen``'s device) whose ``.grad`` are ``grads``."""
+    params = []
+    for s, g in zip(shapes, grads):
+        p = torch.randn(s, generator=gen, device=device).mul_(0.02).requires_grad_(True)
+        p.grad = g  # shared, refilled before every step
+        params.append(p)
+    return params
+
+
 def build_methods(shapes, device, backends: List[str], include: Optional[List[str]], seed: int,
                   grads: List[Tensor]) -> List[Method]:
-    specs: List[Tuple[str, Callable[[List[Tensor]], Method]]] = [
-        ("adamw-foreach", lambda p: TorchAdamW(p, "foreach")),
-        ("adamw-fused", lambda p: TorchAdamW(p, "fused")),
-        ("clip+adamw-fused", lambda p: TorchAdamW(p, "fused", clip=True)),
-    ]
-    for b in backends:
-        specs.append((f"mgpo-{b}", lambda p, b=b: OurMGPO(p, b, clip=False)))
-        specs.append((f"mgpo-{b}+clip", lambda p, b=b: OurMGPO(p, b, clip=True)))
-    specs.append(("naive-mgpo", lambda p: NaiveMGPO(p, clip=False)))
-    specs.append(("naive-mgpo+clip", lambda p: NaiveMGPO(p, clip=True)))
+    factories = method_factories(backends)
+    keys = list(factories)
     if include:
-        unknown = [k for k in include if k not in {s for s, _ in specs}]
+        unknown = [k for k in include if k not in factories]
         if unknown:
-            raise SystemExit(f"--methods: unknown {unknown}; valid here: {[s for s, _ in specs]}")
-        specs = [s for s in specs if s[0] in include or s[0] == "adamw-fused"]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    methods = []
-    for _, make in specs:
-        params = []
-        for s, g in zip(shapes, grads):
-            p = (torch.randn(s, generator=gen) * 0.02).to(device).requires_grad_(True)
-            p.grad = g  # shared, refilled before every step
-            params.append(p)
-        methods.append(make(params))
-    return methods
+            raise SystemExit(f"--methods: unknown {unknown}; valid here: {keys}")
+        keys = [k for k in keys if k in include or k == "adamw-fused"]
+    gen = torch.Generator(device=device).manual_seed(seed + 12345)
+    return [factories[k](make_params(shapes, device, gen, grads)) for k in keys]
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -335,9 +344,13 @@ def run_rank(rank: int, layers: int, device: torch.device, backends: List[str], 
         bytes_moved = m.passes * 4 * n
         gbs = bytes_moved / (s["median_ms"] / 1e3) / 1e9
         mem = measure_memory(m, device, n, grads, gen)
+        # methods ran round by round: the ratio within each round cancels the machine's drift
+        paired = [a / b for a, b in zip(timer.times[m.key], timer.times[ref_key])]
         rows.append({
             "key": m.key, "method": m.name, "rank": rank, "layers": layers, "params": n, "tensors": len(shapes),
-            **s, "ratio_to_fused_adamw": s["median_ms"] / ref_ms, "passes": m.passes, "bytes": bytes_moved,
+            **s, "ratio_to_fused_adamw": C.percentile(paired, 50), "ratio_p20": C.percentile(paired, 20),
+            "ratio_p80": C.percentile(paired, 80), "ratio_of_medians": s["median_ms"] / ref_ms,
+            "passes": m.passes, "bytes": bytes_moved,
             "GBps": gbs, "frac_copy_bw": gbs / copy_gbs, **mem,
             "launches_per_step": count_launches(m, device, grads, gen),
             "host_syncs_per_step": count_syncs(m, device, grads, gen),
@@ -380,7 +393,8 @@ def markdown_rank(res: Dict, device: torch.device) -> str:
 
 
 NOTES = """
-Reading the columns: *passes* is the fewest fp32 passes over the parameters' size each method must make
+Reading the columns: *× fused AdamW* is the median over rounds of the method's step time over torch fused
+AdamW's in the same round; *passes* is the fewest fp32 passes over the parameters' size each method must make
 (AdamW reads p, g, m, v and writes p, m, v = 7; the clip adds a read of g = 8; MGPO adds a reduce pass over g and m
 before the update = 9, and the clip costs it nothing more); GB/s = passes × 4 B × parameters / median time;
 % copy BW = that over the device-to-device copy bandwidth measured in the same rounds. *extra state* is the bytes
@@ -455,6 +469,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> Dict:
     device = C.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     layers = args.layers or (N_LAYERS if device.type == "cuda" else 4)
     reps = args.reps or (50 if device.type == "cuda" else 15)
@@ -474,11 +490,20 @@ def run(args) -> Dict:
         "results": [],
     }
     for r in args.ranks:
-        payload["results"].append(run_rank(r, layers, device, backends, reps, args.warmup, args.methods,
-                                           args.seed, flush_mb, progress=not args.no_progress))
+        try:
+            payload["results"].append(run_rank(r, layers, device, backends, reps, args.warmup, args.methods,
+                                               args.seed, flush_mb, progress=not args.no_progress))
+        except KeyboardInterrupt:  # e.g. a time limit: keep the ranks already measured
+            payload["interrupted"] = f"interrupted during r={r}"
+            print(f"\n[mgpo-bench] interrupted during r={r}; writing the ranks done", file=C.sys.stderr)
+            break
+    if not payload["results"]:
+        raise SystemExit("no rank finished")
     payload["loadavg_at_end"] = [round(x, 2) for x in C.os.getloadavg()]
     mem_how = payload["results"][0]["rows"][0]["memory_method"]
     md = C.header_md(f"MGPO optimizer-step benchmark ({device})", payload)
+    if payload.get("interrupted"):
+        md += f"**Partial results: {payload['interrupted']}.**\n\n"
     md += "\n".join(markdown_rank(res, device) for res in payload["results"])
     md += NOTES.format(mem=mem_how, std=GRAD_STD, flush=flush_mb)
     name = args.name or ("step-r" + "-".join(map(str, args.ranks)) + ("" if layers == N_LAYERS else f"-L{layers}"))

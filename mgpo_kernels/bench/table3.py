@@ -260,6 +260,9 @@ class _Proc:
             return ""
 
     def close(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         try:
             if self.p.poll() is None:
                 self.p.stdin.write("exit\n")
@@ -290,6 +293,8 @@ def _worker_env() -> Dict[str, str]:
 def run_rank(rank: int, cfg: Dict[str, Any], rows: List[Dict[str, str]], device: torch.device, args,
              progress: bool) -> List[Dict[str, Any]]:
     env = _worker_env()
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     specs = []
     for r in rows:
         kind = "mgpo" if r["key"].startswith("mgpo-") else r["key"]
@@ -316,54 +321,68 @@ def run_rank(rank: int, cfg: Dict[str, Any], rows: List[Dict[str, str]], device:
 
     steps = cfg["steps"]
     bar = C.tqdm(total=len(rows) * (steps + 1), desc=f"table3 r={rank}", disable=not progress)
-    if device.type == "cpu":
-        # all rows alive at once, steps interleaved round-robin (a fresh random order each round)
-        procs = [_Proc(sp, env) for sp in specs]
-        live = []
-        for p in procs:
-            try:
-                results[p.spec["key"]].update(p.recv())
-                live.append(p)
-            except Exception as e:
-                fail(p, e)
-            bar.update(1)
-        rng = random.Random(args.seed)
-        for _ in range(steps):
-            order = list(live)
-            rng.shuffle(order)
-            for p in order:
-                if p.error is None:
-                    try:
-                        record(p, p.ask("step"))
-                    except Exception as e:
-                        fail(p, e)
-                bar.update(1)
-        for p in live:
-            if p.error is None:
+    procs: List[_Proc] = []
+    interrupted = False
+    try:
+        if device.type == "cpu":
+            # all rows alive at once, steps interleaved round-robin (a fresh random order each round)
+            procs = [_Proc(sp, env) for sp in specs]
+            live = []
+            for p in procs:
                 try:
-                    results[p.spec["key"]].update(p.ask("memory"))
-                    if not args.no_live:
-                        results[p.spec["key"]].update(p.ask("live"))
+                    results[p.spec["key"]].update(p.recv())
+                    live.append(p)
                 except Exception as e:
                     fail(p, e)
+                bar.update(1)
+            rng = random.Random(args.seed)
+            for _ in range(steps):
+                order = list(live)
+                rng.shuffle(order)
+                for p in order:
+                    if p.error is None:
+                        try:
+                            record(p, p.ask("step"))
+                        except Exception as e:
+                            fail(p, e)
+                    bar.update(1)
+            for p in live:
+                if p.error is None:
+                    try:
+                        results[p.spec["key"]].update(p.ask("memory"))
+                        if not args.no_live:
+                            results[p.spec["key"]].update(p.ask("live"))
+                    except Exception as e:
+                        fail(p, e)
+        else:
+            for sp in specs:  # one row at a time: a GPU holds one 7B training run comfortably, not five
+                p = _Proc(sp, env)
+                procs = [p]
+                try:
+                    results[sp["key"]].update(p.recv())
+                    bar.update(1)
+                    for _ in range(steps):
+                        record(p, p.ask("step"))
+                        bar.update(1)
+                    results[sp["key"]].update(p.ask("memory"))
+                except Exception as e:
+                    fail(p, e)
+                finally:
+                    p.close()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # e.g. a time limit: keep the rows already measured
+        interrupted = True
+        print(f"\n[mgpo-bench] interrupted during r={rank}; writing the rows done", file=sys.stderr)
+        for p in procs:
+            if p.p.poll() is None:
+                p.p.kill()
+    finally:
         for p in procs:
             p.close()
-    else:
-        for sp in specs:  # one row at a time: a GPU holds one 7B training run comfortably, not five
-            p = _Proc(sp, env)
-            try:
-                results[sp["key"]].update(p.recv())
-                bar.update(1)
-                for _ in range(steps):
-                    record(p, p.ask("step"))
-                    bar.update(1)
-                results[sp["key"]].update(p.ask("memory"))
-            except Exception as e:
-                fail(p, e)
-            finally:
-                p.close()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for r in results.values():
+        if interrupted and not r.get("peak_rss"):
+            r.setdefault("error", "interrupted")
     bar.close()
     out = []
     for r in rows:
@@ -387,7 +406,13 @@ def add_ratios(rows: List[Dict[str, Any]], device: torch.device, preset: str, cf
     for r in rows:
         if base is None or "median_ms" not in r:
             continue
-        r["time_ratio"] = r["median_ms"] / base["median_ms"]
+        r["time_ratio_of_medians"] = r["median_ms"] / base["median_ms"]
+        r["time_ratio"] = r["time_ratio_of_medians"]
+        if device.type == "cpu" and len(r["times"]) == len(base["times"]):
+            # steps were interleaved round by round: the ratio within each round cancels the machine's drift
+            paired = [a / b for a, b in zip(r["times"], base["times"])]
+            r["time_ratio"] = C.percentile(paired, 50)
+            r["time_ratio_p20"], r["time_ratio_p80"] = C.percentile(paired, 20), C.percentile(paired, 80)
         if r.get(mk) and base.get(mk):
             r["mem_ratio"] = r[mk] / base[mk]
         if r.get("peak_rss") and base.get("peak_rss"):
@@ -416,13 +441,18 @@ def markdown_rank(rank: int, rows: List[Dict[str, Any]], device: torch.device) -
     mk = _mem_key(device)
     for r in rows:
         if "median_ms" not in r:
-            body.append([r["method"]] + ["failed"] + [None] * (len(headers) - 2))
+            err = str(r.get("error", "failed")).splitlines()[0]
+            body.append([r["method"], "interrupted" if err == "interrupted" else f"failed: {err[:60]}"]
+                        + [None] * (len(headers) - 2))
             continue
         row = [r["method"], f"{r['params'] / 1e6:.2f}M", C.fmt_bytes(r.get(mk)), C.fmt(r.get("mem_ratio"), 3)]
         if not cuda:
             row += [C.fmt_bytes(r.get("peak_rss")), C.fmt(r.get("rss_ratio"), 3)]
+        ratio = C.fmt(r.get("time_ratio"), 3)
+        if r.get("time_ratio_p20") is not None and r["key"] != "lora":
+            ratio += f" ({r['time_ratio_p20']:.3f}–{r['time_ratio_p80']:.3f})"
         row += [f"{r['median_ms'] / 1e3:.3f} s", f"{r['p20_ms'] / 1e3:.3f}–{r['p80_ms'] / 1e3:.3f}",
-                C.fmt(r.get("time_ratio"), 3), f"{r['fwd_bwd_median_ms'] / 1e3:.3f} s",
+                ratio, f"{r['fwd_bwd_median_ms'] / 1e3:.3f} s",
                 f"{r['opt_median_ms']:.1f} ms", C.fmt(r.get("host_syncs_per_step"), 0),
                 _hm(r.get("projected_epoch_s"))]
         body.append(row)
@@ -446,7 +476,7 @@ LlamaForCausalLM ({shape}) with `peft` LoRA (alpha {alpha}, all linear layers, f
 micro-batch {mb} × {accum} accumulation, seq {seq}, cosine schedule with {wr:.0%} warm-up, clip to {mgn}; {steps}
 timed optimizer steps per row after {warmup} untimed. *Time / step* is the median wall time of a whole optimizer
 step (all micro-batches, clip, optimizer, scheduler; one `.item()` of the loss per step in every row); *fwd+bwd*
-and *clip+opt* split it. {memhow} *host syncs / step* counts the `.item()` calls of the loop and the authors'
+and *clip+opt* split it. {ratiohow} {memhow} *host syncs / step* counts the `.item()` calls of the loop and the authors'
 procedure (2 per LoRA layer per micro-batch); MGPO's step itself has none. {interleave}
 """
 
@@ -504,13 +534,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", nargs="*", default=None, help="our MGPO backends to run (default: all usable)")
     p.add_argument("--rows", nargs="*", default=None,
                    help="only these rows (lora, authors, mgpo-<backend>); lora is always kept as the reference")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per row process (CPU)")
     p.add_argument("--no-live", action="store_true", help="CPU: skip the instrumented step (peak live tensors)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
 def run(args) -> Dict[str, Any]:
     device = C.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = dict(PRESETS[args.preset])
     for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "seq", "micro_batch", "accum",
               "ranks", "steps", "warmup", "base_dtype"):
@@ -542,9 +573,18 @@ def run(args) -> Dict[str, Any]:
         "paper_table3": PAPER_TABLE3, "results": [],
     }
     for rank in cfg["ranks"]:
-        res = run_rank(rank, cfg, rows, device, args, progress=not args.no_progress)
+        try:
+            res = run_rank(rank, cfg, rows, device, args, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            payload["interrupted"] = f"interrupted during r={rank}"
+            break
         add_ratios(res, device, args.preset, cfg)
         payload["results"].append({"rank": rank, "rows": res})
+        if any(r.get("error") == "interrupted" for r in res):
+            payload["interrupted"] = f"interrupted during r={rank}"
+            break
+    if not payload["results"]:
+        raise SystemExit("no rank finished")
     payload["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     shape = (f"hidden {cfg['hidden']}, MLP {cfg['intermediate']}, {cfg['layers']} layers, {cfg['heads']} heads, "
@@ -553,6 +593,7 @@ def run(args) -> Dict[str, Any]:
         memhow = ("*Peak memory* is `torch.cuda.max_memory_allocated` over the row's steps (model, adapters, "
                   "optimizer state, activations; the allocator's cache is not counted).")
         inter = "Rows run one after another on the GPU."
+        ratiohow = "Time *× LoRA* is the ratio of the medians."
     else:
         memhow = ("*Peak memory (live tensors)* is the peak of live tensor bytes over one instrumented step: the "
                   "bytes of every tensor reachable by Python's gc at the step boundary plus the running sum of "
@@ -560,13 +601,17 @@ def run(args) -> Dict[str, Any]:
                   "during the step (so C++ extension ops count too). *Peak RSS* is the process's `ru_maxrss` "
                   "over the timed steps (it includes the Python/torch libraries, the same in every row, and "
                   "glibc's cached free memory).")
+        ratiohow = ("Time *× LoRA* is the median (p20–p80) over rounds of the step's time over the LoRA row's "
+                    "step in the same round.")
         inter = ("All rows' processes are alive together and their steps are interleaved round-robin, one "
                  "process running at a time, so drift of the shared machine hits all rows alike.")
     md = C.header_md(f"LoRA vs LoRA-MGPO end to end ({args.preset} preset, {device})", payload)
+    if payload.get("interrupted"):
+        md += f"**Partial results: {payload['interrupted']}.**\n\n"
     md += "\n".join(markdown_rank(r["rank"], r["rows"], device) for r in payload["results"])
     md += NOTES.format(shape=shape, alpha=args.lora_alpha, mb=cfg["micro_batch"], accum=cfg["accum"],
                        seq=cfg["seq"], wr=WARMUP_RATIO, mgn=args.max_grad_norm, steps=cfg["steps"],
-                       warmup=cfg["warmup"], memhow=memhow, interleave=inter)
+                       warmup=cfg["warmup"], memhow=memhow, interleave=inter, ratiohow=ratiohow)
     if args.preset == "llama2-7b":
         md += (f"*Projected epoch* = median step time × {math.ceil(WIZARDLM_SAMPLES / (cfg['micro_batch'] * cfg['accum']))}"
                f" steps ({WIZARDLM_SAMPLES} samples / effective batch {cfg['micro_batch'] * cfg['accum']}), every "
