@@ -15,7 +15,7 @@ This module is named ``triton`` inside the package; ``import triton`` below is t
 from __future__ import annotations
 
 import collections
-import math
+import operator
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -101,6 +101,9 @@ class _Entry:
         self.hyp: Optional[Tensor] = None
 
 
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_dtype = operator.attrgetter("dtype")
 _CACHE: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
 
 
@@ -125,10 +128,11 @@ class _Prepared:
 def _prepare(groups: List[GroupTensors], device: torch.device) -> _Prepared:
     """The cached device tables for these tensors, rebuilt only where an address, size or dtype changed."""
     params = [p for g in groups for p in g.params]
-    key = tuple((p.data_ptr(), p.numel(), p.dtype) for p in params)
+    sizes = tuple(len(g.params) for g in groups)
+    key = (tuple(map(_data_ptr, params)), tuple(map(_numel, params)), tuple(map(_dtype, params)), sizes, device)
     entry = _CACHE.get(key)
     if entry is None:
-        entry = _Entry([p.numel() for p in params], [len(g.params) for g in groups], device)
+        entry = _Entry(key[1], sizes, device)
         _CACHE[key] = entry
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -138,11 +142,12 @@ def _prepare(groups: List[GroupTensors], device: torch.device) -> _Prepared:
     # the addresses that may change between steps (grads, state, lr tensors)
     addr_key = []
     for g in groups:
-        for gr, m, v, ma, st in zip(g.grads, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps):
-            addr_key.append((0 if gr is None else gr.data_ptr(), m.data_ptr(), v.data_ptr(),
-                             0 if ma is None else ma.data_ptr(), st.data_ptr()))
-        lr = g.lr
-        addr_key.append(lr.data_ptr() if isinstance(lr, Tensor) else None)
+        addr_key += [0 if x is None else x.data_ptr() for x in g.grads]
+        addr_key += map(_data_ptr, g.exp_avgs)
+        addr_key += map(_data_ptr, g.exp_avg_sqs)
+        addr_key += [0 if x is None else x.data_ptr() for x in g.masters]
+        addr_key += map(_data_ptr, g.steps)
+        addr_key.append(g.lr.data_ptr() if isinstance(g.lr, Tensor) else -1)
     writeback: List[Tuple[Optional[Tensor], Tensor]] = []
     if entry.needs_copy or addr_key != entry.addr_key:
         _build_tensor_table(entry, groups, writeback)
@@ -260,8 +265,12 @@ def _update(prep: _Prepared, groups: List[GroupTensors], gstate: GlobalState, cf
 # therefore sees the two passes as opaque custom ops that declare every tensor they read and write (so
 # functionalization orders them correctly against the surrounding graph), and builds the tables when they run.
 
-def _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, steps, group_sizes, lr_tensors, lr_floats,
-                      beta1s, beta2s, epss, wds) -> List[GroupTensors]:
+def _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, master_idx, steps, group_sizes, lr_tensors,
+                      lr_floats, beta1s, beta2s, epss, wds) -> List[GroupTensors]:
+    full: List[Optional[Tensor]] = [None] * len(params)
+    for j, mst in zip(master_idx, masters):
+        full[j] = mst
+    masters = full
     out, i = [], 0
     for k, n in enumerate(group_sizes):
         sl = slice(i, i + n)
@@ -276,7 +285,9 @@ def _flat_from_groups(groups: List[GroupTensors]) -> tuple:
     return (
         [p for g in groups for p in g.params], [x for g in groups for x in g.grads],
         [x for g in groups for x in g.exp_avgs], [x for g in groups for x in g.exp_avg_sqs],
-        [x for g in groups for x in g.masters], [x for g in groups for x in g.steps],
+        [x for g in groups for x in g.masters if x is not None],
+        [j for j, x in enumerate(x for g in groups for x in g.masters) if x is not None],
+        [x for g in groups for x in g.steps],
         [len(g.params) for g in groups],
         [g.lr if isinstance(g.lr, Tensor) else None for g in groups],
         [0.0 if isinstance(g.lr, Tensor) else float(g.lr) for g in groups],
@@ -296,17 +307,17 @@ def _register_ops() -> None:
     @torch.library.custom_op("mgpo_kernels::triton_reduce", mutates_args=())
     def _reduce_op(
         params: List[Tensor], grads: List[Optional[Tensor]], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-        masters: List[Optional[Tensor]], steps: List[Tensor], group_sizes: List[int],
+        masters: List[Tensor], master_idx: List[int], steps: List[Tensor], group_sizes: List[int],
         lr_tensors: List[Optional[Tensor]], lr_floats: List[float], beta1s: List[float], beta2s: List[float],
         epss: List[float], wds: List[float],
     ) -> Tensor:
-        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, steps, group_sizes, lr_tensors,
-                                   lr_floats, beta1s, beta2s, epss, wds)
+        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, master_idx, steps, group_sizes,
+                                   lr_tensors, lr_floats, beta1s, beta2s, epss, wds)
         sums, _ = _reduce(groups, params[0].device)
         return sums
 
     @_reduce_op.register_fake
-    def _(params, grads, exp_avgs, exp_avg_sqs, masters, steps, group_sizes, *rest):
+    def _(params, grads, exp_avgs, exp_avg_sqs, masters, master_idx, steps, group_sizes, *rest):
         return params[0].new_empty(SUMS_PER_GROUP * len(group_sizes), dtype=torch.float64)
 
     @torch.library.custom_op(
@@ -316,15 +327,15 @@ def _register_ops() -> None:
     )
     def _update_op(
         params: List[Tensor], grads: List[Optional[Tensor]], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-        masters: List[Optional[Tensor]], steps: List[Tensor], group_sizes: List[int],
+        masters: List[Tensor], master_idx: List[int], steps: List[Tensor], group_sizes: List[int],
         lr_tensors: List[Optional[Tensor]], lr_floats: List[float], beta1s: List[float], beta2s: List[float],
         epss: List[float], wds: List[float],
         sums: Tensor, g_step: Tensor, g_gbar: Tensor, g_coef: Tensor, g_skipped: Tensor,
         grad_scale: Optional[Tensor], found_inf: Optional[Tensor], rho: float, ema_beta: float,
         adaptive_norm: bool, sign: float, max_grad_norm: Optional[float], perturbed: bool,
     ) -> None:
-        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, steps, group_sizes, lr_tensors,
-                                   lr_floats, beta1s, beta2s, epss, wds)
+        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, master_idx, steps, group_sizes,
+                                   lr_tensors, lr_floats, beta1s, beta2s, epss, wds)
         cfg = StepConfig(rho=rho, ema_beta=ema_beta, adaptive_norm=adaptive_norm, sign=sign,
                          max_grad_norm=max_grad_norm, perturbed=perturbed, grad_scale=grad_scale,
                          found_inf=found_inf)
