@@ -281,6 +281,11 @@ class MGPO(torch.optim.Optimizer):
         mesh, plain, where = None, None, None
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
+                if getattr(p, "_is_flat_param", False):
+                    raise NotImplementedError(
+                        f"param {pi} of group {gi} is an FSDP1 FlatParameter (a flat shard): MGPO's global norms "
+                        "would be per rank. Use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP."
+                    )
                 m = getattr(p, "device_mesh", None)
                 if m is None:
                     plain = plain or f"param {pi} of group {gi}"

@@ -314,3 +314,13 @@ def _layouts_worker(rank, port, out):
 def test_unsupported_dtensor_layouts_fail_clearly(tmp_path):
     spawn(_layouts_worker, str(tmp_path))
     assert all((tmp_path / f"layouts{k}.ok").exists() for k in range(WORLD))
+
+
+def test_fsdp1_flat_parameter_refused():
+    """FSDP1 hands the optimizer FlatParameters (flat per-rank shards, no mesh): refused at construction."""
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    flat = FlatParameter(torch.zeros(10), requires_grad=True)
+    assert getattr(flat, "_is_flat_param", False)
+    with pytest.raises(NotImplementedError, match="FlatParameter"):
+        MGPO([flat], backend="reference")
