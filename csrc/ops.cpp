@@ -31,11 +31,13 @@ TORCH_LIBRARY(mgpo, m) {
       "bool adaptive_norm, float sign, float? max_grad_norm, bool perturbed) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Pass 2: restore, AdamW, re-perturb; writes params, masters, exp_avgs, exp_avg_sqs (nothing when skip).
+  // masters holds only the fp32 master copies (of bf16/fp16 params): master_index[i] is the position of
+  // tensor i's master in it, or -1 (a mutable list may not contain None under torch.compile's functionalization).
   // Per-group hyper-parameters (lr: float, or a one-element tensor read on the device when given).
   m.def(
       "update(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)?[] masters, Tensor[] steps, Tensor scal, int[] group_index, float[] lrs, Tensor?[] lr_tensors, "
-      "float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays) -> ()",
+      "Tensor(d!)[] masters, int[] master_index, Tensor[] steps, Tensor scal, int[] group_index, float[] lrs, "
+      "Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays) -> ()",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -193,15 +193,15 @@ at::Tensor scalar_stage_cpu(const at::Tensor& sums, at::ArrayRef<double> beta1s,
 
 // ------------------------------------------------------------------------------------------ pass 2
 void update_cpu(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
-                at::TensorList exp_avg_sqs, const OptTensorList& masters, at::TensorList steps,
+                at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index, at::TensorList steps,
                 const at::Tensor& scal, at::IntArrayRef group_index, at::ArrayRef<double> lrs,
                 const OptTensorList& lr_tensors, at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s,
                 at::ArrayRef<double> epss, at::ArrayRef<double> wds) {
   const size_t n = params.size();
   const int64_t G = (int64_t)lrs.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && masters.size() == n &&
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && master_index.size() == n &&
                   steps.size() == n,
-              "mgpo: params, grads, exp_avgs, exp_avg_sqs, masters and steps must have the same length");
+              "mgpo: params, grads, exp_avgs, exp_avg_sqs, master_index and steps must have the same length");
   TORCH_CHECK((int64_t)lr_tensors.size() == G && (int64_t)beta1s.size() == G && (int64_t)beta2s.size() == G &&
                   (int64_t)epss.size() == G && (int64_t)wds.size() == G,
               "mgpo: per-group hyper-parameter lists must have the same length");
@@ -233,7 +233,10 @@ void update_cpu(at::TensorList params, const OptTensorList& grads, at::TensorLis
     t.v = exp_avg_sqs[i].data_ptr<float>();
     t.g = nullptr;
     t.master = nullptr;
-    if (auto ms = opt_at(masters, i)) {
+    if (master_index[i] >= 0) {
+      TORCH_CHECK(master_index[i] < (int64_t)masters.size(), "mgpo: master_index[", i, "] = ", master_index[i],
+                  " is outside the masters list (", masters.size(), " tensors)");
+      const at::Tensor* ms = &masters[master_index[i]];
       check_state(*ms, p, "master_param", i);
       t.master = ms->data_ptr<float>();
     }

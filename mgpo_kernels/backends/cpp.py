@@ -42,7 +42,7 @@ def _scalar_stage_fake(sums, beta1s, gstep, gbar, coef, skipped, steps, grad_sca
 
 
 @torch.library.register_fake("mgpo::update")
-def _update_fake(params, grads, exp_avgs, exp_avg_sqs, masters, steps, scal, group_index, lrs, lr_tensors,
+def _update_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, scal, group_index, lrs, lr_tensors,
                  beta1s, beta2s, epss, weight_decays):
     return None
 
@@ -121,7 +121,13 @@ class CppBackend(Backend):
             bool(cfg.adaptive_norm), float(cfg.sign), None if cfg.max_grad_norm is None else float(cfg.max_grad_norm),
             bool(cfg.perturbed),
         )
-        _ops.update(params, grads, ms, vs, masters, steps, scal, gidx, lrs, lr_ts, b1s, b2s, epss, wds)
+        master_list = [x for x in masters if x is not None]
+        master_index, j = [], 0
+        for x in masters:
+            master_index.append(-1 if x is None else j)
+            j += x is not None
+        _ops.update(params, grads, ms, vs, master_list, master_index, steps, scal, gidx, lrs, lr_ts, b1s, b2s, epss,
+                    wds)
 
 
 BACKEND = CppBackend
