@@ -77,22 +77,10 @@ def test_training_step_graph_breaks_are_not_mgpo():
         assert ex.graph_break_count == 0 and ex.graph_count == 1, [b.reason for b in ex.break_reasons]
 
 
-# The fused backends' mutating custom ops take the fp32 master copies as a mutable ``Tensor?[]`` holding None for
-# fp32 parameters; torch's functionalization (auto_functionalize v1 and v2, used by aot_eager and inductor) cannot
-# take None inside a mutable tensor list (torch/_higher_order_ops/auto_functionalize.py: ``{}.append(None)``, or
-# ``clone_preserve_strides(None)`` with v1).  Dynamo traces them without a break; compiling fails until the backends
-# pass only the masters that exist.  bf16 parameters (every master present) compile.
-_FUSED_FP32_XFAIL = pytest.mark.xfail(
-    raises=Exception, strict=False,
-    reason="fused backend passes None in a mutable Tensor?[] (masters), which torch's auto_functionalize rejects",
-)
-
-
 def _compile_cases():
     for b in BACKENDS:
         for dtype in (torch.float32, torch.bfloat16):
-            marks = [_FUSED_FP32_XFAIL] if (b != "reference" and dtype == torch.float32) else []
-            yield pytest.param(b, dtype, marks=marks, id=f"{b}-{str(dtype).split('.')[-1]}")
+            yield pytest.param(b, dtype, id=f"{b}-{str(dtype).split('.')[-1]}")
 
 
 @pytest.mark.parametrize("backend, dtype", list(_compile_cases()))
