@@ -207,7 +207,11 @@ def worker_main(spec_json: str) -> None:
         w = _Worker(spec)
         for _ in range(spec["warmup"]):
             w.train_step()
-        send({"ready": True, "params": w.n_trainable, "total_params": w.n_total, "setup_s": w.setup_s})
+        send({"ready": True, "params": w.n_trainable, "total_params": w.n_total, "setup_s": w.setup_s,
+              "adapter_dtypes": sorted({str(p.dtype) for p in w.trainable}),
+              "base_dtypes": sorted({str(p.dtype) for p in w.model.parameters() if not p.requires_grad}),
+              "lora_layers": sum(1 for m in w.model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")),
+              "optimizer": type(w.opt).__name__ + (f"[{w.opt.backend}]" if hasattr(w.opt, "backend_name") else "")})
         for line in sys.stdin:
             cmd = line.strip()
             if cmd == "step":
@@ -324,7 +328,7 @@ def run_rank(rank: int, cfg: Dict[str, Any], rows: List[Dict[str, str]], device:
     procs: List[_Proc] = []
     interrupted = False
     try:
-        if device.type == "cpu":
+        if device.type == "cpu" and not args.sequential:
             # all rows alive at once, steps interleaved round-robin (a fresh random order each round)
             procs = [_Proc(sp, env) for sp in specs]
             live = []
@@ -365,6 +369,8 @@ def run_rank(rank: int, cfg: Dict[str, Any], rows: List[Dict[str, str]], device:
                         record(p, p.ask("step"))
                         bar.update(1)
                     results[sp["key"]].update(p.ask("memory"))
+                    if device.type == "cpu" and not args.no_live:
+                        results[sp["key"]].update(p.ask("live"))
                 except Exception as e:
                     fail(p, e)
                 finally:
@@ -534,6 +540,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", nargs="*", default=None, help="our MGPO backends to run (default: all usable)")
     p.add_argument("--rows", nargs="*", default=None,
                    help="only these rows (lora, authors, mgpo-<backend>); lora is always kept as the reference")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the rows one after another (the default on CUDA) instead of interleaving their steps")
     p.add_argument("--no-live", action="store_true", help="CPU: skip the instrumented step (peak live tensors)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
