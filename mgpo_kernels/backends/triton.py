@@ -15,6 +15,7 @@ This module is named ``triton`` inside the package; ``import triton`` below is t
 from __future__ import annotations
 
 import collections
+import contextlib
 import operator
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -85,14 +86,14 @@ class _Entry:
         self.n_tensors = len(n)
         self.n_groups = len(group_sizes)
         self.group_of_tensor = group_of_tensor
-        self.blk = torch.from_numpy(np.stack([t_idx, starts], axis=1).reshape(-1).copy()).to(device)
-        self.grp_blk = torch.from_numpy(grp_blk).to(device)
+        self.blk = _h2d(np.ascontiguousarray(np.stack([t_idx, starts], axis=1).reshape(-1)), device)
+        self.grp_blk = _h2d(grp_blk, device)
         self.partials = torch.zeros(self.n_blocks * 4, dtype=torch.float64, device=device)
         self.counters = torch.zeros(2, dtype=torch.int32, device=device)
         self.counter_reduce = self.counters[0:1]
         self.counter_update = self.counters[1:2]
         self.lr_slots = torch.zeros(max(self.n_groups, 1), dtype=torch.float32, device=device)
-        # filled by set_addresses / set_hyper
+        # filled by _build_tensor_table / _set_hyper
         self.addr_key: Optional[list] = None
         self.needs_copy = False
         self.tab: Optional[Tensor] = None
@@ -219,7 +220,19 @@ def _set_hyper(entry: _Entry, groups: List[GroupTensors], cfg: StepConfig, has_s
 
 # ------------------------------------------------------------------------------------------------- launches
 
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the parameters' one."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _launch_reduce(entry: _Entry, sums: Tensor) -> None:
+    with _device_guard(entry.device):
+        _launch_reduce_here(entry, sums)
+
+
+def _launch_reduce_here(entry: _Entry, sums: Tensor) -> None:
     _k.mgpo_reduce_kernel[(entry.n_blocks,)](
         entry.tab, entry.blk, entry.grp_blk, entry.partials, sums, entry.counter_reduce,
         entry.n_blocks, entry.n_groups, entry.iters,
@@ -228,6 +241,11 @@ def _launch_reduce(entry: _Entry, sums: Tensor) -> None:
 
 
 def _launch_update(entry: _Entry, sums: Tensor, gstate: GlobalState, scale: Tensor, found_inf: Tensor) -> None:
+    with _device_guard(entry.device):
+        _launch_update_here(entry, sums, gstate, scale, found_inf)
+
+
+def _launch_update_here(entry: _Entry, sums: Tensor, gstate: GlobalState, scale: Tensor, found_inf: Tensor):
     _k.mgpo_update_kernel[(entry.n_blocks,)](
         entry.tab, entry.blk, entry.grp_lr, entry.hyp, sums,
         gstate.step, gstate.gbar, gstate.coef, gstate.skipped, scale, found_inf, entry.counter_update,
