@@ -311,3 +311,18 @@ def test_callback_refuses_deepspeed_and_warns_without_mgpo():
     with pytest.warns(UserWarning, match="not MGPO"):
         cb.on_train_begin(None, None, None, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]))
     assert isinstance(MGPOForPeft()(make_model(), lr=1e-3, backend=BACKEND), MGPO)
+
+
+def test_load_best_model_at_end_keeps_best_theta(tmp_path):
+    """load_best_model_at_end: the best checkpoint's theta is loaded into the model after the last step; MGPO must
+    already be in eval mode then (MGPOCallback unperturbs at the last step), or on_train_end's eval() would
+    subtract the perturbation from the loaded weights."""
+    trainer, model, opt = run_trainer(tmp_path, max_steps=10, eval_steps=4, save_steps=4,
+                                      load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                                      greater_is_better=False)
+    assert not opt.training
+    best_dir = trainer.state.best_model_checkpoint
+    assert best_dir is not None
+    saved = safetensors_torch.load_file(os.path.join(best_dir, "adapter_model.safetensors"))
+    for n, p in lora_params(model).items():
+        torch.testing.assert_close(p.detach(), saved[adapter_name(n)], rtol=0, atol=0, msg=n)

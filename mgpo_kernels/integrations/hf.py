@@ -72,7 +72,9 @@ class MGPOCallback(TrainerCallback):
     * ``on_step_end`` / ``on_epoch_end`` with ``control.should_save``: ``eval()`` before the Trainer saves (the
       Trainer's next ``training_step`` calls ``optimizer.train()``, which re-applies the perturbation; so does
       ``on_step_begin`` here, for custom training steps that do not).
-    * ``on_train_end``: ``eval()``, so ``trainer.save_model()`` and any use of the model after training see theta.
+    * ``on_step_end`` of the last step (``control.should_training_stop``) and ``on_train_end``: ``eval()``, so the
+      final evaluation, ``load_best_model_at_end``, ``trainer.save_model()`` and any use of the model after
+      training see theta.
     * ``on_train_begin``: refuses DeepSpeed-wrapped MGPO (see docs/integrations.md).
 
     Put it after any callback that sets ``control.should_save`` itself (the Trainer's own flow callback always
@@ -104,7 +106,9 @@ class MGPOCallback(TrainerCallback):
             opt.train()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save:
+        # should_training_stop: the last step.  Unperturb now, before the Trainer may load the best checkpoint
+        # (load_best_model_at_end): an eval() after that would subtract the perturbation from the loaded weights.
+        if control.should_save or control.should_training_stop:
             opt = self._mgpo(kwargs)
             if opt is not None:
                 opt.eval()
