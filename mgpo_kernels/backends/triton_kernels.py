@@ -109,15 +109,12 @@ def mgpo_reduce_kernel(
         elif base < end:
             acc_gg, acc_mg, acc_mm = _reduce_chunk(g_addr, m_addr, code, has_grad, offs, offs < end,
                                                    acc_gg, acc_mg, acc_mm, False)
-    s_gg = tl.sum(acc_gg, axis=0)
-    s_mg = tl.sum(acc_mg, axis=0)
-    s_mm = tl.sum(acc_mm, axis=0)
-    zero = tl.zeros_like(s_mm)
-    part = part_ptr + 4 * pid
-    tl.store(part + 0, tl.where(has_grad, s_gg, zero))
-    tl.store(part + 1, tl.where(has_grad, s_mg, zero))
-    tl.store(part + 2, tl.where(has_grad, s_mm, zero))
-    tl.store(part + 3, tl.where(has_grad, zero, s_mm))
+    # one reduction for the 4 partial sums: [gg, mg, mm (with grad), mm (without grad)]
+    acc_mm_ng = tl.where(has_grad, 0.0, acc_mm)
+    acc_mm = tl.where(has_grad, acc_mm, 0.0)
+    # join stacks on a new last axis: [i, j, k] = (k ? second : first)[i, j], so this is [gg, mg, mm, mm_ng]
+    acc = tl.reshape(tl.join(tl.join(acc_gg, acc_mm), tl.join(acc_mg, acc_mm_ng)), [BLOCK, 4])
+    tl.store(part_ptr + 4 * pid + tl.arange(0, 4), tl.sum(acc, axis=0))
 
     # the last program to finish adds the partials in a fixed order (deterministic), then resets the ticket
     tl.debug_barrier()
@@ -138,59 +135,6 @@ def mgpo_reduce_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- update pass
-
-@triton.jit
-def _scalar_stage(sums_ptr, hyp_ptr, g_step_ptr, g_gbar_ptr, scale_ptr, found_inf_ptr, n_groups,
-                  HYP_W: tl.constexpr):
-    """The reference backend's scalar_stage, float64: (c, skip, gbar_new, coef_new)."""
-    rho_s = tl.load(hyp_ptr + 0)
-    ema = tl.load(hyp_ptr + 1)
-    one_m_ema = tl.load(hyp_ptr + 2)
-    mgn = tl.load(hyp_ptr + 3).to(tl.float32)
-    has_clip = tl.load(hyp_ptr + 4) != 0.0
-    adaptive = tl.load(hyp_ptr + 5) != 0.0
-    has_scale = tl.load(hyp_ptr + 7) != 0.0
-    has_found_inf = tl.load(hyp_ptr + 8) != 0.0
-
-    s_gg = tl.load(sums_ptr + 0)
-    for k in range(1, n_groups):
-        s_gg += tl.load(sums_ptr + 4 * k)
-    inv_scale = tl.full([], 1.0, tl.float64)
-    if has_scale:
-        inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float64)
-    raw_norm = tl.sqrt(s_gg) * inv_scale  # float64 sqrt and division are IEEE-rounded
-    clip = tl.full([], 1.0, tl.float64)
-    if has_clip:
-        # torch.nn.utils.clip_grad_norm_ in fp32: max / (norm + 1e-6), clamped to 1; and torch evaluates
-        # ``scalar / tensor`` as ``tensor.reciprocal() * scalar``
-        clip32 = tl.math.div_rn(1.0, raw_norm.to(tl.float32) + 1e-6) * mgn
-        clip = tl.where(clip32 > 1.0, 1.0, clip32).to(tl.float64)  # NaN stays NaN
-    c = inv_scale * clip
-    n_t = raw_norm * clip
-    skip = (s_gg - s_gg) != 0.0  # not finite
-    if has_found_inf:
-        skip = skip | (tl.load(found_inf_ptr) > 0.0)
-
-    first = tl.load(g_step_ptr) == 0.0
-    gbar_old = tl.load(g_gbar_ptr).to(tl.float64)
-    gbar_new = tl.where(first, n_t, ema * gbar_old + one_m_ema * n_t)
-
-    mm = tl.full([], 0.0, tl.float64)
-    for k in range(0, n_groups):
-        h = hyp_ptr + (1 + k) * HYP_W
-        s = sums_ptr + 4 * k
-        mm = mm + tl.load(h + 7) * tl.load(s + 2) + tl.load(h + 8) * c * tl.load(s + 1) \
-            + tl.load(h + 9) * c * c * tl.load(s + 0) + tl.load(s + 3)
-    mm = tl.where(mm < 0.0, 0.0, mm)
-    m_norm = tl.sqrt(mm)
-    denom = m_norm
-    if adaptive:
-        denom = m_norm * gbar_new
-    coef = rho_s / denom
-    ok = ((coef - coef) == 0.0) & (denom > 0.0)
-    coef = tl.where(ok, coef, 0.0)
-    return c, skip, gbar_new, coef
-
 
 @triton.jit
 def _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, mask,
@@ -292,16 +236,61 @@ def mgpo_update_kernel(
     BLOCK: tl.constexpr, TBLOCK: tl.constexpr, TAB_W: tl.constexpr, HYP_W: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    c64, skip, gbar_new, coef_new64 = _scalar_stage(sums_ptr, hyp_ptr, g_step_ptr, g_gbar_ptr, scale_ptr,
-                                                    found_inf_ptr, n_groups, HYP_W)
-    coef_new = coef_new64.to(tl.float32)
+    # ---- scalar stage (every program, float64): reference.scalar_stage, same formulas and order
+    rho_s = tl.load(hyp_ptr + 0)
+    ema = tl.load(hyp_ptr + 1)
+    one_m_ema = tl.load(hyp_ptr + 2)
+    mgn = tl.load(hyp_ptr + 3).to(tl.float32)
+    has_clip = tl.load(hyp_ptr + 4) != 0.0
+    adaptive = tl.load(hyp_ptr + 5) != 0.0
+    has_scale = tl.load(hyp_ptr + 7) != 0.0
+    has_found_inf = tl.load(hyp_ptr + 8) != 0.0
+
+    s_gg = tl.load(sums_ptr + 0)
+    for k in range(1, n_groups):
+        s_gg += tl.load(sums_ptr + 4 * k)
+    inv_scale = tl.full([], 1.0, tl.float64)
+    if has_scale:
+        inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float64)
+    raw_norm = tl.sqrt(s_gg) * inv_scale  # float64 sqrt and division are IEEE-rounded
+    clip = tl.full([], 1.0, tl.float64)
+    if has_clip:
+        # torch.nn.utils.clip_grad_norm_ in fp32: max / (norm + 1e-6), clamped to 1; and torch evaluates
+        # ``scalar / tensor`` as ``tensor.reciprocal() * scalar``
+        clip32 = tl.math.div_rn(1.0, raw_norm.to(tl.float32) + 1e-6) * mgn
+        clip = tl.where(clip32 > 1.0, 1.0, clip32).to(tl.float64)  # NaN stays NaN
+    c = inv_scale * clip
+    n_t = raw_norm * clip
+    skip = (s_gg - s_gg) != 0.0  # not finite
+    if has_found_inf:
+        skip = skip | (tl.load(found_inf_ptr) > 0.0)
+
+    first = tl.load(g_step_ptr) == 0.0
+    gbar_old = tl.load(g_gbar_ptr).to(tl.float64)
+    gbar_new = tl.where(first, n_t, ema * gbar_old + one_m_ema * n_t)
+
+    mm = tl.full([], 0.0, tl.float64)
+    for k in range(0, n_groups):
+        h = hyp_ptr + (1 + k) * HYP_W
+        srow = sums_ptr + 4 * k
+        mm = mm + tl.load(h + 7) * tl.load(srow + 2) + tl.load(h + 8) * c * tl.load(srow + 1) \
+            + tl.load(h + 9) * c * c * tl.load(srow + 0) + tl.load(srow + 3)
+    mm = tl.where(mm < 0.0, 0.0, mm)
+    m_norm = tl.sqrt(mm)
+    denom = m_norm
+    if adaptive:
+        denom = m_norm * gbar_new
+    coef = rho_s / denom
+    ok = ((coef - coef) == 0.0) & (denom > 0.0)
+    coef_new = tl.where(ok, coef, 0.0).to(tl.float32)
+
+    # ---- restore, AdamW, re-perturb one chunk of one tensor
     if not skip:
-        c = c64.to(tl.float32)
+        c32 = c.to(tl.float32)
         perturbed = tl.load(hyp_ptr + 6) != 0.0
         coef_old = tl.load(g_coef_ptr)
-        zero32 = tl.zeros_like(coef_old)
-        restore = tl.where(perturbed, coef_old, zero32)
-        apply = tl.where(perturbed, coef_new, zero32)
+        restore = tl.where(perturbed, coef_old, 0.0)
+        apply = tl.where(perturbed, coef_new, 0.0)
 
         t = tl.load(blk_ptr + 2 * pid)
         start = tl.load(blk_ptr + 2 * pid + 1)
@@ -357,10 +346,10 @@ def mgpo_update_kernel(
             offs = base + lane
             if aligned & (base + BLOCK <= end):
                 _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, offs < end,
-                              c, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, True)
+                              c32, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, True)
             elif base < end:
                 _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, offs < end,
-                              c, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, False)
+                              c32, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, False)
 
     # the last program to finish writes the new scalars and step counts: every program has read the old ones
     tl.debug_barrier()
