@@ -382,4 +382,5 @@ def backend_lists(device: torch.device):
 def default_backends(usable: List[str], device: torch.device) -> List[str]:
     """The backends benchmarked when --backends is not given: every usable one, except Triton on a CPU (usable
     there only under TRITON_INTERPRET=1, an interpreter for tests, not a kernel to time)."""
-    return [b for b in usable if not (b == "triton" and device.type == "cpu")]
+    out = [b for b in usable if not (b == "triton" and device.type == "cpu")]
+    return sorted(out, key=lambda b: b == "reference")  # the slow fallback last (an interrupted run keeps the rest)
