@@ -536,7 +536,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frozen base weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (off by default; the paper does not say)")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="gradient checkpointing (off by default; the paper does not say)")
     p.add_argument("--backends", nargs="*", default=None, help="our MGPO backends to run (default: all usable)")
     p.add_argument("--rows", nargs="*", default=None,
                    help="only these rows (lora, authors, mgpo-<backend>); lora is always kept as the reference")
