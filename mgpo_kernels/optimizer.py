@@ -22,6 +22,7 @@ DIRECTIONS = {"momentum": 1.0, "-momentum": -1.0}
 _OPTIONS = ("rho", "ema_beta", "adaptive_norm", "direction", "max_grad_norm")
 _GLOBAL_KEYS = ("step", "gbar", "coef", "skipped")  # GlobalState, saved under state_dict()["mgpo"]
 _MIRRORED_KEYS = ("step", "gbar", "coef")  # ... and mirrored per parameter for distributed checkpoints
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _local(t):
@@ -281,11 +282,14 @@ class MGPO(torch.optim.Optimizer):
         mesh, plain, where = None, None, None
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                if getattr(p, "_is_flat_param", False):
+                if getattr(p, "_is_flat_param", False):  # FSDP1's FlatParameter is a plain nn.Parameter + this flag
                     raise NotImplementedError(
                         f"param {pi} of group {gi} is an FSDP1 FlatParameter (a flat shard): MGPO's global norms "
                         "would be per rank. Use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP."
                     )
+                if type(p) in _PLAIN_TYPES:  # fast path: a plain tensor / nn.Parameter has no mesh
+                    plain = plain or f"param {pi} of group {gi}"
+                    continue
                 m = getattr(p, "device_mesh", None)
                 if m is None:
                     plain = plain or f"param {pi} of group {gi}"
