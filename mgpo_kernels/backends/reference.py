@@ -99,8 +99,8 @@ class ReferenceBackend(Backend):
         apply = coef_new if cfg.perturbed else torch.zeros_like(coef_new)
 
         for g in groups:
-            lr = g.lr if isinstance(g.lr, Tensor) else torch.tensor(g.lr, dtype=torch.float32, device=device)
-            lr = lr.float().to(device)
+            # no torch.tensor(python value) here: a host->device copy would break CUDA-graph capture
+            lr = g.lr.float().to(device) if isinstance(g.lr, Tensor) else float(g.lr)
             for i, p in enumerate(g.params):
                 grad, m, v, master, step_t = g.grads[i], g.exp_avgs[i], g.exp_avg_sqs[i], g.masters[i], g.steps[i]
                 theta = master.clone() if master is not None else p.float() - restore * m
@@ -113,8 +113,8 @@ class ReferenceBackend(Backend):
                     theta_new = theta * (1.0 - lr * g.weight_decay)
                     m_new = m * g.beta1 + gt * (1.0 - g.beta1)
                     v_new = v * g.beta2 + gt * gt * (1.0 - g.beta2)
-                    bc1 = 1.0 - torch.pow(torch.tensor(g.beta1, device=device), step_new)
-                    bc2 = 1.0 - torch.pow(torch.tensor(g.beta2, device=device), step_new)
+                    bc1 = 1.0 - torch.pow(g.beta1, step_new)
+                    bc2 = 1.0 - torch.pow(g.beta2, step_new)
                     denom = v_new.sqrt() / bc2.sqrt() + g.eps
                     theta_new = theta_new - (lr / bc1) * m_new / denom
                 p_new = theta_new + apply * m_new
