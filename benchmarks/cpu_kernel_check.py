@@ -47,7 +47,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=21)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from mgpo_kernels import _C
 

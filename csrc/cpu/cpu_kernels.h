@@ -38,7 +38,7 @@ struct IsaKernels {
   const char* name;
   // partials[4*c .. 4*c+3] for every chunk c in [b, e): {gg, mg, mm, mm_nograd} in float64.
   void (*reduce)(const RedTensor* ts, const Chunk* chunks, int64_t b, int64_t e, double* partials);
-  // pass 2 for the chunks in [b, e), visited from e-1 down to b (see ops_cpu.cpp: cache reuse after pass 1).
+  // pass 2 for the chunks in [b, e), visited from e-1 down to b (ops_cpu.cpp: cache reuse after pass 1).
   void (*update)(const UpdTensor* ts, const Chunk* chunks, int64_t b, int64_t e);
 };
 

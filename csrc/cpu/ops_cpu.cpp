@@ -76,6 +76,33 @@ void set_isa(const std::string& name) {
 // Grain of at::parallel_for in chunks: below ~64K elements in all, one thread does everything.
 static int64_t grain_chunks() { return std::max<int64_t>(1, (int64_t(1) << 16) / kChunk); }
 
+// Runs fn(b, e) over [0, n) chunks on all of torch's intra-op threads, which claim small batches of chunks
+// from a shared counter (dynamic: a thread that the OS deschedules on a busy machine does not hold the others
+// up at the barrier). Pass 1 claims in ascending order, pass 2 in descending order, so the chunks pass 1
+// touched last (still in the L2/L3 caches) are the first ones pass 2 reads. The results do not depend on who
+// runs which chunk: partial sums are per chunk and pass 2 is element-wise.
+template <typename F>
+static void parallel_chunks(int64_t n, bool descending, const F& fn) {
+  constexpr int64_t kBatch = 2;
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), (n + grain_chunks() - 1) / grain_chunks());
+  if (nthreads <= 1 || at::in_parallel_region()) {
+    fn(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t b = next.fetch_add(kBatch, std::memory_order_relaxed);
+      if (b >= n) break;
+      const int64_t e = std::min(n, b + kBatch);
+      if (descending)
+        fn(n - e, n - b);
+      else
+        fn(b, e);
+    }
+  });
+}
+
 static void add_chunks(std::vector<Chunk>& chunks, int64_t numel, int32_t tensor) {
   for (int64_t s = 0; s < numel; s += kChunk) chunks.push_back(Chunk{s, std::min(kChunk, numel - s), tensor});
 }
@@ -119,9 +146,8 @@ at::Tensor reduce_sums_cpu(const OptTensorList& grads, at::TensorList exp_avgs, 
   const int64_t nchunks = (int64_t)chunks.size();
   std::vector<double> partials((size_t)nchunks * kSumsPerGroup);
   const IsaKernels* isa = current_isa();
-  at::parallel_for(0, nchunks, grain_chunks(), [&](int64_t b, int64_t e) {
-    isa->reduce(ts.data(), chunks.data(), b, e, partials.data());
-  });
+  parallel_chunks(nchunks, /*descending=*/false,
+                  [&](int64_t b, int64_t e) { isa->reduce(ts.data(), chunks.data(), b, e, partials.data()); });
   at::Tensor sums = at::zeros({kSumsPerGroup * num_groups}, at::TensorOptions().dtype(at::kDouble));
   double* s = sums.data_ptr<double>();
   for (int64_t c = 0; c < nchunks; ++c) {  // fixed order: deterministic whatever the thread count
@@ -255,8 +281,8 @@ void update_cpu(at::TensorList params, const OptTensorList& grads, at::TensorLis
   }
   if (sc[kScalSkip] != 0.0f) return;  // non-finite gradients: nothing changes
   const IsaKernels* isa = current_isa();
-  at::parallel_for(0, (int64_t)chunks.size(), grain_chunks(),
-                   [&](int64_t b, int64_t e) { isa->update(ts.data(), chunks.data(), b, e); });
+  parallel_chunks((int64_t)chunks.size(), /*descending=*/true,
+                  [&](int64_t b, int64_t e) { isa->update(ts.data(), chunks.data(), b, e); });
 }
 
 TORCH_LIBRARY_IMPL(mgpo, CPU, m) {
