@@ -338,3 +338,52 @@ def test_availability_and_priority():
     code = ("from mgpo_kernels.backends import unavailable_reason as u; import triton; print(u('triton', 'cpu'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+_AOT = r'''
+import os, re, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mgpo_kernels.backends import triton_kernels as tk
+
+PTRS = {
+    "mgpo_reduce_kernel": dict(tab_ptr="*i64", blk_ptr="*i64", grp_blk_ptr="*i64", part_ptr="*fp64",
+                               sums_ptr="*fp64", counter_ptr="*i32"),
+    "mgpo_update_kernel": dict(tab_ptr="*i64", blk_ptr="*i64", grp_lr_ptr="*i64", hyp_ptr="*fp64", sums_ptr="*fp64",
+                               g_step_ptr="*fp32", g_gbar_ptr="*fp32", g_coef_ptr="*fp32", g_skipped_ptr="*i64",
+                               scale_ptr="*fp32", found_inf_ptr="*fp32", counter_ptr="*i32"),
+}
+CONSTS = {"mgpo_reduce_kernel": dict(BLOCK=1024, RBLOCK=tk.RBLOCK, TAB_W=tk.TAB_W),
+          "mgpo_update_kernel": dict(BLOCK=1024, TBLOCK=tk.TBLOCK, TAB_W=tk.TAB_W, HYP_W=tk.HYP_W)}
+for fn in (tk.mgpo_reduce_kernel, tk.mgpo_update_kernel):
+    ptrs, consts = PTRS[fn.__name__], CONSTS[fn.__name__]
+    sig = {a: ptrs.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ptrs}  # as the JIT specializes them
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 8})
+    ops = sorted(set(re.findall(r"(?:ld|st|atom|div|sqrt)\.[a-z0-9._]+", k.asm["ptx"])))
+    print(fn.__name__, " ".join(ops))
+'''
+
+
+def test_kernels_compile_for_h100_h200_with_vector_accesses(tmp_path):
+    """The interpreter checks semantics only: compile both kernels for sm_90 (no GPU needed, Triton's ptxas) to
+    catch what only the compiler rejects (branch types, loop-carried types), and check that full blocks use
+    16-byte vector accesses and that the update is IEEE (div.rn / sqrt.rn, no approximate division)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    for name in ("mgpo_reduce_kernel", "mgpo_update_kernel"):
+        assert "ld.global.v4.b32" in lines[name], lines[name]
+        assert "atom.global.gpu.acq_rel.add" in lines[name], lines[name]
+        assert "ld.volatile" in lines[name], lines[name]
+    upd = lines["mgpo_update_kernel"]
+    assert "st.global.v4.b32" in upd and "div.rn.f32" in upd and "sqrt.rn.f32" in upd, upd
+    assert "approx" not in upd and "div.full" not in upd, upd

@@ -69,7 +69,7 @@ class _Entry:
         # block sizes by a rule (no autotuning on these in-place kernels): BLOCK elements per inner iteration,
         # ITERS iterations per program so that big models get ~2k+ programs and tiny ones one block each.
         self.block = min(_k.BLOCK, max(256, triton.next_power_of_2(max(biggest, 1))))
-        self.num_warps = self.block // 256
+        self.num_warps = self.block // 128  # 4 elements a thread: one 16-byte vector of fp32 per tensor
         self.iters = min(_MAX_ITERS, _pow2_floor(total // (self.block * _TARGET_PROGRAMS)))
         chunk = self.block * self.iters
         counts = (n + chunk - 1) // chunk
@@ -188,7 +188,7 @@ def _build_tensor_table(entry: _Entry, groups: List[GroupTensors], writeback: Li
             code = _DTYPE_CODE[p.dtype]
             if code != 0 and ma is None:
                 raise RuntimeError("MGPO triton backend: a bf16/fp16 parameter needs its fp32 master copy")
-            aligned = _aligned(pa, ga, mpa, va, maa)
+            aligned = _aligned(pa, ga, mpa, va, maa, entry.blk.data_ptr())  # blk_ptr: the kernels' base
             meta = (gr is not None) | (code << 1) | (int(aligned) << 3) | (gi << 8)
             rows.append((pa, ga, mpa, va, maa, st.data_ptr(), p.numel(), meta))
     tab = np.asarray(rows, dtype=np.int64).reshape(-1, _k.TAB_W)

@@ -8,9 +8,12 @@ it handles ``iters * BLOCK`` consecutive elements of one tensor (``iters`` and e
 Tensor table row (``TAB_W`` int64):
   0 p  1 g (0: no grad this step)  2 m  3 v  4 master (0: fp32 param)  5 step  6 numel
   7 meta = has_grad | dtype_code << 1 | aligned << 3 | group << 8        dtype_code: 0 fp32, 1 bf16, 2 fp16
-``aligned`` says every address of the row is 16-byte aligned: full blocks of such a tensor take the FULL path
-(no mask, addresses rounded with ``(a >> 4) << 4`` so the compiler can prove the alignment and vectorize; a
-``tl.multiple_of`` hint on the loaded address would also apply to the unaligned path, which shares that value).
+``aligned`` says every address of the row and the block table's own address are 16-byte aligned: full blocks
+of such a tensor take the FULL path: no mask, and pointers formed as ``blk_ptr`` (a kernel argument, which
+Triton specializes as 16-byte aligned) ``+ ((addr - blk_addr) // 16) * (16 / elem_size)``, from which the
+compiler *derives* the alignment and emits 16-byte vector accesses.  An address cast with ``int_to_ptr`` carries
+no alignment for the compiler (even with ``tl.multiple_of``, checked on the sm_90 PTX), and no hint is asserted
+anywhere, so a misaligned view cannot be miscompiled: it takes the masked path.
 
 Hyper table ``hyp`` (float64, rows of ``HYP_W``): row 0 is global, row 1 + k is param group k.
   row 0: sign*rho, ema_beta, 1-ema_beta, max_grad_norm, has_clip, adaptive, perturbed, has_scale, has_found_inf
@@ -33,7 +36,7 @@ import triton.language as tl
 
 TAB_W = 8
 HYP_W = 12
-BLOCK = 1024  # largest elements per inner iteration (the host picks 256..1024 by a rule; 8 per thread)
+BLOCK = 1024  # largest elements per inner iteration (the host picks 256..1024 by a rule; 4 per thread)
 RBLOCK = 256  # partial rows per iteration of the final sum
 TBLOCK = 256  # tensor rows per iteration of the step-count update
 
@@ -41,37 +44,36 @@ TBLOCK = 256  # tensor rows per iteration of the step-count update
 # ----------------------------------------------------------------------------------------------- reduce pass
 
 @triton.jit
-def _reduce_chunk(g_addr, m_addr, code, has_grad, offs, mask, acc_gg, acc_mg, acc_mm, FULL: tl.constexpr):
-    if FULL:
-        m_addr = (m_addr >> 4) << 4
-        g_addr = (g_addr >> 4) << 4
-    m_ptr = m_addr.to(tl.pointer_type(tl.float32)) + offs
-    if FULL:
+def _reduce_chunk(base_ptr, g_addr, m_addr, code, has_grad, offs, mask, acc_gg, acc_mg, acc_mm,
+                  FULL: tl.constexpr):
+    if FULL:  # 16-byte aligned full block: pointers relative to an aligned kernel argument (see module doc)
+        base_i = base_ptr.to(tl.int64)
+        m_ptr = base_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + ((m_addr - base_i) // 16) * 4 + offs
         m = tl.load(m_ptr)
     else:
-        m = tl.load(m_ptr, mask=mask, other=0.0)
+        m = tl.load(m_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
     m = m.to(tl.float64)
     acc_mm += m * m
     if has_grad:
         if code == 0:
-            g_ptr = g_addr.to(tl.pointer_type(tl.float32)) + offs
             if FULL:
-                g = tl.load(g_ptr).to(tl.float64)
+                g32_ptr = base_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + ((g_addr - base_i) // 16) * 4
+                g = tl.load(g32_ptr + offs).to(tl.float64)
             else:
-                g = tl.load(g_ptr, mask=mask, other=0.0).to(tl.float64)
+                g = tl.load(g_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0).to(tl.float64)
         elif code == 1:
-            g_ptr = g_addr.to(tl.pointer_type(tl.uint16)) + offs
             if FULL:
-                raw = tl.load(g_ptr)
+                gb_ptr = base_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + ((g_addr - base_i) // 16) * 8
+                raw = tl.load(gb_ptr + offs)
             else:
-                raw = tl.load(g_ptr, mask=mask, other=0)
+                raw = tl.load(g_addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
             g = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(tl.float64)
         else:
-            g_ptr = g_addr.to(tl.pointer_type(tl.float16)) + offs
             if FULL:
-                g = tl.load(g_ptr).to(tl.float64)
+                gh_ptr = base_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + ((g_addr - base_i) // 16) * 8
+                g = tl.load(gh_ptr + offs).to(tl.float64)
             else:
-                g = tl.load(g_ptr, mask=mask, other=0.0).to(tl.float64)
+                g = tl.load(g_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float64)
         acc_gg += g * g
         acc_mg += m * g
     return acc_gg, acc_mg, acc_mm
@@ -104,17 +106,17 @@ def mgpo_reduce_kernel(
         base = tl.multiple_of(start + it * BLOCK, BLOCK)
         offs = base + lane
         if aligned & (base + BLOCK <= end):
-            acc_gg, acc_mg, acc_mm = _reduce_chunk(g_addr, m_addr, code, has_grad, offs, offs < end,
+            acc_gg, acc_mg, acc_mm = _reduce_chunk(blk_ptr, g_addr, m_addr, code, has_grad, offs, offs < end,
                                                    acc_gg, acc_mg, acc_mm, True)
         elif base < end:
-            acc_gg, acc_mg, acc_mm = _reduce_chunk(g_addr, m_addr, code, has_grad, offs, offs < end,
+            acc_gg, acc_mg, acc_mm = _reduce_chunk(blk_ptr, g_addr, m_addr, code, has_grad, offs, offs < end,
                                                    acc_gg, acc_mg, acc_mm, False)
     # one reduction for the 4 partial sums: [gg, mg, mm (with grad), mm (without grad)]
     acc_mm_ng = tl.where(has_grad, 0.0, acc_mm)
     acc_mm = tl.where(has_grad, acc_mm, 0.0)
     # join stacks on a new last axis: [i, j, k] = (k ? second : first)[i, j], so this is [gg, mg, mm, mm_ng]
-    acc = tl.reshape(tl.join(tl.join(acc_gg, acc_mm), tl.join(acc_mg, acc_mm_ng)), [BLOCK, 4])
-    tl.store(part_ptr + 4 * pid + tl.arange(0, 4), tl.sum(acc, axis=0))
+    part = tl.reshape(tl.join(tl.join(acc_gg, acc_mm), tl.join(acc_mg, acc_mm_ng)), [BLOCK, 4])
+    tl.store(part_ptr + 4 * pid + tl.arange(0, 4), tl.sum(part, axis=0))
 
     # the last program to finish adds the partials in a fixed order (deterministic), then resets the ticket
     tl.debug_barrier()
@@ -125,33 +127,36 @@ def mgpo_reduce_kernel(
         for k in range(0, n_groups):
             b0 = tl.load(grp_blk_ptr + k)
             b1 = tl.load(grp_blk_ptr + k + 1)
-            acc = tl.zeros([RBLOCK, 4], dtype=tl.float64)
+            tot = tl.zeros([RBLOCK, 4], dtype=tl.float64)
             for r0 in range(b0, b1, RBLOCK):
                 r = r0 + rows
                 ptrs = part_ptr + r[:, None] * 4 + cols[None, :]
-                acc += tl.load(ptrs, mask=(r < b1)[:, None], other=0.0, volatile=True)
-            tl.store(sums_ptr + 4 * k + cols, tl.sum(acc, axis=0))
+                tot += tl.load(ptrs, mask=(r < b1)[:, None], other=0.0, volatile=True)
+            tl.store(sums_ptr + 4 * k + cols, tl.sum(tot, axis=0))
         tl.store(counter_ptr, 0)
 
 
 # ----------------------------------------------------------------------------------------------- update pass
 
 @triton.jit
-def _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, mask,
-                  c, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, FULL: tl.constexpr):
-    if FULL:
-        p_addr = (p_addr >> 4) << 4
-        g_addr = (g_addr >> 4) << 4
-        m_addr = (m_addr >> 4) << 4
-        v_addr = (v_addr >> 4) << 4
-        ma_addr = (ma_addr >> 4) << 4
-    m_ptr = m_addr.to(tl.pointer_type(tl.float32)) + offs
-    v_ptr = v_addr.to(tl.pointer_type(tl.float32)) + offs
-    ma_ptr = ma_addr.to(tl.pointer_type(tl.float32)) + offs
-    p32_ptr = p_addr.to(tl.pointer_type(tl.float32)) + offs
-    if FULL:
+def _update_chunk(base_ptr, p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, start, end,
+                  c, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2,
+                  BLOCK: tl.constexpr, FULL: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)  # here, so that each path gets its own layout
+    mask = offs < end
+    if FULL:  # 16-byte aligned full block: pointers relative to an aligned kernel argument (see module doc)
+        base_i = base_ptr.to(tl.int64)
+        b32 = base_ptr.to(tl.pointer_type(tl.float32), bitcast=True)
+        m_ptr = b32 + ((m_addr - base_i) // 16) * 4 + offs
+        v_ptr = b32 + ((v_addr - base_i) // 16) * 4 + offs
+        ma_ptr = b32 + ((ma_addr - base_i) // 16) * 4 + offs
+        p32_ptr = b32 + ((p_addr - base_i) // 16) * 4 + offs
         m = tl.load(m_ptr)
     else:
+        m_ptr = m_addr.to(tl.pointer_type(tl.float32)) + offs
+        v_ptr = v_addr.to(tl.pointer_type(tl.float32)) + offs
+        ma_ptr = ma_addr.to(tl.pointer_type(tl.float32)) + offs
+        p32_ptr = p_addr.to(tl.pointer_type(tl.float32)) + offs
         m = tl.load(m_ptr, mask=mask, other=0.0)
     if code == 0:  # fp32 parameter: theta = p - coef_old * m, in place
         if FULL:
@@ -166,24 +171,24 @@ def _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs,
     if has_grad:
         # AdamW exactly as torch.optim.AdamW (and the reference backend), fp32, IEEE division and sqrt
         if code == 0:
-            g_ptr = g_addr.to(tl.pointer_type(tl.float32)) + offs
             if FULL:
-                g = tl.load(g_ptr)
+                g32_ptr = b32 + ((g_addr - base_i) // 16) * 4
+                g = tl.load(g32_ptr + offs)
             else:
-                g = tl.load(g_ptr, mask=mask, other=0.0)
+                g = tl.load(g_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
         elif code == 1:
-            g_ptr = g_addr.to(tl.pointer_type(tl.uint16)) + offs
             if FULL:
-                raw = tl.load(g_ptr)
+                gb_ptr = base_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + ((g_addr - base_i) // 16) * 8
+                raw = tl.load(gb_ptr + offs)
             else:
-                raw = tl.load(g_ptr, mask=mask, other=0)
+                raw = tl.load(g_addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
             g = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
         else:
-            g_ptr = g_addr.to(tl.pointer_type(tl.float16)) + offs
             if FULL:
-                g = tl.load(g_ptr).to(tl.float32)
+                gh_ptr = base_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + ((g_addr - base_i) // 16) * 8
+                g = tl.load(gh_ptr + offs).to(tl.float32)
             else:
-                g = tl.load(g_ptr, mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(g_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
         if FULL:
             v = tl.load(v_ptr)
         else:
@@ -215,17 +220,17 @@ def _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs,
     elif code == 1:
         u = new_p.to(tl.uint32, bitcast=True)
         bits = tl.where(new_p != new_p, 0x7FC0, (u + (((u >> 16) & 1) + 0x7FFF)) >> 16).to(tl.uint16)
-        pb_ptr = p_addr.to(tl.pointer_type(tl.uint16)) + offs
         if FULL:
-            tl.store(pb_ptr, bits)
+            pb_ptr = base_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + ((p_addr - base_i) // 16) * 8
+            tl.store(pb_ptr + offs, bits)
         else:
-            tl.store(pb_ptr, bits, mask=mask)
+            tl.store(p_addr.to(tl.pointer_type(tl.uint16)) + offs, bits, mask=mask)
     else:
-        ph_ptr = p_addr.to(tl.pointer_type(tl.float16)) + offs
         if FULL:
-            tl.store(ph_ptr, new_p.to(tl.float16))
+            ph_ptr = base_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + ((p_addr - base_i) // 16) * 8
+            tl.store(ph_ptr + offs, new_p.to(tl.float16))
         else:
-            tl.store(ph_ptr, new_p.to(tl.float16), mask=mask)
+            tl.store(p_addr.to(tl.pointer_type(tl.float16)) + offs, new_p.to(tl.float16), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_blocks", "n_tensors", "n_groups", "iters"])
@@ -340,16 +345,14 @@ def mgpo_update_kernel(
         decay = 1.0 - lr * wd
 
         end = tl.minimum(start + iters * BLOCK, numel)
-        lane = tl.arange(0, BLOCK).to(tl.int64)
         for it in range(0, iters):
             base = tl.multiple_of(start + it * BLOCK, BLOCK)
-            offs = base + lane
             if aligned & (base + BLOCK <= end):
-                _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, offs < end,
-                              c32, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, True)
+                _update_chunk(blk_ptr, p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, base, end,
+                              c32, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, BLOCK, True)
             elif base < end:
-                _update_chunk(p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, offs, offs < end,
-                              c32, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, False)
+                _update_chunk(blk_ptr, p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, base, end,
+                              c32, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, BLOCK, False)
 
     # the last program to finish writes the new scalars and step counts: every program has read the old ones
     tl.debug_barrier()
