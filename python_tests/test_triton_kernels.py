@@ -387,3 +387,15 @@ def test_kernels_compile_for_h100_h200_with_vector_accesses(tmp_path):
     upd = lines["mgpo_update_kernel"]
     assert "st.global.v4.b32" in upd and "div.rn.f32" in upd and "sqrt.rn.f32" in upd, upd
     assert "approx" not in upd and "div.full" not in upd, upd
+
+
+def test_aligned_tensors_take_the_vector_path():
+    ps = _params([(2048,), (17,)])
+    ps.append(torch.nn.Parameter(torch.randn(40, device=DEVICE)[1:33]))  # a view at a 4-byte offset
+    opt = MGPO(ps, lr=1e-2, backend="triton")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    entry = next(e for k, e in tb._CACHE.items() if k[0] == tuple(p.data_ptr() for p in ps))
+    aligned = [(int(meta) >> 3) & 1 for meta in entry.tab.view(-1, tk.TAB_W)[:, 7].cpu()]
+    assert aligned == [1, 1, 0]

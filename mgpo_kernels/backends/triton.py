@@ -111,7 +111,8 @@ _CACHE: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
 def _h2d(arr: np.ndarray, device: torch.device) -> Tensor:
     """Upload a small host array without synchronising (pageable memory is staged by the copy)."""
     t = torch.from_numpy(arr)
-    return t.to(device, non_blocking=True) if device.type != "cpu" else t
+    # a torch allocation either way (aligned: the kernels use the block table's address as their aligned base)
+    return t.to(device, non_blocking=True) if device.type != "cpu" else t.clone()
 
 
 def _aligned(*ptrs: int) -> bool:
