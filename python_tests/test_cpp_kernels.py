@@ -192,6 +192,14 @@ def test_param_groups_with_different_hyperparameters(device):
     run_pair(RAGGED, steps=5, device=device, groups=groups, rho=1.0, max_grad_norm=3.0)
 
 
+def test_many_param_groups(device):
+    """More groups than one CUDA update launch's group table (16): the launches split by group."""
+    shapes = [(int(3 + 5 * i),) for i in range(40)]
+    groups = [(2, dict(lr=1e-3 * (k + 1), weight_decay=0.01 * (k % 3), betas=(0.9, 0.99 if k % 2 else 0.999)))
+              for k in range(20)]
+    run_pair(shapes, steps=3, device=device, groups=groups, rho=1.0)
+
+
 def test_param_without_grad_keeps_its_share_of_the_perturbation(device):
     # tensors 1 and 4 have no gradient in steps 2 and 3 (and tensor 2 never after step 0)
     def none_at(t):
