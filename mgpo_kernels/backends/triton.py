@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import operator
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -85,7 +85,6 @@ class _Entry:
         self.n_blocks = len(t_idx)
         self.n_tensors = len(n)
         self.n_groups = len(group_sizes)
-        self.group_of_tensor = group_of_tensor
         self.blk = _h2d(np.ascontiguousarray(np.stack([t_idx, starts], axis=1).reshape(-1)), device)
         self.grp_blk = _h2d(grp_blk, device)
         self.partials = torch.zeros(self.n_blocks * 4, dtype=torch.float64, device=device)
