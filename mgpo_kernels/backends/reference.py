@@ -100,7 +100,7 @@ class ReferenceBackend(Backend):
 
         for g in groups:
             # no torch.tensor(python value) here: a host->device copy would break CUDA-graph capture
-            lr = g.lr.float().to(device) if isinstance(g.lr, Tensor) else float(g.lr)
+            lr = g.lr.float().to(device) if isinstance(g.lr, Tensor) else torch.full((), g.lr, device=device)
             for i, p in enumerate(g.params):
                 grad, m, v, master, step_t = g.grads[i], g.exp_avgs[i], g.exp_avg_sqs[i], g.masters[i], g.steps[i]
                 theta = master.clone() if master is not None else p.float() - restore * m
