@@ -40,7 +40,9 @@ def _ext_modules():
     sources = [os.path.relpath(s, ROOT) for s in sources]
     # No FMA contraction of the element math: the same roundings as the reference backend's torch ops, so that
     # CPU, CUDA and reference agree to the last bit wherever their scalar coefficients do.
-    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled here (without
+    # it the CPU passes silently run on one thread); libgomp resolves to the copy torch has already loaded.
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--fmad=false"]
     define_macros = []
     include_dirs = [csrc]
@@ -65,12 +67,12 @@ def _ext_modules():
             nvcc += ["-Xptxas", "-v"]
         ext = CUDAExtension(
             "mgpo_kernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
         )
     else:
         ext = CppExtension(
             "mgpo_kernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx},
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -39,6 +39,20 @@ TORCH_LIBRARY(mgpo, m) {
       "Tensor(d!)[] masters, int[] master_index, Tensor[] steps, Tensor scal, int[] group_index, float[] lrs, "
       "Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays) -> ()",
       {at::Tag::pt2_compliant_tag});
+  // The three stages in one call (no reduce_hook), the common case: the tensor lists cross from Python once.
+  // Returns the sums (as reduce_sums). All arguments are checked before anything is modified.
+  m.def(
+      "step(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] masters, int[] master_index, Tensor(e!)[] steps, int[] group_index, float[] lrs, "
+      "Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays, Tensor(f!) gstep, "
+      "Tensor(g!) gbar, Tensor(h!) coef, Tensor(i!) skipped, Tensor? grad_scale, Tensor? found_inf, float rho, "
+      "float ema_beta, bool adaptive_norm, float sign, float? max_grad_norm, bool perturbed) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // The checks of `step`, alone: run before scalar_stage when a reduce_hook splits the step into three calls.
+  m.def(
+      "check_step(Tensor[] params, Tensor?[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] masters, "
+      "int[] master_index, Tensor[] steps) -> ()",
+      {at::Tag::pt2_compliant_tag});
 }
 
 #ifdef MGPO_WITH_CUDA

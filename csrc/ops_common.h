@@ -70,6 +70,41 @@ inline void check_group_index(at::IntArrayRef group_index, size_t n, int64_t num
   }
 }
 
+// Everything pass 2 will need of the tensors, checked before the scalar stage modifies any state (so an error
+// leaves parameters, moments, step counts and the global state as they were).
+inline void check_step_args(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index,
+                            at::TensorList steps) {
+  const size_t n = params.size();
+  TORCH_CHECK(n > 0, "mgpo: no tensors");
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && master_index.size() == n &&
+                  steps.size() == n,
+              "mgpo: params, grads, exp_avgs, exp_avg_sqs, master_index and steps must have the same length");
+  const at::Device dev = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == dev, "mgpo: tensor ", i, " is on ", p.device(), ", tensor 0 on ", dev);
+    dtype_code(p.scalar_type());
+    check_same_layout(p, p, "param", i);
+    check_state(exp_avgs[i], p, "exp_avg", i);
+    check_state(exp_avg_sqs[i], p, "exp_avg_sq", i);
+    if (master_index[i] >= 0) {
+      TORCH_CHECK(master_index[i] < (int64_t)masters.size(), "mgpo: master_index[", i, "] = ", master_index[i],
+                  " is outside the masters list (", masters.size(), " tensors)");
+      check_state(masters[master_index[i]], p, "master_param", i);
+    }
+    if (auto g = opt_at(grads, i)) {
+      TORCH_CHECK(g->scalar_type() == p.scalar_type(), "mgpo: grad of tensor ", i, " has dtype ", g->scalar_type(),
+                  ", its parameter ", p.scalar_type());
+      check_same_layout(*g, p, "grad", i);
+      const at::Tensor& st = steps[i];
+      TORCH_CHECK(st.numel() == 1 && st.device() == dev && st.scalar_type() == at::kFloat, "mgpo: step of tensor ",
+                  i, " must be a one-element float32 tensor on ", dev, ", got ", st.scalar_type(), " ", st.sizes(),
+                  " on ", st.device());
+    }
+  }
+}
+
 inline ScalarConfig make_scalar_config(double rho, double ema_beta, bool adaptive_norm, double sign,
                                        std::optional<double> max_grad_norm, bool perturbed) {
   ScalarConfig cfg;
@@ -81,6 +116,36 @@ inline ScalarConfig make_scalar_config(double rho, double ema_beta, bool adaptiv
   cfg.adaptive_norm = adaptive_norm ? 1 : 0;
   cfg.perturbed = perturbed ? 1 : 0;
   return cfg;
+}
+
+// The fused step (no reduce_hook): one call from Python, the three stages of the backend in a row.
+template <typename Reduce, typename Scalar, typename Update>
+at::Tensor step_impl(Reduce reduce, Scalar scalar, Update update, at::TensorList params, const OptTensorList& grads,
+                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList masters,
+                     at::IntArrayRef master_index, at::TensorList steps, at::IntArrayRef group_index,
+                     at::ArrayRef<double> lrs, const OptTensorList& lr_tensors, at::ArrayRef<double> beta1s,
+                     at::ArrayRef<double> beta2s, at::ArrayRef<double> epss, at::ArrayRef<double> wds,
+                     const at::Tensor& gstep, const at::Tensor& gbar, const at::Tensor& coef,
+                     const at::Tensor& skipped, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf, double rho, double ema_beta, bool adaptive_norm,
+                     double sign, std::optional<double> max_grad_norm, bool perturbed) {
+  check_step_args(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps);
+  at::Tensor sums = reduce(grads, exp_avgs, group_index, (int64_t)lrs.size());
+  std::vector<at::Tensor> with_grad;
+  with_grad.reserve(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i)
+    if (opt_at(grads, i)) with_grad.push_back(steps[i]);
+  const at::Tensor scal = scalar(sums, beta1s, gstep, gbar, coef, skipped, with_grad, grad_scale, found_inf, rho,
+                                 ema_beta, adaptive_norm, sign, max_grad_norm, perturbed);
+  update(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, scal, group_index, lrs, lr_tensors,
+         beta1s, beta2s, epss, wds);
+  return sums;
+}
+
+inline void check_step_op(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index,
+                          at::TensorList steps) {
+  check_step_args(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps);
 }
 
 }  // namespace mgpo

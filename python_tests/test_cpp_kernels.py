@@ -568,9 +568,14 @@ def _opcheck_all(params, grads, ms, vs, masters, steps, gs):
                            1.0, True))
     scal = torch.ops.mgpo.scalar_stage(sums, [0.9], gstep, gbar, coef, skipped, steps[:1], None, None, 0.5, 0.9,
                                        True, 1.0, None, True)
+    mi = [0, 1] if masters else [-1, -1]
     torch.library.opcheck(torch.ops.mgpo.update.default,
-                          (params, grads, ms, vs, masters, [0, 1] if masters else [-1, -1], steps, scal, [0, 0],
-                           [1e-2], [None], [0.9], [0.999], [1e-8], [0.0]))
+                          (params, grads, ms, vs, masters, mi, steps, scal, [0, 0], [1e-2], [None], [0.9], [0.999],
+                           [1e-8], [0.0]))
+    torch.library.opcheck(torch.ops.mgpo.check_step.default, (params, grads, ms, vs, masters, mi, steps))
+    torch.library.opcheck(torch.ops.mgpo.step.default,
+                          (params, grads, ms, vs, masters, mi, steps, [0, 0], [1e-2], [None], [0.9], [0.999], [1e-8],
+                           [0.0], gstep, gbar, coef, skipped, None, None, 0.5, 0.9, True, 1.0, 1.0, True))
 
 
 def test_ops_trace_under_torch_compile():
@@ -632,3 +637,61 @@ def test_cuda_graph_capture_matches_eager():
         for a, b in zip(pa, pb):
             assert torch.equal(a, b), f"replay {t}"
     assert torch.equal(oa._gstate.coef, ob._gstate.coef)
+
+
+def test_reduce_hook_path_matches_reference():
+    """With a reduce_hook (FSDP2's all-reduce) the step runs as three ops; here a hook that doubles the sums,
+    as an all-reduce over two identical ranks would."""
+    from mgpo_kernels.backends.base import GlobalState, GroupTensors, StepConfig
+    from mgpo_kernels.backends.cpp import CppBackend
+    from mgpo_kernels.backends.reference import ReferenceBackend
+
+    shapes = RAGGED[:6]
+    gen = torch.Generator().manual_seed(8)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    runs = []
+    for backend in (CppBackend(), ReferenceBackend()):
+        params = [x.clone() for x in init]
+        st = dict(m=[torch.zeros_like(x) for x in init], v=[torch.zeros_like(x) for x in init],
+                  steps=[torch.zeros(()) for _ in init])
+        gs = GlobalState.zeros(torch.device("cpu"))
+        g2 = torch.Generator().manual_seed(9)
+        seen = []
+        for t in range(4):
+            grads = [torch.randn(s, generator=g2) for s in shapes]
+            if t == 2:
+                grads[1] = None
+            grp = GroupTensors(params, grads, st["m"], st["v"], [None] * len(init), st["steps"], 1e-2, 0.9, 0.999,
+                               1e-8, 0.0)
+            cfg = StepConfig(rho=2.0, ema_beta=0.9, adaptive_norm=True, sign=1.0, max_grad_norm=3.0, perturbed=True,
+                             reduce_hook=lambda s: (seen.append(s.clone()), s.mul_(2.0)))
+            backend.step([grp], gs, cfg)
+        runs.append((params, st, gs, seen))
+    (pa, sa, ga, seen_a), (pb, sb, gb, seen_b) = runs
+    assert len(seen_a) == 4 and all(rel(x, y) < 1e-12 for x, y in zip(seen_a, seen_b))
+    for i in range(len(shapes)):
+        assert rel(pa[i], pb[i]) < 1e-6
+        assert rel(sa["m"][i], sb["m"][i]) < 1e-6
+        assert float(sa["steps"][i]) == float(sb["steps"][i])
+    assert abs(float(ga.coef) - float(gb.coef)) <= 1e-6 * abs(float(gb.coef))
+
+
+def test_errors_leave_everything_unchanged():
+    """A bad layout is found before the scalar stage changes any state (both the fused and the hook path)."""
+    from mgpo_kernels.backends.base import GlobalState, GroupTensors, StepConfig
+    from mgpo_kernels.backends.cpp import CppBackend
+
+    params = [torch.randn(5, 6), torch.randn(8, 10)[:, ::2]]  # the second one is not dense
+    grads = [torch.randn(5, 6), torch.randn(8, 5)]
+    for hook in (None, lambda s: None):
+        gs = GlobalState.zeros(torch.device("cpu"))
+        steps = [torch.zeros(()), torch.zeros(())]
+        grp = GroupTensors(params, grads, [torch.zeros(5, 6), torch.zeros(8, 5)],
+                           [torch.zeros(5, 6), torch.zeros(8, 5)], [None, None], steps, 1e-2, 0.9, 0.999, 1e-8, 0.0)
+        cfg = StepConfig(rho=1.0, ema_beta=0.9, adaptive_norm=True, sign=1.0, max_grad_norm=None, perturbed=True,
+                         reduce_hook=hook)
+        before = [p.clone() for p in params]
+        with pytest.raises(RuntimeError, match="not dense"):
+            CppBackend().step([grp], gs, cfg)
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+        assert float(gs.step) == 0.0 and float(steps[0]) == 0.0 and int(gs.skipped) == 0

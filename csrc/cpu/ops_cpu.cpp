@@ -76,14 +76,14 @@ void set_isa(const std::string& name) {
 // Grain of at::parallel_for in chunks: below ~64K elements in all, one thread does everything.
 static int64_t grain_chunks() { return std::max<int64_t>(1, (int64_t(1) << 16) / kChunk); }
 
-// Runs fn(b, e) over [0, n) chunks on all of torch's intra-op threads, which claim small batches of chunks
-// from a shared counter (dynamic: a thread that the OS deschedules on a busy machine does not hold the others
-// up at the barrier). Pass 1 claims in ascending order, pass 2 in descending order, so the chunks pass 1
-// touched last (still in the L2/L3 caches) are the first ones pass 2 reads. The results do not depend on who
-// runs which chunk: partial sums are per chunk and pass 2 is element-wise.
+// Runs fn(b, e) over [0, n) chunks on all of torch's intra-op threads, which claim ranges of chunks from a
+// shared counter with guided scheduling: the first claims take 1/(2T) of what is left (long contiguous runs,
+// so the hardware prefetchers stay on their streams), the last ones a single chunk (a thread that the OS
+// deschedules on a busy machine does not hold the other at the barrier). Pass 1 claims ascending, pass 2
+// descending, so the chunks pass 1 read last (still in L2/L3) are the first ones pass 2 reads. The results do
+// not depend on who runs which chunk: partial sums are per chunk and pass 2 is element-wise.
 template <typename F>
 static void parallel_chunks(int64_t n, bool descending, const F& fn) {
-  constexpr int64_t kBatch = 2;
   const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), (n + grain_chunks() - 1) / grain_chunks());
   if (nthreads <= 1 || at::in_parallel_region()) {
     fn(0, n);
@@ -91,14 +91,18 @@ static void parallel_chunks(int64_t n, bool descending, const F& fn) {
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    int64_t b = next.load(std::memory_order_relaxed);
     for (;;) {
-      const int64_t b = next.fetch_add(kBatch, std::memory_order_relaxed);
-      if (b >= n) break;
-      const int64_t e = std::min(n, b + kBatch);
+      const int64_t rem = n - b;
+      if (rem <= 0) break;
+      const int64_t size = std::max<int64_t>(1, rem / (2 * nthreads));
+      if (!next.compare_exchange_weak(b, b + size, std::memory_order_relaxed)) continue;  // b reloaded
+      const int64_t e = b + size;
       if (descending)
         fn(n - e, n - b);
       else
         fn(b, e);
+      b = next.load(std::memory_order_relaxed);
     }
   });
 }
@@ -114,7 +118,15 @@ static void check_cpu(const at::Tensor& t, const char* what, size_t i) {
 static float read_float(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.numel() == 1, "mgpo: ", what, " must have one element, got shape ", t.sizes());
   TORCH_CHECK(t.device().is_cpu(), "mgpo (cpu kernels): ", what, " is on ", t.device());
-  return t.item<float>();  // a CPU tensor: no device synchronisation
+  // a CPU tensor: no device synchronisation; read directly (item() goes through the dispatcher, ~1 us)
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return *t.data_ptr<float>();
+    case at::kDouble:
+      return (float)*t.data_ptr<double>();
+    default:
+      return t.item<float>();
+  }
 }
 
 // ------------------------------------------------------------------------------------------ pass 1
@@ -245,6 +257,9 @@ void update_cpu(at::TensorList params, const OptTensorList& grads, at::TensorLis
   }
   std::vector<UpdTensor> ts(n);
   std::vector<Chunk> chunks;
+  AdamCoefs memo{};
+  int64_t memo_group = -1;
+  float memo_step = -1.0f;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_cpu(p, "param", i);
@@ -275,8 +290,13 @@ void update_cpu(at::TensorList params, const OptTensorList& grads, at::TensorLis
       t.g = g->data_ptr();
       step = read_float(steps[i], "step");
     }
-    t.k = mgpo_tensor_coefs(sc[kScalC], sc[kScalRestore], sc[kScalApply], lr_of[k], beta1s[k], beta2s[k], epss[k],
-                            wds[k], step);
+    if (k != memo_group || step != memo_step) {  // tensors of a group usually share their step count
+      memo = mgpo_tensor_coefs(sc[kScalC], sc[kScalRestore], sc[kScalApply], lr_of[k], beta1s[k], beta2s[k], epss[k],
+                               wds[k], step);
+      memo_group = k;
+      memo_step = step;
+    }
+    t.k = memo;
     add_chunks(chunks, p.numel(), (int32_t)i);
   }
   if (sc[kScalSkip] != 0.0f) return;  // non-finite gradients: nothing changes
@@ -285,7 +305,24 @@ void update_cpu(at::TensorList params, const OptTensorList& grads, at::TensorLis
                   [&](int64_t b, int64_t e) { isa->update(ts.data(), chunks.data(), b, e); });
 }
 
+at::Tensor step_cpu(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index,
+                     at::TensorList steps, at::IntArrayRef group_index, at::ArrayRef<double> lrs,
+                     const OptTensorList& lr_tensors, at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s,
+                     at::ArrayRef<double> epss, at::ArrayRef<double> wds, const at::Tensor& gstep,
+                     const at::Tensor& gbar, const at::Tensor& coef, const at::Tensor& skipped,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     double rho, double ema_beta, bool adaptive_norm, double sign, std::optional<double> max_grad_norm,
+                     bool perturbed) {
+  return step_impl(&reduce_sums_cpu, &scalar_stage_cpu, &update_cpu, params, grads, exp_avgs, exp_avg_sqs,
+                   masters, master_index, steps, group_index, lrs, lr_tensors, beta1s, beta2s, epss, wds, gstep,
+                   gbar, coef, skipped, grad_scale, found_inf, rho, ema_beta, adaptive_norm, sign, max_grad_norm,
+                   perturbed);
+}
+
 TORCH_LIBRARY_IMPL(mgpo, CPU, m) {
+  m.impl("step", &step_cpu);
+  m.impl("check_step", &check_step_op);
   m.impl("reduce_sums", &reduce_sums_cpu);
   m.impl("scalar_stage", &scalar_stage_cpu);
   m.impl("update", &update_cpu);

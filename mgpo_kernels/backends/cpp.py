@@ -1,6 +1,7 @@
 """The ``cpp`` backend: fused C++ (CPU) and CUDA kernels of the extension ``mgpo_kernels._C``.
 
-One step is three custom ops (``torch.ops.mgpo.*``, see csrc/ops.cpp), all over every tensor of every group:
+One step is three stages (``torch.ops.mgpo.*``, see csrc/ops.cpp), all over every tensor of every group, in one
+call (``mgpo::step``) unless a reduce_hook must run between the first two:
 
 1. ``reduce_sums``: pass 1 over (g, m) -> float64 ``sums`` (base.py layout) from per-chunk partials (fixed order);
 2. ``cfg.reduce_hook(sums)`` if set (FSDP2 all-reduce), then ``scalar_stage``: clip/unscale factor, gbar, the
@@ -44,6 +45,18 @@ def _scalar_stage_fake(sums, beta1s, gstep, gbar, coef, skipped, steps, grad_sca
 @torch.library.register_fake("mgpo::update")
 def _update_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, scal, group_index, lrs, lr_tensors,
                  beta1s, beta2s, epss, weight_decays):
+    return None
+
+
+@torch.library.register_fake("mgpo::step")
+def _step_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_index, lrs, lr_tensors,
+               beta1s, beta2s, epss, weight_decays, gstep, gbar, coef, skipped, grad_scale, found_inf, rho, ema_beta,
+               adaptive_norm, sign, max_grad_norm, perturbed):
+    return exp_avgs[0].new_empty((4 * len(lrs),), dtype=torch.float64)
+
+
+@torch.library.register_fake("mgpo::check_step")
+def _check_step_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps):
     return None
 
 
@@ -92,7 +105,7 @@ class CppBackend(Backend):
     @torch.no_grad()
     def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
         device = gstate.step.device
-        params, grads, ms, vs, masters, steps, gidx, steps_with_grad = [], [], [], [], [], [], [], []
+        params, grads, ms, vs, masters, master_index, steps, gidx = [], [], [], [], [], [], [], []
         lrs, lr_ts, b1s, b2s, epss, wds = [], [], [], [], [], []
         for k, g in enumerate(groups):
             lr, lr_t = _lr_args(g.lr, device)
@@ -106,27 +119,30 @@ class CppBackend(Backend):
             grads += g.grads
             ms += g.exp_avgs
             vs += g.exp_avg_sqs
-            masters += g.masters
             steps += g.steps
             gidx += [k] * len(g.params)
-            steps_with_grad += [s for s, gr in zip(g.steps, g.grads) if gr is not None]
+            for x in g.masters:
+                if x is None:
+                    master_index.append(-1)
+                else:
+                    master_index.append(len(masters))
+                    masters.append(x)
         if not params:
             return
+        scalars = (gstate.step, gstate.gbar, gstate.coef, gstate.skipped, _scalar(cfg.grad_scale, device),
+                   _scalar(cfg.found_inf, device), float(cfg.rho), float(cfg.ema_beta), bool(cfg.adaptive_norm),
+                   float(cfg.sign), None if cfg.max_grad_norm is None else float(cfg.max_grad_norm),
+                   bool(cfg.perturbed))
+        if cfg.reduce_hook is None:  # one call: reduce -> scalar stage -> update
+            _ops.step(params, grads, ms, vs, masters, master_index, steps, gidx, lrs, lr_ts, b1s, b2s, epss, wds,
+                      *scalars)
+            return
+        _ops.check_step(params, grads, ms, vs, masters, master_index, steps)  # errors before any change
         sums = _ops.reduce_sums(grads, ms, gidx, len(groups))
-        if cfg.reduce_hook is not None:
-            cfg.reduce_hook(sums)
-        scal = _ops.scalar_stage(
-            sums, b1s, gstate.step, gstate.gbar, gstate.coef, gstate.skipped, steps_with_grad,
-            _scalar(cfg.grad_scale, device), _scalar(cfg.found_inf, device), float(cfg.rho), float(cfg.ema_beta),
-            bool(cfg.adaptive_norm), float(cfg.sign), None if cfg.max_grad_norm is None else float(cfg.max_grad_norm),
-            bool(cfg.perturbed),
-        )
-        master_list = [x for x in masters if x is not None]
-        master_index, j = [], 0
-        for x in masters:
-            master_index.append(-1 if x is None else j)
-            j += x is not None
-        _ops.update(params, grads, ms, vs, master_list, master_index, steps, scal, gidx, lrs, lr_ts, b1s, b2s, epss,
+        cfg.reduce_hook(sums)
+        steps_with_grad = [s for s, gr in zip(steps, grads) if gr is not None]
+        scal = _ops.scalar_stage(sums, b1s, *scalars[:4], steps_with_grad, *scalars[4:])
+        _ops.update(params, grads, ms, vs, masters, master_index, steps, scal, gidx, lrs, lr_ts, b1s, b2s, epss,
                     wds)
 
 
