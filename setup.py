@@ -18,7 +18,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _ext_modules():
-    import torch
+    try:
+        import torch
+    except ImportError as e:
+        raise RuntimeError(
+            "building mgpo_kernels needs torch in the build environment: "
+            "pip install --no-build-isolation -e .  (after installing torch)"
+        ) from e
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     want = os.environ.get("MGPO_BUILD_CUDA", "").strip()
