@@ -138,24 +138,24 @@ struct AdamCoefs {
 };
 
 // `step` is the tensor's step count after this step's increment (t >= 1).
-// As reference.py computes them: in fp32, with beta rounded to fp32 first (torch.tensor(beta) ** step), the
-// power correctly rounded to fp32 (computed in float64, rounded once, as powf). Note: torch.optim.AdamW uses
-// float64 bias corrections; the two differ by up to ~1.3e-5 relative in 1 - beta2^t at t = 1 (beta2 = 0.999).
+// As torch.optim.AdamW computes them: bias corrections, lr / (1 - beta1^t), sqrt(1 - beta2^t) and 1 - lr*wd in
+// float64 from the exact (double) betas, each rounded to fp32 once where the element math uses it (in fp32,
+// 1 - 0.999f^1 would be off by 1.3e-5 relative).  lr is the fp32 value of the group's lr.
 MGPO_FN AdamCoefs mgpo_tensor_coefs(float c, float restore, float apply, float lr, double beta1, double beta2,
                                     double eps, double weight_decay, float step) {
   AdamCoefs k;
   k.c = c;
   k.restore = restore;
   k.apply = apply;
-  k.decay = 1.0f - lr * (float)weight_decay;
+  k.decay = (float)(1.0 - (double)lr * weight_decay);
   k.b1 = (float)beta1;
   k.omb1 = (float)(1.0 - beta1);
   k.b2 = (float)beta2;
   k.omb2 = (float)(1.0 - beta2);
-  const float bc1 = 1.0f - (float)mgpo_pow((double)k.b1, (double)step);
-  const float bc2 = 1.0f - (float)mgpo_pow((double)k.b2, (double)step);
-  k.step_size = lr / bc1;
-  k.sqrt_bc2 = mgpo_sqrtf(bc2);
+  const double bc1 = 1.0 - mgpo_pow(beta1, (double)step);
+  const double bc2 = 1.0 - mgpo_pow(beta2, (double)step);
+  k.step_size = (float)((double)lr / bc1);
+  k.sqrt_bc2 = (float)mgpo_sqrt(bc2);
   k.eps = (float)eps;
   return k;
 }

@@ -188,3 +188,25 @@ def test_perturbation_norm_is_rho_over_gbar(backend, adaptive):
         m = torch.cat([opt.state[p]["exp_avg"].flatten() for p in params]).double()
         d = torch.cat([(a.double() - b.double()).flatten() for a, b in zip(pert, theta)])
         assert float(torch.nn.functional.cosine_similarity(m, d, dim=0)) > 0.999
+
+
+@pytest.mark.parametrize("lr_tensor", [False, True])
+def test_first_updates_match_adamw_tightly(backend, lr_tensor):
+    """The update itself (not only the parameters) matches torch.optim.AdamW: bias corrections in float64 as
+    torch computes them (in fp32, 1 - 0.999^1 is off by 1.3e-5 relative)."""
+    # parameters of the update's own size, so that fp32 rounding of p does not hide a wrong update
+    init = [1e-3 * torch.randn(s) for s in ((8, 300), (17,), (3, 5, 7))]
+    p_a = [torch.nn.Parameter(t.clone()) for t in init]
+    p_b = [torch.nn.Parameter(t.clone()) for t in init]
+    lr = torch.tensor(1e-3) if lr_tensor else 1e-3
+    opt_a = MGPO(p_a, lr=lr, betas=(0.9, 0.999), weight_decay=0.1, rho=0.0, backend=backend)
+    opt_b = torch.optim.AdamW(p_b, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.1)
+    for _ in range(3):
+        before = [p.detach().clone() for p in p_a]
+        grads = [torch.randn_like(p) for p in p_a]
+        for opt, ps in ((opt_a, p_a), (opt_b, p_b)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        for a, b, p0 in zip(p_a, p_b, before):
+            assert rel_err(a.detach() - p0, b.detach() - p0) < 1e-6

@@ -101,6 +101,9 @@ class ReferenceBackend(Backend):
         for g in groups:
             # no torch.tensor(python value) here: a host->device copy would break CUDA-graph capture
             lr = g.lr.float().to(device) if isinstance(g.lr, Tensor) else torch.full((), g.lr, device=device)
+            # AdamW's scalars as torch.optim.AdamW computes them: float64, rounded to fp32 once where used
+            lr64 = lr.double()
+            decay = (1.0 - lr64 * g.weight_decay).float()
             for i, p in enumerate(g.params):
                 grad, m, v, master, step_t = g.grads[i], g.exp_avgs[i], g.exp_avg_sqs[i], g.masters[i], g.steps[i]
                 theta = master.clone() if master is not None else p.float() - restore * m
@@ -110,13 +113,14 @@ class ReferenceBackend(Backend):
                 else:
                     gt = grad.float() * c
                     step_new = step_t + 1
-                    theta_new = theta * (1.0 - lr * g.weight_decay)
+                    theta_new = theta * decay
                     m_new = m * g.beta1 + gt * (1.0 - g.beta1)
                     v_new = v * g.beta2 + gt * gt * (1.0 - g.beta2)
-                    bc1 = 1.0 - torch.pow(g.beta1, step_new)
-                    bc2 = 1.0 - torch.pow(g.beta2, step_new)
-                    denom = v_new.sqrt() / bc2.sqrt() + g.eps
-                    theta_new = theta_new - (lr / bc1) * m_new / denom
+                    bc1 = 1.0 - torch.pow(g.beta1, step_new.double())
+                    bc2 = 1.0 - torch.pow(g.beta2, step_new.double())
+                    step_size = (lr64 / bc1).float()
+                    denom = v_new.sqrt() / bc2.sqrt().float() + g.eps
+                    theta_new = theta_new - step_size * m_new / denom
                 p_new = theta_new + apply * m_new
                 p.copy_(_keep(skip, p, p_new.to(p.dtype)))
                 if master is not None:

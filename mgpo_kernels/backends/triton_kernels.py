@@ -323,12 +323,11 @@ def mgpo_update_kernel(
         b2 = tl.load(h + 3).to(tl.float32)
         omb2 = tl.load(h + 4).to(tl.float32)
         eps = tl.load(h + 5).to(tl.float32)
-        wd = tl.load(h + 6).to(tl.float32)
-        # AdamW's per-tensor scalars as torch computes them in fp32; b**step by squaring in fp64 and rounded
-        # once, i.e. the correctly rounded fp32 pow
+        # AdamW's per-tensor scalars as torch.optim.AdamW computes them: in fp64 from the exact betas (b**step by
+        # squaring), each rounded to fp32 once where the element math uses it
         n = (tl.load(st_addr.to(tl.pointer_type(tl.float32))) + 1.0).to(tl.int64)
-        x1 = b1.to(tl.float64)
-        x2 = b2.to(tl.float64)
+        x1 = tl.load(h + 1).to(tl.float64)
+        x2 = tl.load(h + 3).to(tl.float64)
         pw1 = tl.full([], 1.0, tl.float64)
         pw2 = tl.full([], 1.0, tl.float64)
         while n > 0:
@@ -338,11 +337,12 @@ def mgpo_update_kernel(
             x1 = x1 * x1
             x2 = x2 * x2
             n = n >> 1
-        bc1 = 1.0 - pw1.to(tl.float32)
-        bc2 = 1.0 - pw2.to(tl.float32)
-        step_size = tl.math.div_rn(lr, bc1)
-        sqrt_bc2 = tl.sqrt_rn(bc2)
-        decay = 1.0 - lr * wd
+        lr64 = lr.to(tl.float64)
+        bc1 = 1.0 - pw1
+        bc2 = 1.0 - pw2
+        step_size = (lr64 / bc1).to(tl.float32)
+        sqrt_bc2 = tl.sqrt(bc2).to(tl.float32)
+        decay = (1.0 - lr64 * tl.load(h + 6).to(tl.float64)).to(tl.float32)
 
         end = tl.minimum(start + iters * BLOCK, numel)
         for it in range(0, iters):
