@@ -101,11 +101,9 @@ def test_step_in_eval_mode_is_still_correct(backend):
         for opt, ps in ((oa, pa), (ob, pb)):
             opt.zero_grad()
             prob.loss(ps).backward()
-        if t % 3 == 1:
+        if t % 3 == 1:  # A steps in eval mode, then re-applies the perturbation
             oa.eval()
             oa.step()
-            for p in pa:  # in eval mode the step leaves theta_{t+1}
-                pass
             oa.train()
         else:
             oa.step()
