@@ -193,37 +193,46 @@ class MGPO(torch.optim.Optimizer):
         return self._gstate
 
     def _validate_grads(self) -> None:
-        """Every check that can fail, before anything is modified."""
+        """Every check that can fail, before anything is modified (one cheap test per parameter; the detailed
+        checks with their messages only for a parameter that fails it)."""
+        dev = self._device
+        strided = torch.strided
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                if p.device != self._device:
-                    raise ValueError(
-                        f"MGPO needs all parameters on one device: param {pi} of group {gi} is on {p.device}, "
-                        f"the optimizer's state is on {self._device}"
-                    )
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise TypeError(
-                        f"MGPO supports float32, bfloat16 and float16 parameters; param {pi} of group {gi} has "
-                        f"dtype {p.dtype}"
-                    )
                 gr = p.grad
-                if gr is None:
+                if p.device == dev and p.dtype in SUPPORTED_DTYPES and (
+                    gr is None
+                    or (gr.layout == strided and gr.dtype == p.dtype and gr.shape == p.shape and gr.device == dev)
+                ):
                     continue
-                if gr.is_sparse or gr.layout != torch.strided:
-                    raise RuntimeError(f"MGPO does not support sparse gradients (param {pi} of group {gi})")
-                if gr.is_complex():
-                    raise RuntimeError(f"MGPO does not support complex gradients (param {pi} of group {gi})")
-                if gr.dtype != p.dtype:
-                    raise TypeError(
-                        f"gradient dtype {gr.dtype} does not match parameter dtype {p.dtype} (param {pi} of group {gi})"
-                    )
-                if gr.shape != p.shape:
-                    raise ValueError(
-                        f"gradient shape {tuple(gr.shape)} does not match parameter shape {tuple(p.shape)} "
-                        f"(param {pi} of group {gi})"
-                    )
-                if gr.device != p.device:
-                    raise ValueError(f"gradient on {gr.device} but parameter on {p.device} (param {pi} of group {gi})")
+                self._explain_bad_param(gi, pi, p)
+
+    def _explain_bad_param(self, gi: int, pi: int, p: Tensor) -> None:
+        if p.device != self._device:
+            raise ValueError(
+                f"MGPO needs all parameters on one device: param {pi} of group {gi} is on {p.device}, "
+                f"the optimizer's state is on {self._device}"
+            )
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"MGPO supports float32, bfloat16 and float16 parameters; param {pi} of group {gi} has dtype {p.dtype}"
+            )
+        gr = p.grad
+        if gr.is_sparse or gr.layout != torch.strided:
+            raise RuntimeError(f"MGPO does not support sparse gradients (param {pi} of group {gi})")
+        if gr.is_complex():
+            raise RuntimeError(f"MGPO does not support complex gradients (param {pi} of group {gi})")
+        if gr.dtype != p.dtype:
+            raise TypeError(
+                f"gradient dtype {gr.dtype} does not match parameter dtype {p.dtype} (param {pi} of group {gi})"
+            )
+        if gr.shape != p.shape:
+            raise ValueError(
+                f"gradient shape {tuple(gr.shape)} does not match parameter shape {tuple(p.shape)} "
+                f"(param {pi} of group {gi})"
+            )
+        if gr.device != p.device:
+            raise ValueError(f"gradient on {gr.device} but parameter on {p.device} (param {pi} of group {gi})")
 
     def _init_state(self, p: Tensor) -> dict:
         st = self.state[p]
@@ -236,7 +245,33 @@ class MGPO(torch.optim.Optimizer):
                 st["master_param"] = p.detach().clone(memory_format=torch.preserve_format).float()
         return st
 
-    def _groups(self, with_grads: bool) -> List[GroupTensors]:
+    def _groups(self, with_grads: bool, cacheable: bool = False) -> List[GroupTensors]:
+        """The tensors of every group that has state (allocating it for new gradients).
+
+        ``cacheable`` (plain tensors, eager): the per-parameter lists are reused while the same parameters have
+        gradients, so a step costs one pass over the parameters here; only the gradients and the group's
+        hyper-parameters are read anew.
+        """
+        if with_grads and cacheable and not torch.compiler.is_compiling():
+            key = (id(self.state),) + tuple(
+                (id(p), p.grad is not None) for group in self.param_groups for p in group["params"]
+            )
+            cache = self.__dict__.get("_group_cache")
+            if cache is None or cache[0] != key:
+                built = self._groups(with_grads=True)
+                # the parameter objects are kept too, so that their ids in the key cannot be reused
+                cache = (key, [(g.params, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps) for g in built],
+                         [list(group["params"]) for group in self.param_groups])
+                self.__dict__["_group_cache"] = cache
+                return built
+            out = []
+            state = self.state
+            for group, (params, ms, vs, masters, steps) in zip(self.param_groups, cache[1]):
+                grads = [p.grad for p in group["params"] if state.get(p)]
+                b1, b2 = group["betas"]
+                out.append(GroupTensors(params, grads, ms, vs, masters, steps, group["lr"], b1, b2,
+                                        group["eps"], group["weight_decay"]))
+            return out
         out = []
         for group in self.param_groups:
             params, grads, ms, vs, masters, steps = [], [], [], [], [], []
@@ -334,7 +369,7 @@ class MGPO(torch.optim.Optimizer):
                 loss = closure()
         self._validate_grads()
         cfg = self._config()  # before any state is allocated: it refuses unsupported DTensor layouts
-        groups = self._groups(with_grads=True)
+        groups = self._groups(with_grads=True, cacheable=cfg.reduce_hook is None)
         if not any(any(gr is not None for gr in g.grads) for g in groups):
             return loss  # no gradient anywhere: nothing to do, as in AdamW
         self._backend.step(groups, self._global_state(), cfg)
@@ -451,6 +486,7 @@ class MGPO(torch.optim.Optimizer):
                     extra = {k: st[f"mgpo_{k}"] for k in _MIRRORED_KEYS}
                     break
         super().load_state_dict(state_dict)
+        self.__dict__.pop("_group_cache", None)  # the state tensors are new
         for st in self.state.values():
             for k in _MIRRORED_KEYS:
                 st.pop(f"mgpo_{k}", None)

@@ -458,3 +458,26 @@ def test_add_param_group_with_bad_params_changes_nothing():
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "lr": 0.5})
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.5
+
+
+def test_load_state_dict_into_the_same_optimizer_uses_the_loaded_state(backend):
+    """The per-step tensor lists are cached between steps: a load must not leave the old state in use."""
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, rho=2.0, backend=backend)
+    _train(opt, params, prob, 3)
+    with opt.unperturbed():
+        weights = [p.detach().clone() for p in params]
+    sd = _roundtrip(opt.state_dict())
+    _train(opt, params, prob, 4)
+
+    fresh = prob.params()
+    opt_fresh = MGPO(fresh, lr=1e-2, rho=2.0, backend=backend)
+    for opt_, ps in ((opt, params), (opt_fresh, fresh)):
+        with torch.no_grad():
+            for p, w in zip(ps, weights):
+                p.copy_(w)
+        opt_.load_state_dict(sd)
+        _train(opt_, ps, prob, 3)
+    for a, b in zip(params, fresh):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
