@@ -384,3 +384,20 @@ def default_backends(usable: List[str], device: torch.device) -> List[str]:
     there only under TRITON_INTERPRET=1, an interpreter for tests, not a kernel to time)."""
     out = [b for b in usable if not (b == "triton" and device.type == "cpu")]
     return sorted(out, key=lambda b: b == "reference")  # the slow fallback last (an interrupted run keeps the rest)
+
+
+def publish(out_dir, device, name, payload, md, chart_fn=None):
+    """Write the run's JSON and markdown (and, with ``chart_fn``, its PNG) under the results folder, print the
+    table, and return the payload with the file paths."""
+    out = results_dir(out_dir)
+    stem = result_stem(device, name)
+    files = write_results(out, stem, payload, md)
+    if chart_fn is not None:
+        files["png"] = out / f"{stem}.png"
+        chart_fn(payload, files["png"])
+        md += f"\n![chart]({stem}.png)\n"
+        files["md"].write_text(md)
+    print(md)
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    payload["files"] = {k: str(v) for k, v in files.items()}
+    return payload

@@ -514,15 +514,4 @@ def run(args) -> Dict:
     md += "\n".join(markdown_rank(res, device) for res in payload["results"])
     md += NOTES.format(mem=mem_how, std=GRAD_STD, flush=flush_mb)
     name = args.name or ("step-r" + "-".join(map(str, args.ranks)) + ("" if layers == N_LAYERS else f"-L{layers}"))
-    out = C.results_dir(args.out_dir)
-    stem = C.result_stem(device, name)
-    files = C.write_results(out, stem, payload, md)
-    if not args.no_chart:
-        files["png"] = out / f"{stem}.png"
-        chart(payload, files["png"])
-        md += f"\n![chart]({stem}.png)\n"
-        files["md"].write_text(md)
-    print(md)
-    print("wrote " + ", ".join(str(p) for p in files.values()))
-    payload["files"] = {k: str(v) for k, v in files.items()}
-    return payload
+    return C.publish(args.out_dir, device, name, payload, md, None if args.no_chart else chart)

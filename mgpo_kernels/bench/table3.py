@@ -627,18 +627,8 @@ def run(args) -> Dict[str, Any]:
                "sample a full sequence (an upper bound for real, shorter samples).\n")
     md += "\n" + paper_md()
     name = args.name or (f"table3-{args.preset}-r" + "-".join(map(str, cfg["ranks"])))
-    out = C.results_dir(args.out_dir)
-    stem = C.result_stem(device, name)
-    files = C.write_results(out, stem, payload, md)
-    if not args.no_chart and any("time_ratio" in r for res in payload["results"] for r in res["rows"]):
-        files["png"] = out / f"{stem}.png"
-        chart(payload, files["png"])
-        md += f"\n![chart]({stem}.png)\n"
-        files["md"].write_text(md)
-    print(md)
-    print("wrote " + ", ".join(str(p) for p in files.values()))
-    payload["files"] = {k: str(v) for k, v in files.items()}
-    return payload
+    want_chart = not args.no_chart and any("time_ratio" in r for res in payload["results"] for r in res["rows"])
+    return C.publish(args.out_dir, device, name, payload, md, chart if want_chart else None)
 
 
 if __name__ == "__main__":
