@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 
 import pytest
@@ -481,3 +482,100 @@ def test_load_state_dict_into_the_same_optimizer_uses_the_loaded_state(backend):
         _train(opt_, ps, prob, 3)
     for a, b in zip(params, fresh):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ the cached host path
+
+def _uncached_step(opt):
+    opt.__dict__.pop("_group_cache", None)  # forces the full path (validation, state lookup, new lists)
+    opt.step()
+
+
+def test_cached_host_path_follows_every_change(backend):
+    """The per-step tensor lists are cached while the same parameters have gradients; a run that changes which
+    parameters have gradients, adds a param group and reassigns ``p.data`` must be bitwise the run without it."""
+    prob = Problem()
+    pa, pb = prob.params(), prob.params()
+    extra_a, extra_b = (torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(5)))
+                        for _ in range(2))
+    oa = MGPO(pa, lr=1e-2, rho=2.0, backend=backend)
+    ob = MGPO(pb, lr=1e-2, rho=2.0, backend=backend)
+    schedule = [None, None, [True, False, True, True, True], [True, False, True, True, True], None,
+                "add_group", None, "reassign", None, None]
+    for event in schedule:
+        active = event if isinstance(event, list) else None
+        if event == "add_group":
+            oa.add_param_group({"params": [extra_a], "lr": 3e-2})
+            ob.add_param_group({"params": [extra_b], "lr": 3e-2})
+            pa.append(extra_a)
+            pb.append(extra_b)
+        if event == "reassign":  # new storage behind the same Parameter (as model.to() may do)
+            old = pa[2].data
+            pa[2].data = pa[2].data.clone()
+            pb[2].data = pb[2].data.clone()
+        for ps, opt, step in ((pa, oa, MGPO.step), (pb, ob, _uncached_step)):
+            opt.zero_grad(set_to_none=True)
+            loss = prob.loss(ps[:5], active)
+            if len(ps) > 5:
+                loss = loss + (ps[5] ** 2).sum()
+            loss.backward()
+            step(opt)
+        if event == "reassign":
+            assert not torch.equal(pa[2].data, old)  # the step wrote the parameter's new storage
+        for a, b in zip(pa, pb):
+            assert torch.equal(a.detach(), b.detach())
+    assert "_group_cache" in oa.__dict__
+    sa, sb = oa.state_dict(), ob.state_dict()
+    for i in sa["state"]:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa["state"][i][k], sb["state"][i][k]), (i, k)
+
+
+def test_cached_path_still_names_a_bad_gradient(backend):
+    """On the cached path the cpp backend validates in C++; the error must still name the problem."""
+    prob = Problem([(1,), (7,)])
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, rho=1.0, backend=backend)
+    _train(opt, params, prob, 2)
+    before = _snapshot(opt, params)
+    opt.zero_grad()
+    prob.loss(params).backward()
+    params[0].grad = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.tensor([1.0]), (1,))  # 1 element
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    _assert_unchanged(before, opt, params)
+    params[0].grad_dtype = None
+    params[0].grad = torch.randn(1, dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype"):
+        opt.step()
+    _assert_unchanged(before, opt, params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_eval_train_agree_bitwise_with_the_generic_perturb(backend, dtype):
+    """A backend's eval()/train() (cpp: one fused launch) does the step's arithmetic, as the generic
+    Backend.perturb does: same bits from the same state."""
+    from mgpo_kernels.backends.base import Backend
+
+    prob = Problem()
+    params = prob.params(dtype)
+    opt = MGPO(params, lr=1e-2, rho=3.0, backend=backend)
+    _train(opt, params, prob, 4)
+    groups = opt._groups(with_grads=False)
+    coef = opt._gstate.coef
+    assert float(coef) != 0.0
+    copies = [p.detach().clone() for p in params]
+    opt.eval()
+    want = [c.clone() for c in copies]
+    for w, g_p, m, master in zip(want, groups[0].params, groups[0].exp_avgs, groups[0].masters):
+        w.copy_(master) if master is not None else w.sub_(m * coef)
+    for p, w in zip(params, want):
+        assert torch.equal(p.detach(), w)
+    theta = [p.detach().clone() for p in params]
+    opt.train()
+    gen = [t.clone() for t in theta]
+    Backend.perturb(None, [dataclasses.replace(groups[0], params=gen)], coef, apply=True)
+    for p, w in zip(params, gen):
+        assert torch.equal(p.detach(), w)
+    if dtype == torch.float32:
+        assert any(not torch.equal(p.detach(), t) for p, t in zip(params, theta))

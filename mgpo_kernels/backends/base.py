@@ -109,6 +109,10 @@ class Backend:
     """Base class. Subclasses implement :meth:`step`; :meth:`perturb` has a generic torch implementation."""
 
     name: str = "base"
+    #: True if :meth:`step` checks every tensor (dtype, layout, device, shape) before modifying anything, so the
+    #: optimizer may skip its Python per-parameter validation on the cached host path (it runs it after a refusal
+    #: to name the problem).
+    checks_inputs: bool = False
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> Optional[str]:
@@ -127,18 +131,20 @@ class Backend:
     def perturb(self, groups: List[GroupTensors], coef: Tensor, apply: bool) -> None:
         """Move the parameters between theta (``apply=False``) and theta + coef*m (``apply=True``).
 
-        Not on the hot path (eval()/train()/load_state_dict), so plain per-tensor torch ops are fine.
+        Not on the hot path (eval()/train()/load_state_dict), so plain per-tensor torch ops are fine.  The
+        arithmetic is the step's (``p - coef*m``, ``theta + coef*m``: product rounded, then the sum; not
+        ``addcmul_``, which may fuse them), so every backend's eval()/train() agree bitwise with its steps.
         """
         for g in groups:
             for p, m, master in zip(g.params, g.exp_avgs, g.masters):
                 if master is None:
                     if apply:
-                        p.addcmul_(m, coef)
+                        p.add_(m * coef)
                     else:
-                        p.addcmul_(m, coef, value=-1.0)
+                        p.sub_(m * coef)
                 else:
                     if apply:
-                        p.copy_(master.addcmul(m, coef))
+                        p.copy_(master + m * coef)
                     else:
                         p.copy_(master)
 

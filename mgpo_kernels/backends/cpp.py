@@ -81,6 +81,24 @@ def _scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return t
 
 
+def _flatten(groups: List[GroupTensors]):
+    """params, exp_avgs, exp_avg_sqs, masters, master_index, steps, group index over all groups (the ops' lists)."""
+    params, ms, vs, masters, master_index, steps, gidx = [], [], [], [], [], [], []
+    for k, g in enumerate(groups):
+        params += g.params
+        ms += g.exp_avgs
+        vs += g.exp_avg_sqs
+        steps += g.steps
+        gidx += [k] * len(g.params)
+        for x in g.masters:
+            if x is None:
+                master_index.append(-1)
+            else:
+                master_index.append(len(masters))
+                masters.append(x)
+    return params, ms, vs, masters, master_index, steps, gidx
+
+
 class CppBackend(Backend):
     name = "cpp"
 
@@ -102,12 +120,51 @@ class CppBackend(Backend):
     def priority(cls, device: torch.device) -> int:
         return 20 if torch.device(device).type == "cuda" else 10
 
+    checks_inputs = True  # check_step_args in csrc/ops_common.h, before the scalar stage modifies anything
+
+    def __init__(self):
+        self._plan = None  # (source lists, flat lists) of the last step; see _flat_lists
+
+    def _flat_lists(self, groups: List[GroupTensors]):
+        """params, exp_avgs, exp_avg_sqs, masters, master_index, steps, group index: flattened over the groups.
+
+        Reused while the optimizer passes the same (cached) list objects, i.e. while the same parameters have
+        gradients; the plan holds the source lists, so their identity cannot be confused with new lists.
+        """
+        if torch.compiler.is_compiling():
+            return _flatten(groups)
+        src = [(g.params, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps) for g in groups]
+        plan = self._plan
+        if plan is not None and len(plan[0]) == len(src) and all(
+                a is b for old, new in zip(plan[0], src) for a, b in zip(old, new)):
+            return plan[1]
+        flat = _flatten(groups)
+        self._plan = (src, flat)
+        return flat
+
+    @torch.no_grad()
+    def perturb(self, groups: List[GroupTensors], coef: Tensor, apply: bool) -> None:
+        """eval()/train() as one pass-2 launch with no gradients: p = (p - restore*m) + apply*m, the step's own
+        element math (so ``train()`` after ``eval()`` puts back exactly what ``step()`` wrote)."""
+        if not any(g.params for g in groups):
+            return
+        params, ms, vs, masters, master_index, steps, gidx = _flatten(groups)
+        scal = torch.zeros(4, dtype=torch.float32, device=coef.device)  # [c, restore, apply, skip]
+        scal[0] = 1.0
+        scal[2 if apply else 1] = coef  # a device copy: no host sync
+        G = len(groups)
+        _ops.update(params, [None] * len(params), ms, vs, masters, master_index, steps, scal, gidx, [0.0] * G,
+                    [None] * G, [0.9] * G, [0.999] * G, [1e-8] * G, [0.0] * G)
+
     @torch.no_grad()
     def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
         device = gstate.step.device
-        params, grads, ms, vs, masters, master_index, steps, gidx = [], [], [], [], [], [], [], []
+        if not any(g.params for g in groups):
+            return
+        params, ms, vs, masters, master_index, steps, gidx = self._flat_lists(groups)
+        grads = [gr for g in groups for gr in g.grads] if len(groups) > 1 else groups[0].grads
         lrs, lr_ts, b1s, b2s, epss, wds = [], [], [], [], [], []
-        for k, g in enumerate(groups):
+        for g in groups:
             lr, lr_t = _lr_args(g.lr, device)
             lrs.append(lr)
             lr_ts.append(lr_t)
@@ -115,20 +172,6 @@ class CppBackend(Backend):
             b2s.append(float(g.beta2))
             epss.append(float(g.eps))
             wds.append(float(g.weight_decay))
-            params += g.params
-            grads += g.grads
-            ms += g.exp_avgs
-            vs += g.exp_avg_sqs
-            steps += g.steps
-            gidx += [k] * len(g.params)
-            for x in g.masters:
-                if x is None:
-                    master_index.append(-1)
-                else:
-                    master_index.append(len(masters))
-                    masters.append(x)
-        if not params:
-            return
         scalars = (gstate.step, gstate.gbar, gstate.coef, gstate.skipped, _scalar(cfg.grad_scale, device),
                    _scalar(cfg.found_inf, device), float(cfg.rho), float(cfg.ema_beta), bool(cfg.adaptive_norm),
                    float(cfg.sign), None if cfg.max_grad_norm is None else float(cfg.max_grad_norm),
