@@ -36,6 +36,8 @@ inline std::optional<at::Tensor> opt_at(const OptTensorList& l, size_t i) {
 // fine). That needs dense non-overlapping tensors whose elements are in the same memory order as the
 // parameter's: same strides on every dimension of size > 1.
 inline void check_same_layout(const at::Tensor& t, const at::Tensor& ref, const char* what, size_t i) {
+  TORCH_CHECK(t.layout() == at::kStrided, "mgpo: ", what, " of tensor ", i, " has layout ", t.layout(),
+              ": sparse and other non-strided tensors are not supported");
   TORCH_CHECK(t.sizes() == ref.sizes(), "mgpo: ", what, " of tensor ", i, " has shape ", t.sizes(),
               ", expected ", ref.sizes());
   TORCH_CHECK(t.device() == ref.device(), "mgpo: ", what, " of tensor ", i, " is on ", t.device(), ", expected ",

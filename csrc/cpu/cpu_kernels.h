@@ -3,6 +3,7 @@
 // torch headers (an inline function compiled for AVX-512 there could be picked by the linker for everybody).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "../mgpo_math.h"
 

@@ -25,7 +25,7 @@ struct f16_tag {};
 template <typename Tag> struct Storage;
 template <> struct Storage<float> { using type = float; };
 template <> struct Storage<bf16_tag> { using type = uint16_t; };
-#if defined(__F16C__)
+#if defined(MGPO_ISA_F16C)
 template <> struct Storage<f16_tag> { using type = uint16_t; };  // converted with F16C instructions
 #else
 template <> struct Storage<f16_tag> { using type = _Float16; };  // converted by the compiler (libgcc)
@@ -55,7 +55,7 @@ template <> struct Conv<bf16_tag> {
   static inline __attribute__((always_inline)) float load(uint16_t x) { return ld_bf16(x); }
   static inline __attribute__((always_inline)) uint16_t store(float x) { return st_bf16(x); }
 };
-#if defined(__F16C__)
+#if defined(MGPO_ISA_F16C)
 template <> struct Conv<f16_tag> {
   static inline __attribute__((always_inline)) float load(uint16_t x) { return _cvtsh_ss(x); }
   static inline __attribute__((always_inline)) uint16_t store(float x) {
@@ -67,6 +67,36 @@ template <> struct Conv<f16_tag> {
   static inline __attribute__((always_inline)) float load(_Float16 x) { return (float)x; }
   static inline __attribute__((always_inline)) _Float16 store(float x) { return (_Float16)x; }  // RNE
 };
+#endif
+
+#if defined(MGPO_ISA_F16C)
+// fp16 <-> fp32 blocks with F16C vector instructions: GCC 12 does not vectorize _Float16 <-> float conversions,
+// so fp16 tensors are converted block by block into fp32 buffers in L1, the fp32 loops (vectorized) run on
+// them, and p is converted back with round-to-nearest-even: the same bits as element-by-element conversions.
+static inline void h2f(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  int64_t i = 0;
+#if defined(MGPO_ISA_AVX512)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#endif
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+static inline void f2h(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
+  int64_t i = 0;
+#if defined(MGPO_ISA_AVX512)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = (uint16_t)_cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
 #endif
 
 // ---------------------------------------------------------------------------------- pass 1
@@ -118,7 +148,11 @@ void reduce_grad<f16_tag>(const typename Storage<f16_tag>::type* __restrict__ g,
   double acc[3] = {0.0, 0.0, 0.0};
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = n - b < kBlock ? n - b : kBlock;
+#if defined(MGPO_ISA_F16C)
+    h2f(g + b, buf, len);
+#else
     for (int64_t i = 0; i < len; ++i) buf[i] = Conv<f16_tag>::load(g[b + i]);
+#endif
     double part[4];
     reduce_grad<float>(buf, m + b, len, part);
     acc[0] += part[kSumGG];
@@ -199,11 +233,57 @@ static void update_nograd(typename Storage<Tag>::type* __restrict__ p, const flo
   }
 }
 
+#if defined(MGPO_ISA_F16C)
+constexpr int64_t kF16Block = 512;
+
+template <bool kMaster>
+static void update_grad_f16(uint16_t* __restrict__ p, const uint16_t* __restrict__ g, float* __restrict__ m,
+                            float* __restrict__ v, float* __restrict__ master, int64_t n, const AdamCoefs k) {
+  float pb[kF16Block], gb[kF16Block];
+  for (int64_t b = 0; b < n; b += kF16Block) {
+    const int64_t len = n - b < kF16Block ? n - b : kF16Block;
+    if (!kMaster) h2f(p + b, pb, len);  // with a master copy, p is only written
+    h2f(g + b, gb, len);
+    update_grad<float, kMaster>(pb, gb, m + b, v + b, kMaster ? master + b : nullptr, len, k);
+    f2h(pb, p + b, len);
+  }
+}
+
+template <bool kMaster>
+static void update_nograd_f16(uint16_t* __restrict__ p, const float* __restrict__ m, const float* __restrict__ master,
+                              int64_t n, const AdamCoefs k) {
+  float pb[kF16Block];
+  for (int64_t b = 0; b < n; b += kF16Block) {
+    const int64_t len = n - b < kF16Block ? n - b : kF16Block;
+    if (!kMaster) h2f(p + b, pb, len);
+    update_nograd<float, kMaster>(pb, m + b, kMaster ? master + b : nullptr, len, k);
+    f2h(pb, p + b, len);
+  }
+}
+#endif
+
 template <typename Tag>
 static void update_chunk(const UpdTensor& t, int64_t s, int64_t n) {
   using S = typename Storage<Tag>::type;
   S* p = static_cast<S*>(t.p) + s;
   float* m = t.m + s;
+#if defined(MGPO_ISA_F16C)
+  if constexpr (std::is_same<Tag, f16_tag>::value) {
+    if (t.g != nullptr) {
+      const S* g = static_cast<const S*>(t.g) + s;
+      if (t.master != nullptr)
+        update_grad_f16<true>(p, g, m, t.v + s, t.master + s, n, t.k);
+      else
+        update_grad_f16<false>(p, g, m, t.v + s, nullptr, n, t.k);
+    } else {
+      if (t.master != nullptr)
+        update_nograd_f16<true>(p, m, t.master + s, n, t.k);
+      else
+        update_nograd_f16<false>(p, m, nullptr, n, t.k);
+    }
+    return;
+  }
+#endif
   if (t.g != nullptr) {
     const S* g = static_cast<const S*>(t.g) + s;
     float* v = t.v + s;

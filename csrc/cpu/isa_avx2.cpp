@@ -15,6 +15,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #define MGPO_ISA_NS avx2
 #define MGPO_ISA_NAME "avx2"
+#define MGPO_ISA_F16C 1  // GCC does not define __F16C__ under a target pragma
 #include "cpu_kernels_impl.h"
 #pragma GCC pop_options
 

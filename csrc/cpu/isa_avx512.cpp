@@ -13,6 +13,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 #define MGPO_ISA_NS avx512
 #define MGPO_ISA_NAME "avx512"
+#define MGPO_ISA_AVX512 1  // GCC does not define __AVX512F__ or __F16C__ under a target pragma
+#define MGPO_ISA_F16C 1
 #include "cpu_kernels_impl.h"
 #pragma GCC pop_options
 
