@@ -4,7 +4,8 @@
 #   2. the CUDA and Triton tests,
 #   3. the end-to-end Table 3 side by side at the paper's setting (LLaMA-2-7B, bf16 base, seq 1024, micro-batch 4
 #      x 8 accumulation) at r = 8,
-#   4. the optimizer-step benchmark at r = 8, 32, 128 (all 32 layers of LLaMA-2-7B's LoRA tensors).
+#   4. the optimizer-step benchmark at r = 8, 32, 128 (all 32 layers of LLaMA-2-7B's LoRA tensors),
+#   5. compute-sanitizer memcheck and racecheck over benchmarks/sanitizer_smoke.py (if the machine allows it).
 # Everything goes under $OUT (the device tool brings back at most 8 files, 2 folder levels):
 #   $OUT/gpu_check.log                 every phase's output (tee'd, so a timeout keeps what was printed)
 #   $OUT/results/<date>-<gpu>-*.{json,md,png}   the two benchmarks' results (step, table3)
@@ -90,6 +91,9 @@ phase table3 240 "$PY" -m mgpo_kernels.bench table3 --device cuda --preset llama
     --warmup 1 --out-dir "$OUT/results" --no-progress
 phase step 120 "$PY" -m mgpo_kernels.bench step --device cuda --ranks 8 32 128 --reps 30 \
     --out-dir "$OUT/results" --no-progress
+# last: compute-sanitizer works on Firecracker machines only (the device library's KINDS.md); a refusal is logged
+phase memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitizer_smoke.py
+phase racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" benchmarks/sanitizer_smoke.py
 
 log "done in $(elapsed)s"
 printf '%s\n' "${STATUS[@]}" | tee -a "$LOG"
