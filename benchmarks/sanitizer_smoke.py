@@ -41,8 +41,8 @@ def run(backend, dtype, offset):
     ob.eval()
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-    worst = max(float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-30))
-                for a, b in zip(pa, pb))
+    worst = max(float((a.detach().double() - b.detach().double()).norm()
+                      / b.detach().double().norm().clamp_min(1e-30)) for a, b in zip(pa, pb))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     ok = worst <= tol
     print(f"{backend:7s} {str(dtype):15s} offset {offset}: max rel diff vs reference {worst:.2e} "
