@@ -579,3 +579,21 @@ def test_eval_train_agree_bitwise_with_the_generic_perturb(backend, dtype):
         assert torch.equal(p.detach(), w)
     if dtype == torch.float32:
         assert any(not torch.equal(p.detach(), t) for p, t in zip(params, theta))
+
+
+def test_gradient_layout_does_not_matter(backend):
+    """A gradient assigned as a transposed or strided view gives the same step as its contiguous copy."""
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(9, 9, generator=gen), torch.randn(40, 9, generator=gen), torch.randn(33, generator=gen)]
+    pa = [torch.nn.Parameter(t.clone()) for t in init]
+    pb = [torch.nn.Parameter(t.clone()) for t in init]
+    oa, ob = MGPO(pa, lr=1e-2, rho=2.0, backend=backend), MGPO(pb, lr=1e-2, rho=2.0, backend=backend)
+    for _ in range(3):
+        grads = [torch.randn(9, 9, generator=gen).t(), torch.randn(9, 40, generator=gen).t(),
+                 torch.randn(66, generator=gen)[::2]]
+        for a, b, g in zip(pa, pb, grads):
+            a.grad, b.grad = g, g.contiguous()
+        oa.step()
+        ob.step()
+        for a, b in zip(pa, pb):
+            assert torch.equal(a.detach(), b.detach())

@@ -330,6 +330,32 @@ def test_transposed_parameters(device):
         assert_close(oa, pa, ob, pb, 1e-6)
 
 
+@pytest.mark.parametrize("hook", [False, True], ids=["fused_step", "reduce_hook_path"])
+def test_gradients_in_another_layout_are_accepted(device, hook):
+    """A gradient assigned by hand as a transposed or strided view (not the parameter's layout, which autograd
+    would give) is copied into the parameter's layout: same result as the reference backend, no error."""
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(9, 9, generator=g).to(device).requires_grad_(True),
+                torch.randn(40, 9, generator=g).to(device).requires_grad_(True),
+                torch.randn(33, generator=g).to(device).requires_grad_(True)]
+    pa, pb = make(), make()
+    oa, ob = MGPO(pa, lr=1e-2, rho=2.0, backend="cpp"), MGPO(pb, lr=1e-2, rho=2.0, backend="reference")
+    if hook:
+        oa._reduce_hook = lambda: (lambda sums: None)  # forces check_step / reduce / scalar / update
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        g0 = torch.randn(9, 9, generator=gen).to(device).t()               # transposed
+        g1 = torch.randn(9, 40, generator=gen).to(device).t()              # transposed, not square
+        g2 = torch.randn(66, generator=gen).to(device)[::2]                # strided, not dense
+        for a, b, g in zip(pa, pb, (g0, g1, g2)):
+            a.grad, b.grad = g, g.contiguous()
+        oa.step()
+        ob.step()
+        assert_close(oa, pa, ob, pb, 1e-6)
+    assert pa[0].grad.stride() == (1, 9)  # the user's gradient itself is left as it was
+
+
 def test_non_dense_parameter_raises_a_clear_error(device):
     base = torch.randn(8, 10, device=device)
     p = base[:, ::2]  # every other column: not dense

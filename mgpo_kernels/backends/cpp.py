@@ -81,6 +81,31 @@ def _scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return t
 
 
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the strides, sorted, are those of a contiguous tensor of some permutation."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(g: Tensor, p: Tensor) -> bool:
+    return g.numel() <= 1 or (_dense(g) and all(n == 1 or a == b for n, a, b in zip(p.shape, g.stride(), p.stride())))
+
+
+def _conform_grads(params: List[Tensor], grads: List[Optional[Tensor]]) -> Optional[List[Optional[Tensor]]]:
+    """The kernels walk a gradient as flat memory in its parameter's order, so it needs the parameter's strides
+    (what autograd produces).  A gradient assigned in another layout (a transposed or sliced view, say) is copied
+    into the parameter's layout for this step; None if every gradient already has it (nothing to fix)."""
+    if not any(g is not None and g.layout == torch.strided and g.shape == p.shape and not _same_layout(g, p)
+               for p, g in zip(params, grads)):
+        return None
+    return [g if g is None or g.layout != torch.strided or g.shape != p.shape or _same_layout(g, p)
+            else torch.empty_like(p, dtype=g.dtype).copy_(g) for p, g in zip(params, grads)]
+
+
 def _flatten(groups: List[GroupTensors]):
     """params, exp_avgs, exp_avg_sqs, masters, master_index, steps, group index over all groups (the ops' lists)."""
     params, ms, vs, masters, master_index, steps, gidx = [], [], [], [], [], [], []
@@ -177,10 +202,24 @@ class CppBackend(Backend):
                    float(cfg.sign), None if cfg.max_grad_norm is None else float(cfg.max_grad_norm),
                    bool(cfg.perturbed))
         if cfg.reduce_hook is None:  # one call: reduce -> scalar stage -> update
-            _ops.step(params, grads, ms, vs, masters, master_index, steps, gidx, lrs, lr_ts, b1s, b2s, epss, wds,
-                      *scalars)
+            try:
+                _ops.step(params, grads, ms, vs, masters, master_index, steps, gidx, lrs, lr_ts, b1s, b2s, epss,
+                          wds, *scalars)
+            except RuntimeError:  # refused before anything changed; a gradient in another layout is fine
+                conformed = _conform_grads(params, grads)
+                if conformed is None:
+                    raise
+                _ops.step(params, conformed, ms, vs, masters, master_index, steps, gidx, lrs, lr_ts, b1s, b2s,
+                          epss, wds, *scalars)
             return
-        _ops.check_step(params, grads, ms, vs, masters, master_index, steps)  # errors before any change
+        try:
+            _ops.check_step(params, grads, ms, vs, masters, master_index, steps)  # errors before any change
+        except RuntimeError:
+            conformed = _conform_grads(params, grads)
+            if conformed is None:
+                raise
+            grads = conformed
+            _ops.check_step(params, grads, ms, vs, masters, master_index, steps)
         sums = _ops.reduce_sums(grads, ms, gidx, len(groups))
         cfg.reduce_hook(sums)
         steps_with_grad = [s for s, gr in zip(steps, grads) if gr is not None]
