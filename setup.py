@@ -5,7 +5,7 @@
 CPU kernels are always built; CUDA kernels too when nvcc and a CUDA build of torch are present.
 Environment:
     MGPO_BUILD_CUDA=0/1     force the CUDA kernels off/on (default: auto)
-    TORCH_CUDA_ARCH_LIST    default "8.0;9.0" (Ampere, Hopper) when no GPU is visible
+    TORCH_CUDA_ARCH_LIST    default "8.0;9.0+PTX" (Ampere, Hopper; PTX for newer GPUs) when no GPU is visible
     MGPO_PTXAS_VERBOSE=1    print register/spill counts of the CUDA kernels (nvcc -Xptxas -v)
     MAX_JOBS                parallel compile jobs (ninja)
 """
@@ -61,7 +61,7 @@ def _ext_modules():
             except Exception:
                 pass
             if not visible:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources += [os.path.relpath(s, ROOT) for s in sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))]
         define_macros.append(("MGPO_WITH_CUDA", None))
         # Some torch headers include cusparse.h etc., which the pip CUDA wheels keep here.

@@ -347,6 +347,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mgpo_kernels.backends import triton_kernels as tk
+from mgpo_kernels.backends import triton as tb
 
 PTRS = {
     "mgpo_reduce_kernel": dict(tab_ptr="*i64", blk_ptr="*i64", grp_blk_ptr="*i64", part_ptr="*fp64",
@@ -362,8 +363,8 @@ for fn in (tk.mgpo_reduce_kernel, tk.mgpo_update_kernel):
     sig = {a: ptrs.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ptrs}  # as the JIT specializes them
     k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 8})
-    ops = sorted(set(re.findall(r"(?:ld|st|atom|div|sqrt)\.[a-z0-9._]+", k.asm["ptx"])))
+                       options={"num_warps": 8, **tb._COMPILE_OPTIONS})
+    ops = sorted(set(re.findall(r"(?:ld|st|atom|div|sqrt|fma)\.[a-z0-9._]+", k.asm["ptx"])))
     print(fn.__name__, " ".join(ops))
 '''
 
@@ -371,7 +372,8 @@ for fn in (tk.mgpo_reduce_kernel, tk.mgpo_update_kernel):
 def test_kernels_compile_for_h100_h200_with_vector_accesses(tmp_path):
     """The interpreter checks semantics only: compile both kernels for sm_90 (no GPU needed, Triton's ptxas) to
     catch what only the compiler rejects (branch types, loop-carried types), and check that full blocks use
-    16-byte vector accesses and that the update is IEEE (div.rn / sqrt.rn, no approximate division)."""
+    16-byte vector accesses and that the update is IEEE (div.rn / sqrt.rn, no approximate division, and no fused
+    multiply-add: products are rounded before the sum, as in the reference and the C++/CUDA build)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -387,6 +389,8 @@ def test_kernels_compile_for_h100_h200_with_vector_accesses(tmp_path):
     upd = lines["mgpo_update_kernel"]
     assert "st.global.v4.b32" in upd and "div.rn.f32" in upd and "sqrt.rn.f32" in upd, upd
     assert "approx" not in upd and "div.full" not in upd, upd
+    for name in ("mgpo_reduce_kernel", "mgpo_update_kernel"):
+        assert "fma." not in lines[name], lines[name]
 
 
 def test_aligned_tensors_take_the_vector_path():
@@ -399,3 +403,68 @@ def test_aligned_tensors_take_the_vector_path():
     entry = next(e for k, e in tb._CACHE.items() if k[0] == tuple(p.data_ptr() for p in ps))
     aligned = [(int(meta) >> 3) & 1 for meta in entry.tab.view(-1, tk.TAB_W)[:, 7].cpu()]
     assert aligned == [1, 1, 0]
+
+
+def test_functional_api_inputs_are_checked_before_the_kernels():
+    """The tensor table is built from raw addresses: a state tensor of the wrong dtype or shape, or a gradient
+    that does not match its parameter, is refused with a message (and nothing runs) instead of being read as
+    memory of another type."""
+    from mgpo_kernels.functional import init_global_state, mgpo
+
+    def args():
+        p = torch.randn(6, device=DEVICE)
+        return ([p], [torch.randn(6, device=DEVICE)], [torch.zeros(6, device=DEVICE)], [torch.zeros(6, device=DEVICE)],
+                [torch.zeros((), device=DEVICE)], init_global_state(DEVICE))
+
+    cases = [
+        (lambda a: a[4].__setitem__(0, torch.zeros((), dtype=torch.int64, device=DEVICE)), "step must be"),
+        (lambda a: a[2].__setitem__(0, torch.zeros(7, device=DEVICE)), "exp_avg must be float32 of shape"),
+        (lambda a: a[3].__setitem__(0, torch.zeros(6, dtype=torch.float64, device=DEVICE)), "exp_avg_sq must be"),
+        (lambda a: a[1].__setitem__(0, torch.randn(6, dtype=torch.float64, device=DEVICE)), "does not match"),
+    ]
+    for mutate, match in cases:
+        a = args()
+        mutate(a)
+        before = a[0][0].clone()
+        with pytest.raises((ValueError, TypeError), match=match):
+            mgpo(*a, lr=1e-2, backend="triton")
+        assert torch.equal(a[0][0], before)
+    a = args()
+    before = a[0][0].clone()
+    mgpo(*a, lr=1e-2, backend="triton")  # the same call with valid inputs runs
+    assert not torch.equal(a[0][0], before)
+
+
+def test_table_not_reused_for_a_view_at_a_freed_gradients_address():
+    """A non-contiguous gradient at the address of the previous (contiguous) one must not find the old table:
+    the kernels would read it in storage order."""
+    pa, pb, oa, ob = _pair([(9, 9), (5,)], lr=1e-2, rho=1.0)
+    gen = torch.Generator().manual_seed(3)
+    buf = torch.randn(81, generator=gen).to(DEVICE)
+    other = torch.randn(5, generator=gen).to(DEVICE)
+    for view in (buf.view(9, 9), buf.view(9, 9).t(), buf.view(9, 9)):  # same data_ptr every step
+        pa[0].grad, pb[0].grad = view.contiguous(), view
+        pa[1].grad, pb[1].grad = other.clone(), other  # the same address every step too
+        oa.step()
+        ob.step()
+        _assert_same_state(pa, pb, oa, ob)
+
+
+def test_hyper_parameter_table_updated_in_place():
+    """A changed float lr is written into the same device buffer (a CUDA graph captured before keeps reading
+    it), and the step uses the new value."""
+    pa, pb, oa, ob = _pair([(17,), (8, 30)], lr=1e-2, rho=0.5)
+    gen = torch.Generator().manual_seed(4)
+    _set_grads([pa, pb], [(17,), (8, 30)], torch.float32, gen)
+    oa.step()
+    ob.step()
+    entry = next(reversed(tb._CACHE.values()))
+    hyp = entry.hyp.data_ptr()
+    for lr in (3e-2, 5e-3):
+        for o in (oa, ob):
+            o.param_groups[0]["lr"] = lr
+        _set_grads([pa, pb], [(17,), (8, 30)], torch.float32, gen)
+        oa.step()
+        ob.step()
+        _assert_same_state(pa, pb, oa, ob)
+        assert entry.hyp.data_ptr() == hyp

@@ -210,11 +210,12 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const __grid_constant_
     a.h.chunk_group[chunk] = t.group;
     __threadfence();  // partials visible device-wide before the counter moves
     const unsigned prev = atomicAdd(a.h.counter, 1u);
+    __threadfence();  // acquire side, in the thread that observed the atomic (PTX memory model)
     is_last = prev == (unsigned)(a.h.total_chunks - 1);
   }
   __syncthreads();
   if (!is_last) return;
-  __threadfence();
+  __threadfence();  // and in every thread of the last block before it reads the partials (__ldcg)
   // Last block: sums[k] = fixed-order reduction of the partials of group k's chunks (contiguous).
   const int n = a.h.total_chunks;
   for (int k = 0; k < a.h.num_groups; ++k) {

@@ -65,6 +65,11 @@ def _lr_args(lr, device: torch.device):
     """(float value, tensor or None): a tensor lr is read by the kernels on the device (no host sync)."""
     if isinstance(lr, Tensor):
         if lr.device.type == "cpu" and device.type != "cpu":
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "MGPO: lr is a CPU tensor, whose value would be frozen into the CUDA graph being captured; "
+                    "put the lr tensor on the parameters' device (the kernels read it there at every replay)"
+                )
             return float(lr), None  # a CPU tensor: reading it does not synchronise the device
         t = lr.detach()
         if t.dtype != torch.float32 or t.device != device:

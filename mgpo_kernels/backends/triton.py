@@ -39,6 +39,10 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MAX_ITERS = 16
 _TARGET_PROGRAMS = 2048
 _CACHE_SIZE = 16
+# No FMA contraction (as the C++/CUDA build: -ffp-contract=off, --fmad=false): `p - restore*m` and
+# `theta + apply*m` must round the product, then the sum, like the reference backend, the generic eval()/train()
+# and the interpreter; on sm_90 the default would fuse them (40 fma.rn.f32 in the update kernel's PTX).
+_COMPILE_OPTIONS = dict(enable_fp_fusion=False)
 
 
 def _interpreted() -> bool:
@@ -102,16 +106,37 @@ class _Entry:
 
 
 _data_ptr = Tensor.data_ptr
+_is_contiguous = Tensor.is_contiguous
 _numel = Tensor.numel
 _dtype = operator.attrgetter("dtype")
 _CACHE: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_in_capture(device: torch.device, what: str) -> None:
+    if _capturing(device):
+        raise RuntimeError(
+            f"MGPO triton backend: {what} during CUDA-graph capture; a captured step must find its tables built: "
+            "run one eager step with the same parameters, gradients and hyper-parameters before capturing "
+            "(and keep a tensor lr on the parameters' device)"
+        )
+
+
+def _pinned(arr: np.ndarray) -> Tensor:
+    """A pinned host copy: the async upload then never depends on the numpy buffer, and torch's pinned-memory
+    cache keeps the block until the copy has run."""
+    return torch.from_numpy(arr).pin_memory()
+
+
 def _h2d(arr: np.ndarray, device: torch.device) -> Tensor:
-    """Upload a small host array without synchronising (pageable memory is staged by the copy)."""
-    t = torch.from_numpy(arr)
-    # a torch allocation either way (aligned: the kernels use the block table's address as their aligned base)
-    return t.to(device, non_blocking=True) if device.type != "cpu" else t.clone()
+    """Upload a small host array without synchronising the host."""
+    if device.type == "cpu":
+        return torch.from_numpy(arr).clone()
+    # a torch allocation (aligned: the kernels use the block table's address as their aligned base)
+    return _pinned(arr).to(device, non_blocking=True)
 
 
 def _aligned(*ptrs: int) -> bool:
@@ -133,6 +158,7 @@ def _prepare(groups: List[GroupTensors], device: torch.device) -> _Prepared:
     key = (tuple(map(_data_ptr, params)), tuple(map(_numel, params)), tuple(map(_dtype, params)), sizes, device)
     entry = _CACHE.get(key)
     if entry is None:
+        _refuse_in_capture(device, "new parameters (new device tables)")
         entry = _Entry(key[1], sizes, device)
         _CACHE[key] = entry
         while len(_CACHE) > _CACHE_SIZE:
@@ -141,9 +167,12 @@ def _prepare(groups: List[GroupTensors], device: torch.device) -> _Prepared:
         _CACHE.move_to_end(key)
 
     # the addresses that may change between steps (grads, state, lr tensors)
+    # (and the layouts: a non-contiguous tensor is copied, so a view reusing a freed contiguous tensor's address
+    # must not find that tensor's table)
     addr_key = []
     for g in groups:
-        addr_key += [0 if x is None else x.data_ptr() for x in g.grads]
+        addr_key += [0 if x is None else (x.data_ptr() if x.is_contiguous() else -1) for x in g.grads]
+        addr_key += map(_is_contiguous, g.params)
         addr_key += map(_data_ptr, g.exp_avgs)
         addr_key += map(_data_ptr, g.exp_avg_sqs)
         addr_key += [0 if x is None else x.data_ptr() for x in g.masters]
@@ -151,12 +180,15 @@ def _prepare(groups: List[GroupTensors], device: torch.device) -> _Prepared:
         addr_key.append(g.lr.data_ptr() if isinstance(g.lr, Tensor) else -1)
     writeback: List[Tuple[Optional[Tensor], Tensor]] = []
     if entry.needs_copy or addr_key != entry.addr_key:
+        _refuse_in_capture(device, "new tensor addresses or non-contiguous tensors (a new tensor table)")
         _build_tensor_table(entry, groups, writeback)
         entry.addr_key = addr_key
     # lr tensors that the kernel cannot read in place (another device or dtype): copied into a slot (no sync)
     for k, g in enumerate(groups):
         lr = g.lr
         if isinstance(lr, Tensor) and not _direct_lr(lr, device):
+            if lr.device.type == "cpu":
+                _refuse_in_capture(device, "a CPU tensor lr (copied to the device every step)")
             entry.lr_slots[k].copy_(lr.reshape(()), non_blocking=True)
     return _Prepared(entry, writeback)
 
@@ -165,7 +197,38 @@ def _direct_lr(lr: Tensor, device: torch.device) -> bool:
     return lr.device == device and lr.dtype == torch.float32 and lr.numel() == 1
 
 
+def _check_tensors(groups: List[GroupTensors], device: torch.device) -> None:
+    """What the kernels assume of every address they are given (they dereference them as memory of ``device``
+    in the types below); checked whenever the table is rebuilt, so the functional API and the custom ops get a
+    clear error instead of an illegal address or garbage."""
+    i = 0
+    for g in groups:
+        for p, gr, m, v, ma, st in zip(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps):
+            where = f"MGPO triton backend, tensor {i}"
+            if p.dtype not in _DTYPE_CODE:
+                raise TypeError(f"{where}: parameter dtype {p.dtype} (float32, bfloat16 or float16 expected)")
+            for name, t in (("param", p), ("grad", gr), ("exp_avg", m), ("exp_avg_sq", v), ("master_param", ma),
+                            ("step", st)):
+                if t is not None and t.device != device:
+                    raise ValueError(f"{where}: {name} is on {t.device}, the kernels run on {device}")
+            for name, t in (("exp_avg", m), ("exp_avg_sq", v), ("master_param", ma)):
+                if t is not None and (t.dtype != torch.float32 or t.shape != p.shape):
+                    raise ValueError(f"{where}: {name} must be float32 of shape {tuple(p.shape)}, got {t.dtype} "
+                                     f"{tuple(t.shape)}")
+            if gr is not None:
+                if gr.layout != torch.strided:
+                    raise RuntimeError(f"{where}: sparse gradients are not supported")
+                if gr.dtype != p.dtype or gr.shape != p.shape:
+                    raise ValueError(f"{where}: grad {gr.dtype} {tuple(gr.shape)} does not match its parameter "
+                                     f"{p.dtype} {tuple(p.shape)}")
+            if st.dtype != torch.float32 or st.numel() != 1:
+                raise ValueError(f"{where}: step must be a one-element float32 tensor, got {st.dtype} "
+                                 f"{tuple(st.shape)}")
+            i += 1
+
+
 def _build_tensor_table(entry: _Entry, groups: List[GroupTensors], writeback: List[Tuple[Optional[Tensor], Tensor]]):
+    _check_tensors(groups, entry.device)
     rows = []
     needs_copy = False
 
@@ -214,7 +277,14 @@ def _set_hyper(entry: _Entry, groups: List[GroupTensors], cfg: StepConfig, has_s
                  (1.0 - b1) ** 2, 0.0, 0.0]
     key = tuple(vals)
     if key != entry.hyp_key:
-        entry.hyp = _h2d(np.asarray(vals, dtype=np.float64), entry.device)
+        _refuse_in_capture(entry.device, "changed hyper-parameters (lr, betas, rho, ...)")
+        arr = np.asarray(vals, dtype=np.float64)
+        if entry.hyp is not None and entry.hyp.numel() == arr.size:
+            # in place: a CUDA graph captured earlier keeps reading this buffer (it sees the new values)
+            src = torch.from_numpy(arr) if entry.device.type == "cpu" else _pinned(arr)
+            entry.hyp.copy_(src, non_blocking=True)
+        else:
+            entry.hyp = _h2d(arr, entry.device)
         entry.hyp_key = key
 
 
@@ -236,7 +306,7 @@ def _launch_reduce_here(entry: _Entry, sums: Tensor) -> None:
     _k.mgpo_reduce_kernel[(entry.n_blocks,)](
         entry.tab, entry.blk, entry.grp_blk, entry.partials, sums, entry.counter_reduce,
         entry.n_blocks, entry.n_groups, entry.iters,
-        BLOCK=entry.block, RBLOCK=_k.RBLOCK, TAB_W=_k.TAB_W, num_warps=entry.num_warps,
+        BLOCK=entry.block, RBLOCK=_k.RBLOCK, TAB_W=_k.TAB_W, num_warps=entry.num_warps, **_COMPILE_OPTIONS,
     )
 
 
@@ -251,6 +321,7 @@ def _launch_update_here(entry: _Entry, sums: Tensor, gstate: GlobalState, scale:
         gstate.step, gstate.gbar, gstate.coef, gstate.skipped, scale, found_inf, entry.counter_update,
         entry.n_blocks, entry.n_tensors, entry.n_groups, entry.iters,
         BLOCK=entry.block, TBLOCK=_k.TBLOCK, TAB_W=_k.TAB_W, HYP_W=_k.HYP_W, num_warps=entry.num_warps,
+        **_COMPILE_OPTIONS,
     )
 
 
