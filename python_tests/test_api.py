@@ -373,17 +373,20 @@ def _bad_grad_cases():
     return [(sparse, "sparse"), (dtype, "dtype"), (complex_, "complex")]
 
 
+@pytest.mark.parametrize("index", [0, 1], ids=["1_element", "7_elements"])
 @pytest.mark.parametrize("case", range(3))
-def test_bad_gradients_raise_and_change_nothing(backend, case):
+def test_bad_gradients_raise_and_change_nothing(backend, case, index):
+    """After two steps (so the step takes the cached host path, where the cpp backend validates in C++), a bad
+    gradient is refused with a message that names the problem, and nothing changes."""
     mutate, match = _bad_grad_cases()[case]
-    prob = Problem([(5,), (7,)])
+    prob = Problem([(1,), (7,)])
     params = prob.params()
     opt = MGPO(params, lr=1e-2, rho=1.0, backend=backend)
     _train(opt, params, prob, 2)
     before = _snapshot(opt, params)
     opt.zero_grad()
     prob.loss(params).backward()
-    mutate(params[1])
+    mutate(params[index])
     with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
         opt.step()
     _assert_unchanged(before, opt, params)
@@ -529,26 +532,6 @@ def test_cached_host_path_follows_every_change(backend):
     for i in sa["state"]:
         for k in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(sa["state"][i][k], sb["state"][i][k]), (i, k)
-
-
-def test_cached_path_still_names_a_bad_gradient(backend):
-    """On the cached path the cpp backend validates in C++; the error must still name the problem."""
-    prob = Problem([(1,), (7,)])
-    params = prob.params()
-    opt = MGPO(params, lr=1e-2, rho=1.0, backend=backend)
-    _train(opt, params, prob, 2)
-    before = _snapshot(opt, params)
-    opt.zero_grad()
-    prob.loss(params).backward()
-    params[0].grad = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.tensor([1.0]), (1,))  # 1 element
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
-    _assert_unchanged(before, opt, params)
-    params[0].grad_dtype = None
-    params[0].grad = torch.randn(1, dtype=torch.float64)
-    with pytest.raises(TypeError, match="dtype"):
-        opt.step()
-    _assert_unchanged(before, opt, params)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
