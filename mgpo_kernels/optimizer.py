@@ -65,6 +65,22 @@ def _check_group_hparams(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid weight_decay={weight_decay!r}: must be a finite number >= 0")
 
 
+_UNSUPPORTED_ADAMW_FLAGS = {
+    "amsgrad": "MGPO's update is the paper's AdamW; AMSGrad's max of second moments is not implemented",
+    "maximize": "MGPO minimises; negate the loss to maximise",
+    "differentiable": "MGPO's step is not differentiable (fused kernels)",
+}
+
+
+def _check_adamw_flags(flags: Dict[str, Any], where: str) -> None:
+    """torch.optim.AdamW's flags, accepted for drop-in use: the supported values are False/None (amsgrad,
+    maximize, differentiable); foreach, fused and capturable only choose how AdamW runs, which the backend decides
+    here (always multi-tensor, and capturable on CUDA), so any value is accepted."""
+    for name, why in _UNSUPPORTED_ADAMW_FLAGS.items():
+        if flags.get(name):
+            raise ValueError(f"{where}: {name}={flags[name]!r} is not supported ({why})")
+
+
 def _check_option(name: str, value) -> None:
     if name == "rho":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -97,6 +113,9 @@ class MGPO(torch.optim.Optimizer):
         direction: "momentum" (paper Eq. 3) or "-momentum" (Momentum-SAM's sign, used by the authors' code).
         max_grad_norm: clip the global gradient norm to this (torch's clip_grad_norm_ formula), fused in the step.
         backend: "auto", "reference", "cpp" or "triton" (see ``available_backends()``).
+        amsgrad, maximize, foreach, fused, capturable, differentiable: ``torch.optim.AdamW``'s flags, accepted so
+            that AdamW configurations carry over; amsgrad/maximize/differentiable must be False (refused otherwise),
+            the others do not apply (the backend's step is always multi-tensor, and capturable on CUDA).
     """
 
     _step_supports_amp_scaling = True
@@ -114,8 +133,16 @@ class MGPO(torch.optim.Optimizer):
         direction: str = "momentum",
         max_grad_norm: Optional[float] = None,
         backend: str = "auto",
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         _check_group_hparams(lr, betas, eps, weight_decay)
+        _check_adamw_flags(dict(amsgrad=amsgrad, maximize=maximize, differentiable=differentiable), "MGPO")
         opts = dict(rho=rho, ema_beta=ema_beta, adaptive_norm=adaptive_norm, direction=direction,
                     max_grad_norm=max_grad_norm)
         for k, v in opts.items():
@@ -166,6 +193,7 @@ class MGPO(torch.optim.Optimizer):
         for k, v in self.defaults.items():
             g.setdefault(k, v)
         _check_group_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"])
+        _check_adamw_flags(g, "param group")
         if "_device" in self.__dict__:  # after construction: check the new parameters before adding them
             new = g["params"]
             new = [new] if isinstance(new, Tensor) else list(new)
@@ -494,6 +522,7 @@ class MGPO(torch.optim.Optimizer):
                 )
             _check_group_hparams(sg.get("lr", g["lr"]), sg.get("betas", g["betas"]), sg.get("eps", g["eps"]),
                                  sg.get("weight_decay", g["weight_decay"]))
+            _check_adamw_flags(sg, f"state dict param group {gi}")
             for idx, p in zip(sg["params"], g["params"]):
                 st = state_dict["state"].get(idx)
                 if st is None:

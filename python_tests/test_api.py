@@ -307,12 +307,36 @@ def test_grad_scaler_sees_amp_support():
         (dict(max_grad_norm=-1.0), "max_grad_norm"),
         (dict(direction="sideways"), "momentum"),
         (dict(backend="cuda-magic"), "reference"),
+        (dict(amsgrad=True), "amsgrad"),
+        (dict(maximize=True), "maximize"),
+        (dict(differentiable=True), "differentiable"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, match):
     p = torch.nn.Parameter(torch.randn(4))
     with pytest.raises(ValueError, match=match):
         MGPO([p], **kwargs)
+
+
+def test_adamw_constructor_flags_carry_over(backend):
+    """An AdamW configuration (foreach/fused/capturable and the False defaults of the others) builds an MGPO that
+    steps as one built without them; a param group or state dict asking for AMSGrad is refused, not ignored."""
+    prob = Problem()
+    pa, pb = prob.params(), prob.params()
+    oa = MGPO(pa, lr=1e-2, backend=backend, amsgrad=False, maximize=False, foreach=True, fused=True,
+              capturable=True, differentiable=False)
+    ob = MGPO(pb, lr=1e-2, backend=backend)
+    _train(oa, pa, prob, 3)
+    _train(ob, pb, prob, 3)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a.detach(), b.detach())
+    with pytest.raises(ValueError, match="amsgrad"):
+        oa.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "amsgrad": True})
+    adam = torch.optim.AdamW(prob.params(), lr=1e-2, amsgrad=True)
+    before = _snapshot(ob, pb)
+    with pytest.raises(ValueError, match="amsgrad"):
+        ob.load_state_dict(adam.state_dict())
+    _assert_unchanged(before, ob, pb)
 
 
 def test_bad_param_group_raises():
