@@ -104,6 +104,12 @@ def _init(rank, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
 
 
+# Each worker ends its success path with dist.barrier(): both ranks are done talking before either tears gloo
+# down (a rank that exits while its peer's gloo thread still talks to it can kill the peer with std::terminate:
+# seen once in CI as SIGABRT at the FSDP2 fixture, not reproduced). Not in `finally`: after a failure on one rank
+# the barrier could wait for a peer stuck in another collective, a hang instead of an error.
+
+
 def spawn(fn, *args):
     port = free_port()
     mp.start_processes(fn, args=(port,) + args, nprocs=WORLD, join=True, start_method="spawn")
@@ -124,6 +130,7 @@ def _ddp_worker(rank, port, backend, out):
         opt.eval()
         theta = {n: p.detach().clone() for n, p in model.named_parameters()}
         torch.save({"perturbed": perturbed, "theta": theta}, os.path.join(out, f"ddp{rank}.pt"))
+        dist.barrier()  # see the note above spawn()
     finally:
         dist.destroy_process_group()
 
@@ -218,6 +225,7 @@ def _fsdp_worker(rank, port, backend, out):
         local_shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
         torch.save({"perturbed": perturbed, "theta": theta, "calls": calls, "local_shapes": local_shapes},
                    os.path.join(out, f"fsdp{rank}.pt"))
+        dist.barrier()  # see the note above spawn()
     finally:
         dist.destroy_process_group()
 
@@ -307,6 +315,7 @@ def _layouts_worker(rank, port, out):
             opt.step()
         assert not opt.state and torch.equal(q.to_local(), before)
         open(os.path.join(out, f"layouts{rank}.ok"), "w").close()
+        dist.barrier()  # see the note above spawn()
     finally:
         dist.destroy_process_group()
 
