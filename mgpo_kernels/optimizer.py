@@ -39,6 +39,7 @@ class _CacheEntry:
     none_mask: list
     keep: Optional[list]  # which parameters have state (None: all)
     tensors: tuple  # params, exp_avgs, exp_avg_sqs, masters, steps of the parameters with state
+    states: list  # their state dicts: a tensor replaced in one (``state[k] = v.to(device)``) invalidates the cache
 
 
 def _local(t):
@@ -323,12 +324,14 @@ class MGPO(torch.optim.Optimizer):
         for group, g in zip(self.param_groups, groups):
             ps = list(group["params"])  # kept: the ids compared below cannot be reused while the cache lives
             has_state = [bool(self.state.get(p)) for p in ps]
+            with_state = list(itertools.compress(ps, has_state))
             # the parameter itself, not a detached alias: an alias would go stale if ``p.data`` is reassigned
             entries.append(_CacheEntry(
                 params_ref=ps, ids=list(map(id, ps)), none_mask=list(map(operator.is_, (p.grad for p in ps),
                                                                          itertools.repeat(None))),
                 keep=None if all(has_state) else has_state,
-                tensors=(list(itertools.compress(ps, has_state)), g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps),
+                tensors=(with_state, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps),
+                states=[self.state[p] for p in with_state],
             ))
         self.__dict__["_group_cache"] = (id(self.state), self.state, entries)
 
@@ -348,6 +351,10 @@ class MGPO(torch.optim.Optimizer):
             if e.keep is not None:
                 grads = list(itertools.compress(grads, e.keep))
             params, ms, vs, masters, steps = e.tensors
+            if not all(all(map(operator.is_, map(dict.get, e.states, itertools.repeat(key)), cached))
+                       for key, cached in (("exp_avg", ms), ("exp_avg_sq", vs), ("step", steps),
+                                           ("master_param", masters))):
+                return None  # a state tensor was replaced (moved to another device, say)
             b1, b2 = group["betas"]
             out.append(GroupTensors(params, grads, ms, vs, masters, steps, group["lr"], b1, b2,
                                     group["eps"], group["weight_decay"]))

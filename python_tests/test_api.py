@@ -604,3 +604,25 @@ def test_gradient_layout_does_not_matter(backend):
         ob.step()
         for a, b in zip(pa, pb):
             assert torch.equal(a.detach(), b.detach())
+
+
+def test_state_tensors_replaced_between_steps_are_used(backend):
+    """The common 'move the optimizer state' loop (``state[k] = v.to(device)``, here a clone) between two steps
+    replaces the tensors the cached host path holds: the next step must update the new ones."""
+    prob = Problem()
+    pa, pb = prob.params(torch.bfloat16), prob.params(torch.bfloat16)  # bf16: master_param is replaced too
+    oa, ob = MGPO(pa, lr=1e-2, rho=2.0, backend=backend), MGPO(pb, lr=1e-2, rho=2.0, backend=backend)
+    for t in range(5):
+        if t == 2:
+            for st in oa.state.values():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        st[k] = v.clone()
+        _train(oa, pa, prob, 1)
+        ob.__dict__.pop("_group_cache", None)
+        _train(ob, pb, prob, 1)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a.detach(), b.detach())
+    for a, b in zip(pa, pb):
+        for k in ("exp_avg", "exp_avg_sq", "master_param", "step"):
+            assert torch.equal(oa.state[a][k], ob.state[b][k]), k
