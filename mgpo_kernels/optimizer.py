@@ -30,6 +30,10 @@ _GRAD = operator.attrgetter("grad")
 _UNSET = object()
 
 
+def _get_or_none(d, key):
+    return None if d is None else d.get(key)
+
+
 @dataclass
 class _CacheEntry:
     """One param group's tensor lists, valid while its parameters (ids) and gradient pattern are unchanged."""
@@ -39,7 +43,6 @@ class _CacheEntry:
     none_mask: list
     keep: Optional[list]  # which parameters have state (None: all)
     tensors: tuple  # params, exp_avgs, exp_avg_sqs, masters, steps of the parameters with state
-    states: list  # their state dicts: a tensor replaced in one (``state[k] = v.to(device)``) invalidates the cache
 
 
 def _local(t):
@@ -331,7 +334,6 @@ class MGPO(torch.optim.Optimizer):
                                                                          itertools.repeat(None))),
                 keep=None if all(has_state) else has_state,
                 tensors=(with_state, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps),
-                states=[self.state[p] for p in with_state],
             ))
         self.__dict__["_group_cache"] = (id(self.state), self.state, entries)
 
@@ -351,10 +353,13 @@ class MGPO(torch.optim.Optimizer):
             if e.keep is not None:
                 grads = list(itertools.compress(grads, e.keep))
             params, ms, vs, masters, steps = e.tensors
-            if not all(all(map(operator.is_, map(dict.get, e.states, itertools.repeat(key)), cached))
+            # the state as it is now: a dict or a tensor in it replaced between steps (the usual loops that move
+            # optimizer state to a device do either) must not leave the cache updating the old tensors
+            states = list(map(self.state.get, params))
+            if not all(all(map(operator.is_, map(_get_or_none, states, itertools.repeat(key)), cached))
                        for key, cached in (("exp_avg", ms), ("exp_avg_sq", vs), ("step", steps),
                                            ("master_param", masters))):
-                return None  # a state tensor was replaced (moved to another device, say)
+                return None
             b1, b2 = group["betas"]
             out.append(GroupTensors(params, grads, ms, vs, masters, steps, group["lr"], b1, b2,
                                     group["eps"], group["weight_decay"]))

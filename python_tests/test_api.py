@@ -607,17 +607,25 @@ def test_gradient_layout_does_not_matter(backend):
 
 
 def test_state_tensors_replaced_between_steps_are_used(backend):
-    """The common 'move the optimizer state' loop (``state[k] = v.to(device)``, here a clone) between two steps
-    replaces the tensors the cached host path holds: the next step must update the new ones."""
+    """The common 'move the optimizer state' loops (``state[k] = v.to(device)`` or a new dict per parameter, here
+    with clones) between two steps replace the tensors the cached host path holds: the next step must update the
+    new ones."""
     prob = Problem()
     pa, pb = prob.params(torch.bfloat16), prob.params(torch.bfloat16)  # bf16: master_param is replaced too
     oa, ob = MGPO(pa, lr=1e-2, rho=2.0, backend=backend), MGPO(pb, lr=1e-2, rho=2.0, backend=backend)
     for t in range(5):
-        if t == 2:
+        if t >= 2:
+            assert oa._cached_groups() is not None  # steady state: the cached lists are used
+        if t == 2:  # tensors replaced inside the state dicts
             for st in oa.state.values():
                 for k, v in st.items():
                     if torch.is_tensor(v):
                         st[k] = v.clone()
+        if t == 3:  # the state dicts themselves replaced
+            for p in list(oa.state):
+                oa.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in oa.state[p].items()}
+        if t in (2, 3):
+            assert oa._cached_groups() is None  # noticed
         _train(oa, pa, prob, 1)
         ob.__dict__.pop("_group_cache", None)
         _train(ob, pb, prob, 1)
