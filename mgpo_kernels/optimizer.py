@@ -27,11 +27,10 @@ _GLOBAL_KEYS = ("step", "gbar", "coef", "skipped")  # GlobalState, saved under s
 _MIRRORED_KEYS = ("step", "gbar", "coef")  # ... and mirrored per parameter for distributed checkpoints
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _GRAD = operator.attrgetter("grad")
+_EXP_AVG = operator.itemgetter("exp_avg")
+_EXP_AVG_SQ = operator.itemgetter("exp_avg_sq")
+_STEP = operator.itemgetter("step")
 _UNSET = object()
-
-
-def _get_or_none(d, key):
-    return None if d is None else d.get(key)
 
 
 @dataclass
@@ -356,9 +355,14 @@ class MGPO(torch.optim.Optimizer):
             # the state as it is now: a dict or a tensor in it replaced between steps (the usual loops that move
             # optimizer state to a device do either) must not leave the cache updating the old tensors
             states = list(map(self.state.get, params))
-            if not all(all(map(operator.is_, map(_get_or_none, states, itertools.repeat(key)), cached))
-                       for key, cached in (("exp_avg", ms), ("exp_avg_sq", vs), ("step", steps),
-                                           ("master_param", masters))):
+            try:  # C-level maps: ~0.15 us per parameter
+                same = (all(map(operator.is_, map(_EXP_AVG, states), ms))
+                        and all(map(operator.is_, map(_EXP_AVG_SQ, states), vs))
+                        and all(map(operator.is_, map(_STEP, states), steps))
+                        and all(map(operator.is_, map(dict.get, states, itertools.repeat("master_param")), masters)))
+            except (KeyError, TypeError):  # a key or a parameter's whole state is gone
+                return None
+            if not same:
                 return None
             b1, b2 = group["betas"]
             out.append(GroupTensors(params, grads, ms, vs, masters, steps, group["lr"], b1, b2,
