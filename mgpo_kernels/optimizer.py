@@ -167,6 +167,21 @@ class MGPO(torch.optim.Optimizer):
         # step() was lost (every compiled call then started from a fresh zero state).  integrations issue.
         self._global_state()
 
+    # ------------------------------------------------------------------ copy / pickle
+    def __getstate__(self) -> Dict[str, Any]:
+        """torch.optim.Optimizer pickles only defaults, state and param_groups; MGPO's own attributes must travel
+        too, or a ``copy.deepcopy``/unpickled optimizer cannot step.  The backend object and the host-path cache
+        are rebuilt on the other side."""
+        st = super().__getstate__()
+        st.update(_options=dict(self._options), _gstate=self._gstate, _perturbed=self._perturbed,
+                  _device=self._device, backend_name=self.backend_name)
+        return st
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_device" in self.__dict__ and "backend_name" in self.__dict__:
+            self._backend = _backends.resolve(self.backend_name, self._device)
+
     # ------------------------------------------------------------------ options
     def __getattr__(self, name):
         opts = self.__dict__.get("_options")

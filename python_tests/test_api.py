@@ -634,3 +634,26 @@ def test_state_tensors_replaced_between_steps_are_used(backend):
     for a, b in zip(pa, pb):
         for k in ("exp_avg", "exp_avg_sq", "master_param", "step"):
             assert torch.equal(oa.state[a][k], ob.state[b][k]), k
+
+
+def test_deepcopy_and_pickle_give_a_working_optimizer(backend):
+    """torch's Optimizer pickles only defaults/state/param_groups: MGPO's own state (gbar, coef, options, mode)
+    must travel too. A deep copy made mid-run continues exactly as the original."""
+    import pickle
+
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, rho=2.0, max_grad_norm=1.0, backend=backend)
+    _train(opt, params, prob, 3)
+    model_copy, opt_copy = copy.deepcopy((params, opt))  # one memo: the copy's param groups hold the copied params
+    assert opt_copy.rho == 2.0 and opt_copy.max_grad_norm == 1.0 and opt_copy.backend == opt.backend
+    _train(opt, params, prob, 3)
+    _train(opt_copy, model_copy, prob, 3)
+    for a, b in zip(params, model_copy):
+        assert torch.equal(a.detach(), b.detach())
+    assert torch.equal(opt._gstate.coef, opt_copy._gstate.coef)
+    params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
+    _train(opt2, params2, prob, 1)
+    _train(opt, params, prob, 1)
+    for a, b in zip(params, params2):
+        assert torch.equal(a.detach(), b.detach())
