@@ -120,17 +120,18 @@ inline ScalarConfig make_scalar_config(double rho, double ema_beta, bool adaptiv
   return cfg;
 }
 
-// The fused step (no reduce_hook): one call from Python, the three stages of the backend in a row.
-template <typename Reduce, typename Scalar, typename Update>
-at::Tensor step_impl(Reduce reduce, Scalar scalar, Update update, at::TensorList params, const OptTensorList& grads,
-                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList masters,
-                     at::IntArrayRef master_index, at::TensorList steps, at::IntArrayRef group_index,
-                     at::ArrayRef<double> lrs, const OptTensorList& lr_tensors, at::ArrayRef<double> beta1s,
-                     at::ArrayRef<double> beta2s, at::ArrayRef<double> epss, at::ArrayRef<double> wds,
-                     const at::Tensor& gstep, const at::Tensor& gbar, const at::Tensor& coef,
-                     const at::Tensor& skipped, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf, double rho, double ema_beta, bool adaptive_norm,
-                     double sign, std::optional<double> max_grad_norm, bool perturbed) {
+// The fused step (no reduce_hook): one call from Python, the three stages of the backend in a row. Each device
+// registers step_op<its reduce, scalar stage, update> as its "step" kernel.
+template <auto reduce, auto scalar, auto update>
+at::Tensor step_op(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index,
+                   at::TensorList steps, at::IntArrayRef group_index, at::ArrayRef<double> lrs,
+                   const OptTensorList& lr_tensors, at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s,
+                   at::ArrayRef<double> epss, at::ArrayRef<double> wds, const at::Tensor& gstep,
+                   const at::Tensor& gbar, const at::Tensor& coef, const at::Tensor& skipped,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   double rho, double ema_beta, bool adaptive_norm, double sign,
+                   std::optional<double> max_grad_norm, bool perturbed) {
   check_step_args(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps);
   at::Tensor sums = reduce(grads, exp_avgs, group_index, (int64_t)lrs.size());
   std::vector<at::Tensor> with_grad;

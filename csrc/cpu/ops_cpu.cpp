@@ -305,23 +305,8 @@ void update_cpu(at::TensorList params, const OptTensorList& grads, at::TensorLis
                   [&](int64_t b, int64_t e) { isa->update(ts.data(), chunks.data(), b, e); });
 }
 
-at::Tensor step_cpu(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index,
-                     at::TensorList steps, at::IntArrayRef group_index, at::ArrayRef<double> lrs,
-                     const OptTensorList& lr_tensors, at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s,
-                     at::ArrayRef<double> epss, at::ArrayRef<double> wds, const at::Tensor& gstep,
-                     const at::Tensor& gbar, const at::Tensor& coef, const at::Tensor& skipped,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     double rho, double ema_beta, bool adaptive_norm, double sign, std::optional<double> max_grad_norm,
-                     bool perturbed) {
-  return step_impl(&reduce_sums_cpu, &scalar_stage_cpu, &update_cpu, params, grads, exp_avgs, exp_avg_sqs,
-                   masters, master_index, steps, group_index, lrs, lr_tensors, beta1s, beta2s, epss, wds, gstep,
-                   gbar, coef, skipped, grad_scale, found_inf, rho, ema_beta, adaptive_norm, sign, max_grad_norm,
-                   perturbed);
-}
-
 TORCH_LIBRARY_IMPL(mgpo, CPU, m) {
-  m.impl("step", &step_cpu);
+  m.impl("step", &step_op<&reduce_sums_cpu, &scalar_stage_cpu, &update_cpu>);
   m.impl("check_step", &check_step_op);
   m.impl("reduce_sums", &reduce_sums_cpu);
   m.impl("scalar_stage", &scalar_stage_cpu);
