@@ -29,33 +29,12 @@ import torch
 from transformers import TrainerCallback
 
 from ..optimizer import MGPO
-
-#: attribute names under which optimizer wrappers keep the optimizer they wrap: accelerate's AcceleratedOptimizer
-#: (``.optimizer``), DeepSpeed's ZeRO / bf16 optimizers (``.optimizer``), a few others (``.base_optimizer``).
-_WRAPPER_ATTRS = ("optimizer", "base_optimizer", "_optimizer")
-
-
-def _wrapper_chain(optimizer) -> List[Any]:
-    chain, seen, o = [], set(), optimizer
-    while o is not None and id(o) not in seen:
-        chain.append(o)
-        seen.add(id(o))
-        if isinstance(o, MGPO):
-            break
-        o = next((getattr(o, a) for a in _WRAPPER_ATTRS if getattr(o, a, None) is not None), None)
-    return chain
-
-
-def find_mgpo(optimizer) -> Optional[MGPO]:
-    """The MGPO inside ``optimizer`` (itself, or wrapped by accelerate / DeepSpeed), or None."""
-    chain = _wrapper_chain(optimizer)
-    return chain[-1] if chain and isinstance(chain[-1], MGPO) else None
-
+from .common import find_mgpo, wrapper_chain
 
 def _check_not_deepspeed(optimizer) -> None:
     """DeepSpeed ZeRO hands the optimizer flat fp32 partitions of the master weights: the norms would be per
     rank, and eval()/train() would change the master copy but not the model's weights.  Refuse clearly."""
-    for o in _wrapper_chain(optimizer)[:-1]:
+    for o in wrapper_chain(optimizer)[:-1]:
         mod = type(o).__module__ or ""
         if mod.startswith("deepspeed"):
             raise NotImplementedError(
