@@ -48,3 +48,36 @@ def describe_missing(names: List[str], total: int, limit: int = 5) -> str:
     return (f"the optimizer (MGPO) holds {what} of the model's {total} trainable parameters; missing: {shown}. "
             "Build MGPO over the parameters that are trained (for a PEFT model, after get_peft_model: "
             "mgpo_for_peft(model) or mgpo_optimizer_cls_and_kwargs(...)), or those tensors are never updated")
+
+
+#: MGPO's options (kept in every param group); an instance attribute of this name on a wrapper is never read by MGPO
+MGPO_OPTION_NAMES = ("rho", "ema_beta", "adaptive_norm", "direction", "max_grad_norm", "gbar_floor")
+
+
+def check_wrapper_options(optimizer) -> None:
+    """Raise if a wrapper around the MGPO carries an attribute named like an MGPO option.
+
+    ``accelerated_opt.rho = 0.1`` sets an attribute of accelerate's wrapper that MGPO never reads: the run would go
+    on with the old value while the wrapper reports the new one.  ``param_groups`` entries are what every wrapper
+    forwards, so that is what the message points to.
+    """
+    chain = wrapper_chain(optimizer)
+    if not chain or not isinstance(chain[-1], MGPO):
+        return
+    mgpo = chain[-1]
+    for o in chain[:-1]:
+        if isinstance(o, MGPO):  # Lightning's wrapper is an MGPO subclass: its option properties write param_groups
+            continue
+        d = getattr(o, "__dict__", None) or {}
+        names = [k for k in MGPO_OPTION_NAMES if k in d]
+        if names:
+            k = names[0]
+            cls = f"{type(o).__module__}.{type(o).__name__}"
+            current = mgpo.param_groups[0].get(k, getattr(mgpo, k, "?")) if mgpo.param_groups else "?"
+            raise AttributeError(
+                f"{', '.join(names)} is set as an attribute of the optimizer wrapper {cls}, which does not forward it: "
+                f"MGPO never sees it (it still uses {k}={current!r}). Set MGPO's options through the param groups, "
+                f"which every wrapper forwards: `for g in optimizer.param_groups: g[{k!r}] = value` (or on the "
+                f"MGPO itself: `find_mgpo(optimizer).{k} = value`), and remove the wrapper's attribute "
+                f"(`del optimizer.{k}`)."
+            )
