@@ -50,11 +50,9 @@ def describe_missing(names: List[str], total: int, limit: int = 5) -> str:
             "mgpo_for_peft(model) or mgpo_optimizer_cls_and_kwargs(...)), or those tensors are never updated")
 
 
-#: MGPO's options (kept in every param group); an instance attribute of this name on a wrapper is never read by MGPO
-MGPO_OPTION_NAMES = ("rho", "ema_beta", "adaptive_norm", "direction", "max_grad_norm", "gbar_floor")
-
-
-def check_wrapper_options(optimizer) -> None:
+def check_wrapper_options(
+    optimizer, names=("rho", "ema_beta", "adaptive_norm", "direction", "max_grad_norm", "gbar_floor")
+) -> None:
     """Raise if a wrapper around the MGPO carries an attribute named like an MGPO option.
 
     ``accelerated_opt.rho = 0.1`` sets an attribute of accelerate's wrapper that MGPO never reads: the run would go
@@ -69,13 +67,13 @@ def check_wrapper_options(optimizer) -> None:
         if isinstance(o, MGPO):  # Lightning's wrapper is an MGPO subclass: its option properties write param_groups
             continue
         d = getattr(o, "__dict__", None) or {}
-        names = [k for k in MGPO_OPTION_NAMES if k in d]
-        if names:
-            k = names[0]
+        found = [k for k in names if k in d]
+        if found:
+            k = found[0]
             cls = f"{type(o).__module__}.{type(o).__name__}"
             current = mgpo.param_groups[0].get(k, getattr(mgpo, k, "?")) if mgpo.param_groups else "?"
             raise AttributeError(
-                f"{', '.join(names)} is set as an attribute of the optimizer wrapper {cls}, which does not forward it: "
+                f"{', '.join(found)} is set as an attribute of the optimizer wrapper {cls}, which does not forward it: "
                 f"MGPO never sees it (it still uses {k}={current!r}). Set MGPO's options through the param groups, "
                 f"which every wrapper forwards: `for g in optimizer.param_groups: g[{k!r}] = value` (or on the "
                 f"MGPO itself: `find_mgpo(optimizer).{k} = value`), and remove the wrapper's attribute "
