@@ -22,6 +22,7 @@ or, letting the Trainer build it (and its scheduler)::
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -29,7 +30,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..optimizer import MGPO
-from .common import find_mgpo, wrapper_chain
+from .common import check_wrapper_options, describe_missing, find_mgpo, missing_trainable_parameters, wrapper_chain
+
 
 def _check_not_deepspeed(optimizer) -> None:
     """DeepSpeed ZeRO hands the optimizer flat fp32 partitions of the master weights: the norms would be per
@@ -54,7 +56,12 @@ class MGPOCallback(TrainerCallback):
     * ``on_step_end`` of the last step (``control.should_training_stop``) and ``on_train_end``: ``eval()``, so the
       final evaluation, ``load_best_model_at_end``, ``trainer.save_model()`` and any use of the model after
       training see theta.
-    * ``on_train_begin``: refuses DeepSpeed-wrapped MGPO (see docs/integrations.md).
+    * ``on_train_begin``: refuses DeepSpeed-wrapped MGPO (see docs/integrations.md); warns when MGPO holds none
+      or only part of the model's trainable parameters (an optimizer built before PEFT added the adapters, e.g.
+      TRL's ``SFTTrainer(peft_config=..., optimizers=(MGPO(model.parameters()), None))``, trains nothing).
+    * ``on_train_begin`` / ``on_step_begin``: raise when a wrapper (accelerate's ``AcceleratedOptimizer``) carries
+      an attribute named like an MGPO option (``trainer.optimizer.rho = x``), which MGPO never reads; set options
+      as ``for g in trainer.optimizer.param_groups: g["rho"] = x``.
 
     Put it after any callback that sets ``control.should_save`` itself (the Trainer's own flow callback always
     runs first).  ``optimizer``: pass the MGPO explicitly if the Trainer does not know it (rare).
@@ -73,13 +80,23 @@ class MGPOCallback(TrainerCallback):
         opt = kwargs.get("optimizer")
         if opt is not None:
             _check_not_deepspeed(opt)
+            check_wrapper_options(opt)
             if find_mgpo(opt) is None and self._explicit is None:
                 warnings.warn(
                     f"MGPOCallback: the Trainer's optimizer ({type(opt).__name__}) is not MGPO; the callback does "
                     "nothing", stacklevel=2
                 )
+        mgpo, model = self._mgpo(kwargs), kwargs.get("model")
+        if mgpo is not None and model is not None:
+            missing = missing_trainable_parameters(model, mgpo)
+            if missing:
+                total = sum(1 for p in model.parameters() if p.requires_grad)
+                warnings.warn("MGPOCallback: " + describe_missing(missing, total), stacklevel=2)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        opt = kwargs.get("optimizer")
+        if opt is not None:
+            check_wrapper_options(opt)  # an option set on the wrapper mid-training (a few dict lookups)
         opt = self._mgpo(kwargs)
         if opt is not None:
             opt.train()
@@ -181,15 +198,39 @@ def mgpo_for_peft(
     return MGPO(groups, lr=lr, weight_decay=weight_decay, **mgpo_kwargs)
 
 
+def _calling_trainer(depth: int = 4):
+    """The transformers Trainer whose method called us (``Trainer.create_optimizer`` calls the factory), or None."""
+    from transformers import Trainer
+
+    f = sys._getframe(2)
+    for _ in range(depth):
+        if f is None:
+            return None
+        obj = f.f_locals.get("self")
+        if isinstance(obj, Trainer):
+            return obj
+        f = f.f_back
+    return None
+
+
 class MGPOForPeft:
     """An optimizer *factory* for ``Trainer(optimizer_cls_and_kwargs=(MGPOForPeft, kwargs))``.
 
     The Trainer treats a first element that is not an Optimizer subclass as a factory: it calls
     ``MGPOForPeft()(model, **kwargs)``, so the LoRA parameters (and LoRA+ groups) are taken from the model, not from
-    the Trainer's decay/no-decay grouping of every trainable parameter.
+    the Trainer's decay/no-decay grouping of every trainable parameter.  Called by a Trainer that has no
+    :class:`MGPOCallback`, it warns: that Trainer's checkpoints and final weights would hold theta + eps.
     """
 
     def __call__(self, model: torch.nn.Module, **kwargs) -> MGPO:
+        trainer = _calling_trainer()
+        if trainer is not None and not any(isinstance(cb, MGPOCallback) for cb in trainer.callback_handler.callbacks):
+            warnings.warn(
+                "MGPO built by a Trainer without MGPOCallback: evaluation runs at theta (the Trainer calls "
+                "optimizer.eval()) and resume_from_checkpoint continues the run, but the checkpoints' model weights "
+                "and the model after train() hold theta + eps (the perturbed weights). Add "
+                "callbacks=[MGPOCallback()]", stacklevel=2,
+            )
         return mgpo_for_peft(model, **kwargs)
 
 
