@@ -1,0 +1,157 @@
+"""The stability benchmark's parts: task data, exact match, the bump metric, the random-noise baseline's norm,
+and a two-step pre-training + fine-tuning run through the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from mgpo_kernels import MGPO
+from mgpo_kernels.bench.stability import metrics, task
+from mgpo_kernels.bench.stability.noise import IsotropicNoise
+
+
+def _solve(q: str) -> int:
+    n = [int(x) for x in re.findall(r"\d+", q)]
+    if "more" in q:
+        return n[0] + n[1]
+    if "left" in q:
+        return n[0] - n[1]
+    if "boxes" in q:
+        return n[0] * n[1]
+    assert "equally" in q
+    assert n[0] % n[1] == 0
+    return n[0] // n[1]
+
+
+def test_task_splits_are_deterministic_disjoint_and_correct():
+    seed = int(torch.randint(0, 10_000, ()))
+    tr1, ev1 = task.make_splits(300, 60, seed=seed)
+    tr2, ev2 = task.make_splits(300, 60, seed=seed)
+    assert tr1 == tr2 and ev1 == ev2
+    tr3, _ = task.make_splits(300, 60, seed=seed + 1)
+    assert tr3 != tr1
+    assert not {p.question for p in ev1} & {p.question for p in tr1}
+    assert len({p.question for p in ev1}) == len(ev1)
+    for p in tr1 + ev1:
+        assert p.answer == _solve(p.question) and p.answer >= 0
+        assert p.prompt.endswith("\nAnswer:") and p.target == f" {p.answer}\n"
+
+
+def test_collate_masks_prompt_and_padding():
+    ex = [([5, 6, 7, 8], 2), ([5, 6, 7], 1)]
+    b = task.collate(ex, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 7, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert b["labels"].tolist() == [[-100, -100, 7, 8], [-100, 6, 7, -100]]
+
+
+def test_exact_match_needs_every_answer_token_and_ignores_the_prompt():
+    vocab, n, plen = 11, 9, 4
+    ids = torch.randint(2, vocab, (3, n))
+    labels = ids.clone()
+    labels[:, :plen] = -100
+    labels[2, -2:] = -100                      # a shorter example (right padding)
+    logits = torch.randn(3, n, vocab)
+    # make the argmax at position i predict token i+1 everywhere (a perfect model) ...
+    logits[:, :-1].scatter_(2, ids[:, 1:, None], 50.0)
+    ok, ce, cnt = task.answer_scores(logits, labels)
+    assert ok.tolist() == [True, True, True]
+    assert cnt.tolist() == [n - plen, n - plen, n - plen - 2]
+    # ... then break a prompt position of example 0 (no effect), an answer position of example 1 (a miss) and a
+    # padded position of example 2 (no effect)
+    bad = logits.clone()
+    bad[0, 1] = torch.randn(vocab)
+    bad[0, 1, ids[0, 2]] = -50.0
+    j = plen + 1
+    bad[1, j - 1] = 0.0
+    bad[1, j - 1, (ids[1, j] + 1) % vocab] = 50.0
+    bad[2, n - 2] = 0.0
+    bad[2, n - 2, (ids[2, n - 1] + 1) % vocab] = 50.0
+    ok, ce, _ = task.answer_scores(bad, labels)
+    assert ok.tolist() == [True, False, True]
+    ref = torch.nn.functional.cross_entropy(bad[1, :-1], labels[1, 1:], ignore_index=-100, reduction="sum")
+    assert float(ce[1]) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_bump_on_synthetic_curves():
+    lo = float(torch.rand(())) + 0.5
+    down = [3.0 - 2.0 * i / 99 for i in range(100)]
+    assert metrics.bump(down, 1) == 0.0 and metrics.bump(down, 10) == 0.0
+    rise = float(torch.rand(())) + 0.2
+    # down to lo, up by `rise`, down again below lo: the bump is the rise (no smoothing)
+    curve = [3 - (3 - lo) * i / 40 for i in range(41)] + [lo + rise * i / 20 for i in range(1, 21)] + \
+            [lo + rise - (rise + 0.3) * i / 40 for i in range(1, 41)]
+    assert metrics.bump(curve, 1) == pytest.approx(rise, rel=1e-9)
+    sm = metrics.bump(curve, 9)
+    assert 0.5 * rise < sm < rise
+    # smoothing takes most of the noise out of a flat noisy curve
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
+    noisy = (1.0 + 0.1 * torch.randn(400, generator=g)).tolist()
+    assert metrics.bump(noisy, 50) < 0.5 * metrics.bump(noisy, 1)
+    assert metrics.bump(curve[:30] + [math.nan], 5) == math.inf
+    assert metrics.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_mean_std():
+    s = metrics.mean_std([1.0, 3.0, math.nan, None])
+    assert s == {"mean": 2.0, "std": pytest.approx(math.sqrt(2.0)), "n": 2}
+    assert metrics.mean_std([math.inf])["mean"] is None
+
+
+@pytest.mark.parametrize("adaptive_norm", [True, False])
+def test_noise_norm_equals_mgpo_epsilon_norm(adaptive_norm):
+    shapes = [(7, 5), (13,), (3, 4, 2)]
+    ps = [torch.randn(s, requires_grad=True) for s in shapes]
+    qs = [p.detach().clone().requires_grad_(True) for p in ps]
+    opt = MGPO(ps, lr=1e-2, weight_decay=0.0, rho=0.05, ema_beta=0.9, adaptive_norm=adaptive_norm)
+    noise = IsotropicNoise(qs, rho=0.05, ema_beta=0.9, adaptive_norm=adaptive_norm,
+                           generator=torch.Generator().manual_seed(int(torch.randint(0, 1000, ()))))
+    assert noise.norm() == 0.0
+    for t in range(6):
+        scale = 0.5 + 4.5 * float(torch.rand(()))
+        grads = [scale * torch.randn(s) / 5 for s in shapes]
+        for p, q, g in zip(ps, qs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        noise.observe()
+        # MGPO's ε, read through the public API: weights in train mode minus weights at θ
+        perturbed = [p.detach().clone() for p in ps]
+        with opt.unperturbed():
+            eps = torch.sqrt(sum(((a - p.detach()) ** 2).sum() for a, p in zip(perturbed, ps)))
+        assert noise.norm() == pytest.approx(float(eps), rel=1e-4)
+        # the noise's own move has that norm and is removed exactly
+        before = [q.detach().clone() for q in qs]
+        noise.apply()
+        moved = torch.sqrt(sum(((q.detach() - b) ** 2).sum() for q, b in zip(qs, before)))
+        assert float(moved) == pytest.approx(noise.norm(), rel=1e-4)
+        noise.remove()
+        assert all(torch.equal(q.detach(), b) for q, b in zip(qs, before))
+
+
+def test_two_step_pretraining_and_finetuning_smoke(tmp_path):
+    from mgpo_kernels.bench import main
+
+    argv = ["stability", "--preset", "tiny", "--device", "cpu", "--out-dir", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-chart"]
+    assert main(argv + ["--seeds", "2", "--methods", "lora", "mgpo", "noise", "mgpo-neg"]) == 0
+    (js,) = (tmp_path / "out").glob("*stability-tiny.json")
+    res = json.loads(js.read_text())
+    assert not res["base"]["cached"] and res["base"]["config"]["pretrain_steps"] == 2
+    assert len(res["runs"]) == 8
+    for r in res["runs"]:
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+        assert 0.0 <= r["exact_match"] <= 1.0 and math.isfinite(r["eval_loss"])
+    by = {(r["method"], r["seed"]): r for r in res["runs"]}
+    # same data order and LoRA init per seed: the first step (no perturbation yet anywhere) is identical
+    for s in (0, 1):
+        assert len({by[(m, s)]["losses"][0] for m in ("lora", "mgpo", "noise", "mgpo-neg")}) == 1
+    assert by[("lora", 0)]["losses"][0] != by[("lora", 1)]["losses"][0]
+    assert len(res["rows"]) == 4 and (tmp_path / "out" / js.name.replace(".json", ".md")).exists()
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    # a second run loads the cached base model
+    assert main(argv + ["--methods", "lora", "--seeds", "1"]) == 0
+    assert json.loads(js.read_text())["base"]["cached"]
