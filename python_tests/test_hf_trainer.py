@@ -136,13 +136,13 @@ class Recorder(TrainerCallback):
                 p.copy_(pert[n])
 
 
-def run_trainer(out, model=None, callbacks=None, resume=None, optimizer=None, **arg_kw):
+def run_trainer(out, model=None, callbacks=None, resume=None, optimizer=None, mgpo_callback=True, **arg_kw):
     model = make_model() if model is None else model
     opt = MGPO(lora_param_groups(model, MGPO_KW["lr"]), **MGPO_KW) if optimizer is None else optimizer
     trainer = Trainer(
         model=model, args=make_args(out, **arg_kw), train_dataset=TRAIN, eval_dataset=EVAL,
         data_collator=default_data_collator, optimizers=(opt, None),
-        callbacks=(callbacks or []) + [MGPOCallback()],
+        callbacks=(callbacks or []) + ([MGPOCallback()] if mgpo_callback else []),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -326,3 +326,66 @@ def test_load_best_model_at_end_keeps_best_theta(tmp_path):
     saved = safetensors_torch.load_file(os.path.join(best_dir, "adapter_model.safetensors"))
     for n, p in lora_params(model).items():
         torch.testing.assert_close(p.detach(), saved[adapter_name(n)], rtol=0, atol=0, msg=n)
+
+
+def test_callback_warns_when_mgpo_holds_part_or_none_of_the_trainable_parameters(tmp_path):
+    model = make_model()
+    params = lora_params(model)
+    a_only = [p for n, p in params.items() if "lora_A" in n]
+    opt = MGPO(a_only, **MGPO_KW)
+    trainer = Trainer(model=model, args=make_args(tmp_path, max_steps=1, eval_strategy="no", save_strategy="no"),
+                      train_dataset=TRAIN, data_collator=default_data_collator, optimizers=(opt, None),
+                      callbacks=[MGPOCallback()])
+    with pytest.warns(UserWarning, match=rf"holds {len(a_only)} of {len(params)} .*lora_B"):
+        trainer.train()
+    # none: an optimizer over the frozen base model's parameters (the TRL trap, see test_trl.py)
+    frozen = MGPO([p for p in model.parameters() if not p.requires_grad], **MGPO_KW)
+    with pytest.warns(UserWarning, match=rf"holds none of the model's {len(params)} trainable"):
+        MGPOCallback().on_train_begin(None, None, None, optimizer=frozen, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MGPOCallback().on_train_begin(None, None, None, optimizer=MGPO(list(params.values()), **MGPO_KW),
+                                      model=model)
+
+
+def test_without_callback_checkpoints_hold_perturbed_weights_and_resume_is_exact(tmp_path):
+    """No MGPOCallback: the Trainer saves mid-training, so checkpoint-N's adapter weights are theta + eps (not what
+    to deploy), and optimizer.pt says so; resume_from_checkpoint then continues the uninterrupted run."""
+    common = dict(max_steps=10, eval_strategy="no", save_steps=5, mgpo_callback=False)
+    model = make_model()
+    rec = Recorder(model)
+    _, model, opt = run_trainer(tmp_path / "full", model=model, callbacks=[rec], **common)
+    assert opt.training  # nothing unperturbed the model after train(): it holds theta + eps
+    saved = safetensors_torch.load_file(str(tmp_path / "full" / "checkpoint-5" / "adapter_model.safetensors"))
+    for n in rec.perturbed[5]:
+        torch.testing.assert_close(saved[adapter_name(n)], rec.perturbed[5][n], rtol=0, atol=0, msg=n)
+    dist = sum((saved[adapter_name(n)].double() - t.double()).norm() ** 2 for n, t in rec.theta[5].items()) ** 0.5
+    assert dist > 1e-3
+
+    fresh = make_model()
+    with torch.no_grad():
+        for p in lora_params(fresh).values():
+            p.normal_()
+    _, resumed, ropt = run_trainer(tmp_path / "resumed", model=fresh, resume=str(tmp_path / "full" / "checkpoint-5"),
+                                   **common)
+    assert int(ropt.state_dict()["mgpo"]["step"]) == 10 and ropt.training
+    full = lora_params(model)
+    for n, p in lora_params(resumed).items():
+        torch.testing.assert_close(p.detach(), full[n].detach(), rtol=1e-6, atol=1e-9, msg=n)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ropt.state[p][key], opt.state[full[n]][key], rtol=1e-6, atol=1e-12, msg=n)
+
+
+def test_factory_warns_when_its_trainer_has_no_callback(tmp_path):
+    kw = mgpo_optimizer_cls_and_kwargs(lr=3e-3, rho=0.05, backend=BACKEND)
+    args = make_args(tmp_path, max_steps=1, eval_strategy="no", save_strategy="no")
+    t = Trainer(model=make_model(), args=args, train_dataset=TRAIN, data_collator=default_data_collator,
+                optimizer_cls_and_kwargs=kw)
+    with pytest.warns(UserWarning, match="without MGPOCallback"):
+        t.train()
+    t = Trainer(model=make_model(), args=args, train_dataset=TRAIN, data_collator=default_data_collator,
+                optimizer_cls_and_kwargs=kw, callbacks=[MGPOCallback()])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        t.train()
+    assert not [w for w in rec if "MGPO" in str(w.message)], [str(w.message) for w in rec]
