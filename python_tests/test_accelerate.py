@@ -8,6 +8,7 @@ import pytest
 import torch
 
 accelerate = pytest.importorskip("accelerate")
+safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from accelerate import Accelerator  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
@@ -90,8 +91,10 @@ def build(seed: int, accum: int = 1, **mgpo_kw):
 
 
 # ------------------------------------------------------------------------------------------ save_state / load_state
-@pytest.mark.parametrize("accum", [1, 2])
-def test_save_state_load_state_resume_matches_uninterrupted(tmp_path, accum):
+@pytest.mark.parametrize("accum, unperturbed_save", [(1, False), (2, False), (2, True)])
+def test_save_state_load_state_resume_matches_uninterrupted(tmp_path, accum, unperturbed_save):
+    """As accelerate's docs show (mid-training: the saved model holds theta + eps), or inside unperturbed() (the
+    saved model holds theta, ready to deploy): either checkpoint continues the uninterrupted run."""
     steps, cut = 8, 4
     acc, model, opt, sched = build(seed=0, accum=accum)
     train(acc, model, opt, sched, 0, steps, accum)
@@ -99,13 +102,20 @@ def test_save_state_load_state_resume_matches_uninterrupted(tmp_path, accum):
 
     acc, model, opt, sched = build(seed=0, accum=accum)
     train(acc, model, opt, sched, 0, cut, accum)
-    assert find_mgpo(opt).training  # saved as accelerate's docs show: mid-training, the model at theta + eps
-    acc.save_state(str(tmp_path / "ckpt"))
+    assert find_mgpo(opt).training
+    if unperturbed_save:
+        with find_mgpo(opt).unperturbed():
+            acc.save_state(str(tmp_path / "ckpt"))
+    else:
+        acc.save_state(str(tmp_path / "ckpt"))
     with find_mgpo(opt).unperturbed():
         theta_at_cut = [p.detach().clone() for p in model.parameters()]
     perturbed_at_cut = [p.detach().clone() for p in model.parameters()]
     # the test can tell theta from theta + eps
     assert max(rel(a, b) for a, b in zip(perturbed_at_cut, theta_at_cut)) > 1e-3
+    saved = safetensors_torch.load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    for (n, _), q in zip(model.named_parameters(), theta_at_cut if unperturbed_save else perturbed_at_cut):
+        assert rel(saved[n], q) <= 1e-7, n
 
     # a new process: new objects, other random weights; everything must come from the checkpoint
     acc, model, opt, sched = build(seed=123, accum=accum)
