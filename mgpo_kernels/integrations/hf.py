@@ -202,7 +202,10 @@ def _calling_trainer(depth: int = 4):
     """The transformers Trainer whose method called us (``Trainer.create_optimizer`` calls the factory), or None."""
     from transformers import Trainer
 
-    f = sys._getframe(2)
+    try:
+        f = sys._getframe(2)
+    except ValueError:  # called from the top of the stack
+        return None
     for _ in range(depth):
         if f is None:
             return None
