@@ -133,11 +133,20 @@ def test_save_state_load_state_resume_matches_uninterrupted(tmp_path, accum, unp
         assert_same_run(model, opt, *full)
 
 
-def test_prepare_on_optimizer_with_state_keeps_theta():
+def make_lora_model(seed: int) -> torch.nn.Module:
+    """LoRA adapters (B starts at zero, PEFT's default) on the MLP's two linear layers."""
+    peft = pytest.importorskip("peft")
+    base = make_model(seed)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_prepare_on_optimizer_with_state_keeps_theta(lora):
     """AcceleratedOptimizer.__init__ round-trips state_dict() -> load_state_dict() (device placement)."""
-    torch.manual_seed(0)
-    model = make_model(0)
-    opt = MGPO(model.parameters(), **KW)
+    model = make_lora_model(0) if lora else make_model(0)
+    opt = MGPO([p for p in model.parameters() if p.requires_grad], **KW)
     for k in range(3):
         opt.zero_grad()
         loss_fn(model, *batch(k)).backward()
