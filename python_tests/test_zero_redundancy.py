@@ -1,0 +1,271 @@
+"""MGPO as the local optimizer of torch's ZeroRedundancyOptimizer (2 gloo processes on the CPU), and replicated
+setups next to it, each against one process that trains the same model on the full batch.
+
+ZeRO gives every rank's MGPO a different subset of the parameters: its norms must be the global ones (summed
+over the ranks), or the first step must refuse clearly.  Per-rank norms would give results that differ from one
+process by far more than rounding, silently.  Replicated ranks (DDP, or gradients averaged by hand) hold all the
+parameters: their local norms are global and must not be summed again.
+
+All scenarios and backends run in one 2-process launch (a module fixture); each test reads its result.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from mgpo_kernels import MGPO, available_backends
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+WORLD = 2
+STEPS = 10
+BATCH = 8
+BACKENDS = available_backends("cpu")
+BASE_KW = dict(lr=2e-2, betas=(0.9, 0.99), weight_decay=0.01, ema_beta=0.9)
+
+
+class Ragged(nn.Module):
+    """ZeRO's greedy partition (largest first) puts fc1.weight (91 elements) on rank 0 and the rest (88) on
+    rank 1: the ranks hold different numbers of elements."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(7, 13)
+        self.fc2 = nn.Linear(13, 5)
+        self.row = nn.Parameter(0.1 * torch.randn(1, 5))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x[:, :7]))) + self.row
+
+
+class Twins(nn.Module):
+    """Two 7x5 matrices: ZeRO puts one on each rank, the ranks hold the same number of elements."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(0.4 * torch.randn(7, 5))
+        self.b = nn.Parameter(0.4 * torch.randn(7, 5))
+
+    def forward(self, x):
+        return torch.tanh(x[:, :7] @ self.a) * (x[:, :7] @ self.b) + x[:, :5]
+
+
+class Scales(nn.Module):
+    """Two gains initialised to ones (as LayerNorm weights are): ZeRO puts one on each rank, and the ranks hold
+    the same sizes *and* the same values at the first step, although they hold different parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(7, 5)
+        self.fc.requires_grad_(False)  # frozen: only the gains are trained (and sharded)
+        self.g1 = nn.Parameter(torch.ones(5))
+        self.g2 = nn.Parameter(torch.ones(5))
+
+    def forward(self, x):
+        h = self.fc(x[:, :7])
+        return torch.tanh(h * self.g1) * self.g2 + h
+
+
+MODELS = {"ragged": Ragged, "twins": Twins, "scales": Scales}
+
+# name: (model, wrapper, MGPO kwargs beyond BASE_KW, a clear refusal at the first step acceptable?)
+SCENARIOS = {
+    "zero_rho1": ("ragged", "zero", dict(rho=1.0), True),
+    "zero_rho005": ("ragged", "zero", dict(rho=0.05, max_grad_norm=1.0), True),
+    "zero_same_sizes": ("twins", "zero", dict(rho=1.0), True),
+    "zero_same_values": ("scales", "zero", dict(rho=1.0), True),
+    "zero_explicit_sharded": ("twins", "zero", dict(rho=1.0, distributed="sharded"), False),
+    "ddp_replicated": ("ragged", "ddp", dict(rho=1.0), False),
+    "averaged_by_hand_replicated": ("ragged", "by_hand", dict(rho=0.05), False),
+    "ddp_explicit_replicated": ("ragged", "ddp", dict(rho=1.0, distributed="replicated"), False),
+}
+
+# Triton runs under its (slow) interpreter here: the core scenarios only; the layout logic is shared by all backends
+CASES = [(b, s) for b in BACKENDS for s in SCENARIOS
+         if b != "triton" or s in ("zero_rho1", "zero_rho005", "ddp_replicated")]
+ZERO_CASES = [(b, s) for b, s in CASES if SCENARIOS[s][1] == "zero"]
+CASE_IDS = [f"{b}-{s}" for b, s in CASES]
+ZERO_IDS = [f"{b}-{s}" for b, s in ZERO_CASES]
+
+
+def make_model(kind):
+    torch.manual_seed(0)
+    return MODELS[kind]()
+
+
+def make_data():
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(BATCH, 7, generator=g), torch.randn(BATCH, 5, generator=g)) for _ in range(STEPS)]
+
+
+def lr_at(t):
+    return BASE_KW["lr"] * (1.0 - t / (2 * STEPS))
+
+
+def train(model, opt, shard, average_grads=False, on_error=None):
+    for t, (x, y) in enumerate(make_data()):
+        for g in opt.param_groups:  # through the wrapper's param_groups, as a scheduler does
+            g["lr"] = lr_at(t)
+        F.mse_loss(model(x[shard]), y[shard]).backward()
+        if average_grads:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= WORLD
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step()
+        except Exception as exc:  # noqa: BLE001 - reported to the test, which judges it
+            if on_error is None:
+                raise
+            on_error(t, exc, all(torch.equal(b, p.detach()) for b, p in zip(before, model.parameters())))
+            return
+        opt.zero_grad(set_to_none=True)
+
+
+@functools.lru_cache(maxsize=None)
+def single_process(backend, scenario):
+    """Perturbed parameters after the run, then theta (eval())."""
+    kind, _, kw, _ = SCENARIOS[scenario]
+    kw = {k: v for k, v in kw.items() if k != "distributed"}
+    model = make_model(kind)
+    opt = MGPO([p for p in model.parameters() if p.requires_grad], backend=backend, **BASE_KW, **kw)
+    train(model, opt, slice(None))
+    perturbed = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.eval()
+    return perturbed, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------------- the workers
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_scenario(rank, backend, scenario):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kind, wrapper, kw, _ = SCENARIOS[scenario]
+    model = make_model(kind)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    per = BATCH // WORLD
+    shard = slice(rank * per, (rank + 1) * per)
+    out = {}
+
+    def on_error(t, exc, unchanged):
+        out.update(error=f"{type(exc).__name__}: {exc}", error_step=t, unchanged=unchanged)
+
+    if wrapper == "by_hand":
+        opt = MGPO(trainable, backend=backend, **BASE_KW, **kw)
+        train(model, opt, shard, average_grads=True, on_error=on_error)
+        local = opt
+    else:
+        net = DDP(model)
+        if wrapper == "zero":
+            opt = ZeroRedundancyOptimizer(trainable, optimizer_class=MGPO, backend=backend, **BASE_KW, **kw)
+            local = opt.optim
+        else:
+            opt = MGPO(trainable, backend=backend, **BASE_KW, **kw)
+            local = opt
+        train(net, opt, shard, on_error=on_error)
+    if "error" in out:
+        return out
+    out["perturbed"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    local.eval()
+    owned = {id(p) for g in local.param_groups for p in g["params"]}
+    out["owned_theta"] = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in owned}
+    out["model_after_eval"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {}
+        for backend, scenario in CASES:
+            try:
+                results[(backend, scenario)] = _run_scenario(rank, backend, scenario)
+            except Exception:  # noqa: BLE001 - e.g. a construction error: reported to the test
+                results[(backend, scenario)] = {"crash": traceback.format_exc()}
+            dist.barrier()  # both ranks are done with this scenario before the next starts
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks are done talking before either tears gloo down
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero")
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    return [torch.load(out / f"rank{k}.pt", weights_only=False) for k in range(WORLD)]
+
+
+# ------------------------------------------------------------------------------------------- the tests
+def _close(a, b, what):
+    for n in b:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{what} {n}: {m}")
+
+
+def _results(runs, backend, scenario):
+    res = [r[(backend, scenario)] for r in runs]
+    for k, r in enumerate(res):
+        assert "crash" not in r, f"rank {k}: {r['crash']}"
+    return res
+
+
+@pytest.mark.parametrize("backend, scenario", CASES, ids=CASE_IDS)
+def test_two_processes_match_one_process_or_refuse_clearly(runs, backend, scenario):
+    res = _results(runs, backend, scenario)
+    refusal_ok = SCENARIOS[scenario][3]
+    if any("error" in r for r in res):
+        assert refusal_ok, f"refused: {[r.get('error') for r in res]}"
+        for k, r in enumerate(res):
+            assert "error" in r, f"only rank {1 - k} refused: {res[1 - k]['error']}"
+            assert r["error_step"] == 0, f"rank {k} refused at step {r['error_step']}, not the first: {r['error']}"
+            assert "distributed=" in r["error"], f"rank {k}: the message does not say what to do: {r['error']}"
+            assert r["unchanged"], f"rank {k}: the refused step changed the parameters"
+        return
+    perturbed, theta = single_process(backend, scenario)
+    for k, r in enumerate(res):
+        _close(r["perturbed"], perturbed, f"rank {k} perturbed parameters")
+        _close(r["owned_theta"], {n: theta[n] for n in r["owned_theta"]}, f"rank {k} theta")
+    owned = set(res[0]["owned_theta"]) | set(res[1]["owned_theta"])
+    assert owned == set(n for n, p in make_model(SCENARIOS[scenario][0]).named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("backend, scenario", ZERO_CASES, ids=ZERO_IDS)
+def test_zero_sharded_really_split_the_parameters(runs, backend, scenario):
+    """The scenarios are what they claim: each rank's MGPO held a different, non-empty part."""
+    res = _results(runs, backend, scenario)
+    if any("error" in r for r in res):
+        pytest.skip("refused at the first step (judged by the test above)")
+    a, b = (set(r["owned_theta"]) for r in res)
+    assert a and b and not a & b, (a, b)
+
+
+@pytest.mark.parametrize("backend, scenario", CASES, ids=CASE_IDS)
+def test_eval_on_every_rank_gives_theta_everywhere(runs, backend, scenario):
+    """After ``eval()`` of every rank's MGPO, the model each rank evaluates must be theta: with ZeRO a rank also
+    holds the other ranks' parameters (broadcast after each step, perturbed)."""
+    res = _results(runs, backend, scenario)
+    if any("error" in r for r in res):
+        pytest.skip("refused at the first step (judged by the test above)")
+    _, theta = single_process(backend, scenario)
+    for k, r in enumerate(res):
+        _close(r["model_after_eval"], theta, f"rank {k} model after eval()")
