@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import time
+import warnings
 from typing import Any, Dict
 
 import torch
@@ -27,7 +28,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # a first look: under 10 minutes on a 2-core CPU (pre-training included)
     "quick": {**_BASE_SMALL, **_TASK, "steps": 80, "lrs": [2e-3, 1.6e-2], "smooth": 8},
     # under an hour on a 2-core CPU
-    "default": {**_BASE_SMALL, **_TASK, "hidden": 128, "intermediate": 344, "vocab": 2048, "pretrain_steps": 600,
+    "default": {**_BASE_SMALL, **_TASK, "hidden": 128, "intermediate": 344, "layers": 4, "vocab": 2048,
+                "pretrain_steps": 600,
                 "steps": 200, "lrs": [1e-3, 4e-3, 1.6e-2], "smooth": 20},
     # an H200 in a few minutes: a 20M-parameter base, longer runs, a finer lr grid
     "cuda": {**_BASE_SMALL, **_TASK, "hidden": 512, "intermediate": 1376, "layers": 6, "heads": 8, "vocab": 8192,
@@ -82,6 +84,7 @@ def run(args) -> Dict[str, Any]:
 
     from . import base, report, sweep
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per run
     if args.threads:
         torch.set_num_threads(args.threads)
     device = C.pick_device(args.device)

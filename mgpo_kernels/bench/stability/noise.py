@@ -39,7 +39,9 @@ class IsotropicNoise:
         self.last_norm = 0.0
         if target == 0.0:
             return
-        zs = [torch.randn(p.shape, generator=self.generator, dtype=torch.float32).to(p.device) for p in self.params]
+        dev = self.generator.device if self.generator is not None else self.params[0].device
+        zs = [torch.randn(p.shape, generator=self.generator, dtype=torch.float32, device=dev).to(p.device)
+              for p in self.params]
         total = torch.sqrt(sum((z * z).sum() for z in zs))
         scale = target / float(total)
         for p, z in zip(self.params, zs):

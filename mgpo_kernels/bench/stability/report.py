@@ -117,7 +117,7 @@ def chart(payload: Dict[str, Any], path) -> None:
 
     cfg, runs = payload["config"], payload["runs"]
     ranks, lrs = cfg["ranks"], cfg["lrs"]
-    fig, axes = plt.subplots(len(ranks), len(lrs), figsize=(3.6 * len(lrs), 2.8 * len(ranks)), squeeze=False,
+    fig, axes = plt.subplots(len(ranks), len(lrs), figsize=(max(8.0, 3.6 * len(lrs)), 2.8 * len(ranks) + 0.6), squeeze=False,
                              sharex=True)
     colors = dict(zip(METHODS, ["tab:blue", "tab:red", "tab:orange", "tab:gray", "tab:green"]))
     for i, r in enumerate(ranks):
@@ -138,8 +138,9 @@ def chart(payload: Dict[str, Any], path) -> None:
                 ax.fill_between(x, mu - sd, mu + sd, color=colors[m], alpha=0.2, lw=0)
                 fin = mu[np.isfinite(mu)]
                 if fin.size:
+                    start = fin[: max(1, n // 20)].max()
                     lo_all.append(fin.min())
-                    hi_all.append(fin[: max(1, n // 20)].max())
+                    hi_all.append(max(start, min(fin.max(), start + 0.5 * (start - fin.min()))))
             if lo_all:
                 lo, hi = min(lo_all), max(hi_all)
                 ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
@@ -151,7 +152,7 @@ def chart(payload: Dict[str, Any], path) -> None:
             if j == 0:
                 ax.set_ylabel("train loss (smoothed)", fontsize=8)
     h, l = axes[0][0].get_legend_handles_labels()
-    fig.legend(h, l, loc="upper center", ncol=len(l), fontsize=8, frameon=False)
+    fig.legend(h, l, loc="upper center", ncol=min(len(l), 5), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.965))
     fig.suptitle(f"LoRA fine-tuning on arithmetic word problems, {payload['preset']} preset, "
                  f"{len(cfg['seeds'])} seeds (mean ± std); {payload['device']}", fontsize=9, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.95))

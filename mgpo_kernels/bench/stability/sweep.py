@@ -58,7 +58,7 @@ def make_optimizer(method: str, params, lr: float, weight_decay: float, seed: in
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         if spec.get("noise"):
             noise = IsotropicNoise(params, rho=RHO, ema_beta=EMA_BETA, adaptive_norm=True,
-                                   generator=torch.Generator().manual_seed(2_000 + seed))
+                                   generator=torch.Generator(params[0].device).manual_seed(2_000 + seed))
     return opt, noise
 
 
