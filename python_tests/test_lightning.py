@@ -103,6 +103,9 @@ def make_probe(pl):
                 name = f"manual-batch{trainer.fit_loop.total_batch_idx}.ckpt"
                 trainer.save_checkpoint(os.path.join(self.dirpath, name), weights_only=self.weights_only)
 
+        def on_train_end(self, trainer, pl_module):
+            self.at_train_end = snapshot(pl_module)  # what callbacks after MGPOCallback see at the end of training
+
     return ThetaProbe
 
 
@@ -161,6 +164,7 @@ def test_validation_test_predict_at_theta_and_mode_restored(tmp_path):
         assert r["training"] is False
     mgpo = mgpo_of(trainer)
     assert max_rel(snapshot(model), probe.theta[6]) < TOL  # the model holds theta after fit
+    assert max_rel(probe.at_train_end, probe.theta[6]) < TOL
     assert not mgpo.training
 
     # standalone loops on an optimizer in train mode (theta + eps): theta inside, train mode and theta + eps after
@@ -262,6 +266,18 @@ def test_resume_equals_uninterrupted(tmp_path, case):
         assert max_rel(theta, pa.theta[s]) < TOL, s
     if case == "16-mixed":
         assert tb.precision_plugin.scaler.get_scale() == ta.precision_plugin.scaler.get_scale()
+
+
+def test_fit_resumed_from_its_last_checkpoint_leaves_theta(tmp_path):
+    """The fit loop is skipped (max_epochs already reached); loading the optimizer state re-applied eps."""
+    dl = loaders()
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "a"), filename="last", save_top_k=-1)
+    model, probe = Net(), ThetaProbe()
+    make_trainer(tmp_path, callbacks=[MGPOCallback(), probe, ckpt], max_epochs=2).fit(model, dl())
+    again = Net()
+    make_trainer(tmp_path, callbacks=[MGPOCallback()], max_epochs=2).fit(again, dl(),
+                                                                         ckpt_path=str(tmp_path / "a" / "last.ckpt"))
+    assert max_rel(snapshot(again), probe.theta[8]) < TOL
 
 
 def test_accumulation_equals_plain_loop_with_mid_accumulation_save(tmp_path):
