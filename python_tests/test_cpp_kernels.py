@@ -504,6 +504,57 @@ def test_bit_identical_for_any_thread_count():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def _exact_sums(grads, ms, group_index, num_groups):
+    """reduce_sums' four sums per group, exactly (products of fp32 values are exact in float64; math.fsum
+    rounds the exact sum once), and the sums of the terms' magnitudes for the error bound."""
+    exact = [[] for _ in range(4 * num_groups)]
+    for g, m, k in zip(grads, ms, group_index):
+        m64 = m.detach().double().reshape(-1).numpy()
+        if g is None:
+            exact[4 * k + 3].append(m64 * m64)
+            continue
+        g64 = g.detach().double().reshape(-1).numpy()
+        exact[4 * k].append(g64 * g64)
+        exact[4 * k + 1].append(m64 * g64)
+        exact[4 * k + 2].append(m64 * m64)
+    cat = [np.concatenate(t) if t else np.zeros(0) for t in exact]
+    return [math.fsum(t) for t in cat], [math.fsum(np.abs(t)) for t in cat], [t.size for t in cat]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reduce_sums_same_bits_on_every_isa_and_thread_count_and_near_exact(dtype):
+    """Pass 1's float64 sums: the same bits from every CPU instruction set and thread count (each accumulator
+    lane is fixed by the element's index, not by the vector width or the schedule), and within float64 rounding
+    of the exact sums (an fp32 accumulation anywhere would be ~1e-7 off, a lost chunk or tail far more)."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(1,), (15,), (17,), (3, 700), (16385,), (2, 16384), (40001,), (300000,), (8, 4096)]
+    grads = rand_grads(shapes, dtype, "cpu", gen, scale=1e-3, offset=1, none=(4,))
+    ms = [torch.zeros(math.prod(s) + 1)[1:].view(s).normal_(0.0, 1e-2, generator=gen) for s in shapes]  # misaligned
+    group_index = [0, 0, 0, 0, 1, 1, 1, 1, 1]
+    exact, mag, count = _exact_sums(grads, ms, group_index, 2)
+    isas, before, threads = _C.available_cpu_isas(), _C.cpu_isa(), torch.get_num_threads()
+    got = {}
+    try:
+        for isa in isas:
+            _C.set_cpu_isa(isa)
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                got[isa, t] = torch.ops.mgpo.reduce_sums(grads, ms, group_index, 2)
+    finally:
+        _C.set_cpu_isa(before)
+        torch.set_num_threads(threads)
+    first = next(iter(got))
+    for key, sums in got.items():
+        assert torch.equal(sums, got[first]), f"seed {seed}: {key} differs from {first}: {sums} vs {got[first]}"
+    sums = got[first].tolist()
+    for j, (s, e, a, n) in enumerate(zip(sums, exact, mag, count)):
+        # 16 lanes of n/16 terms, the lanes, then the chunks' partials: at most n/16 + 16 + n/16384 roundings
+        bound = (n / 16 + 16 + n / 16384 + 2) * 2.0 ** -53 * a
+        assert abs(s - e) <= bound, f"seed {seed}: sum {j}: {s!r} vs exact {e!r} (bound {bound:.3g})"
+        assert bound <= 1e-10 * a  # far below what an fp32 accumulation would be off by (~1e-7)
+
+
 # ---------------------------------------------------------------------------------------------- long run
 class F64AdamMGPO:
     """The equations of README/base.py in float64 numpy, fed with the gradients the fp32 run saw."""

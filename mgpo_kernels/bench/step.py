@@ -307,6 +307,9 @@ def run_rank(rank: int, layers: int, device: torch.device, backends: List[str], 
     src = torch.randn(copy_elems, device=device)
     dst = torch.empty_like(src)
     flush_buf = torch.empty((flush_mb << 20) // 4, device=device)  # evicts caches between steps
+    # CPU: torch.dot over two flat fp32 buffers of the parameters' size reads what MGPO's pass 1 reads (8 B/param)
+    dot_a = torch.randn(n, device=device) if device.type == "cpu" else None
+    dot_b = torch.randn(n, device=device) if device.type == "cpu" else None
 
     for m in methods:  # warm-up: state allocation, Triton compilation, caches of the allocator
         for _ in range(warmup):
@@ -328,6 +331,9 @@ def run_rank(rank: int, layers: int, device: torch.device, backends: List[str], 
                 timer.time("copy", lambda: dst.copy_(src))
                 flush_buf.fill_(1.0)
                 timer.time("inplace", lambda: dst.mul_(1.0))
+                if dot_a is not None:
+                    flush_buf.fill_(1.0)
+                    timer.time("dot", lambda: torch.dot(dot_a, dot_b))
             else:
                 refill(grads, gen)
                 flush_buf.fill_(1.0)
@@ -363,10 +369,17 @@ def run_rank(rank: int, layers: int, device: torch.device, backends: List[str], 
     bad = [m.name for m in methods if not all(torch.isfinite(p).all() for p in m.params)]
     if bad:
         warnings.warn(f"non-finite parameters after the benchmark: {bad}")
+    dot = None
+    if "dot" in timer.times:  # a reference row, not a method: kept out of "rows"
+        ds = C.summarize(timer.times["dot"])
+        paired = [a / b for a, b in zip(timer.times["dot"], timer.times[ref_key])]
+        dot_gbs = 8 * n / (ds["median_ms"] / 1e3) / 1e9
+        dot = {**ds, "ratio_to_fused_adamw": C.percentile(paired, 50), "bytes": 8 * n, "GBps": dot_gbs,
+               "frac_copy_bw": dot_gbs / copy_gbs}
     res = {"rank": rank, "layers": layers, "params": n, "tensors": len(shapes), "copy_GBps": copy_gbs,
            "inplace_GBps": inplace_gbs,
-           "copy_bytes": 2 * 4 * copy_elems, "copy_median_ms": 1e3 * copy_t, "rows": rows}
-    del methods, grads, src, dst, flush_buf
+           "copy_bytes": 2 * 4 * copy_elems, "copy_median_ms": 1e3 * copy_t, "rows": rows, "dot": dot}
+    del methods, grads, src, dst, flush_buf, dot_a, dot_b
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
@@ -394,6 +407,11 @@ def markdown_rank(res: Dict, device: torch.device) -> str:
         if on_cuda:
             row += [C.fmt(r["launches_per_step"], 0), r["host_syncs_per_step"]]
         rows.append(row)
+    d = res.get("dot")
+    if d:  # what reading 8 B/param (g and m: MGPO's pass 1) costs on this device, for scale
+        rows.append(["torch.dot(g, m) on flat buffers (reference: reads 8 B/param)", C.fmt(d["median_ms"], 3),
+                     f"{d['p20_ms']:.3f}–{d['p80_ms']:.3f}", C.fmt(d["ratio_to_fused_adamw"], 2), 2,
+                     C.fmt(d["GBps"], 1), C.fmt(100 * d["frac_copy_bw"], 0), "—", "—"])
     return head + C.md_table(headers, rows)
 
 
@@ -406,7 +424,9 @@ before the update = 9, and the clip costs it nothing more); GB/s = passes × 4 B
 another buffer also pays a read-for-ownership of every destination line, which in-place updates such as AdamW's
 do not, so they can pass 100%; the in-place `mul_` bandwidth in the heading is the fairer ceiling there). *extra state* is the bytes
 per parameter a method keeps between steps beyond AdamW's m and v (8 B/param); *step temp* is the peak of
-temporary memory inside one step above what was allocated before it ({mem}).
+temporary memory inside one step above what was allocated before it ({mem}). On a CPU the *torch.dot* row
+(not a method) times `torch.dot` of two flat fp32 buffers of the parameters' size in the same rounds: the
+bandwidth a read of g and m (MGPO's reduce pass, 2 of its 9 passes) gets here.
 Gradients are fresh N(0, {std}) draws before every step (untimed), a {flush} MiB buffer is written between steps
 to evict caches, and methods run round-robin in a fresh random order each round.
 """
