@@ -55,6 +55,8 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run")
     sp.add_argument("--weight-decay", type=float, default=None, help="for every method (default 0, as the paper)")
     sp.add_argument("--mgpo-backend", default="auto", help="MGPO backend (auto, cpp, triton, reference)")
+    sp.add_argument("--report-only", default=None, metavar="JSON",
+                    help="no training: write the report of a finished or interrupted (<name>.partial.json) sweep")
     sp.add_argument("--cache-dir", default=None,
                     help="where pre-trained base models are kept (default ~/.cache/mgpo_kernels/stability)")
 
@@ -79,45 +81,74 @@ def resolve_config(args) -> Dict[str, Any]:
     return cfg
 
 
+def _complete_seeds(runs, cfg) -> list:
+    """Seeds whose every (rank, lr, method) ran: an interrupted sweep is reported on those only."""
+    need = len(cfg["ranks"]) * len(cfg["lrs"]) * len(cfg["methods"])
+    return [s for s in cfg["seeds"] if sum(r["seed"] == s for r in runs) == need]
+
+
+def finish(payload: Dict[str, Any], out_dir, device, name: str, chart: bool) -> Dict[str, Any]:
+    """Aggregate, write JSON/markdown/PNG.  A sweep cut short keeps only its complete seeds, and says so."""
+    from . import report
+
+    cfg, runs = payload["config"], payload["runs"]
+    planned = len(cfg["seeds"]) * len(cfg["ranks"]) * len(cfg["lrs"]) * len(cfg["methods"])
+    note = ""
+    if len(runs) < planned:
+        keep = _complete_seeds(runs, cfg)
+        note = (f"\n**Interrupted sweep**: {len(runs)} of {planned} runs done; reported: the seeds that completed "
+                f"the whole grid, {keep} (of {cfg['seeds']}).\n")
+        payload["interrupted"] = {"runs_done": len(runs), "runs_planned": planned, "seeds_planned": cfg["seeds"]}
+        payload["runs"] = runs = [r for r in runs if r["seed"] in keep]
+        cfg = payload["config"] = {**cfg, "seeds": keep}
+    for r in runs:
+        r["losses"] = [round(x, 5) for x in r["losses"]]
+    payload["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    payload["rows"] = report.aggregate(runs, cfg)
+    md = report.markdown(payload) + note + f"\nTotal wall time {payload['total_s'] / 60:.1f} min.\n"
+    return C.publish(out_dir, device, name, payload, md, report.chart if chart else None)
+
+
 def run(args) -> Dict[str, Any]:
     from mgpo_kernels import MGPO
 
-    from . import base, report, sweep
+    from . import base, sweep
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per run
     if args.threads:
         torch.set_num_threads(args.threads)
     device = C.pick_device(args.device)
+    if args.report_only:
+        payload = json.loads(open(args.report_only).read())
+        name = args.name or f"stability-{payload['config']['preset']}"
+        return finish(payload, args.out_dir, device, name, not args.no_chart)
     cfg = resolve_config(args)
     progress = not args.no_progress
+    payload: Dict[str, Any] = {
+        "benchmark": "stability", "date": C.now_iso(), "command": C.command_line(), "preset": cfg["preset"],
+        "device": str(device), "machine": C.machine_info(device), "versions": C.versions(),
+    }
     t0 = time.perf_counter()
     model, tok, binfo = base.load_or_pretrain(cfg, device, args.cache_dir, progress)
     data = sweep.prepare_data(tok, cfg, device)
     probe = MGPO([torch.zeros(1, device=device, requires_grad=True)], lr=1e-3, weight_decay=0.0,
                  backend=cfg["mgpo_backend"])
-    name = args.name or f"stability-{cfg['preset']}"
-    out = C.results_dir(args.out_dir)
-    partial = out / f"{C.result_stem(device, name)}.partial.json"
-
-    def checkpoint(runs):
-        partial.write_text(json.dumps({"config": cfg, "runs": runs}, default=C._json_default))
-
-    runs = sweep.run_sweep(model, data, cfg, device, progress, on_run=checkpoint)
-    for r in runs:
-        r["losses"] = [round(x, 5) for x in r["losses"]]
-    payload: Dict[str, Any] = {
-        "benchmark": "stability", "date": C.now_iso(), "command": C.command_line(), "preset": cfg["preset"],
-        "device": str(device), "machine": C.machine_info(device), "versions": C.versions(),
+    payload.update({
         "backends": [probe.backend], "config": cfg, "base": binfo, "example": data["examples"][0],
         "mgpo_options": (f"rho={sweep.RHO}, ema_beta={sweep.EMA_BETA}, weight_decay={cfg['weight_decay']} "
                          f"(passed), betas/eps/max_grad_norm and any bound on 1/ḡ: MGPO's defaults, "
                          f"backend {probe.backend}"),
-        "total_s": time.perf_counter() - t0, "runs": runs,
-    }
-    payload["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    payload["rows"] = report.aggregate(runs, cfg)
-    md = report.markdown(payload) + f"\nTotal wall time {payload['total_s'] / 60:.1f} min.\n"
-    res = C.publish(args.out_dir, device, name, payload, md, None if args.no_chart else report.chart)
+    })
+    name = args.name or f"stability-{cfg['preset']}"
+    partial = C.results_dir(args.out_dir) / f"{C.result_stem(device, name)}.partial.json"
+
+    def checkpoint(runs):
+        payload.update(runs=runs, total_s=time.perf_counter() - t0)
+        partial.write_text(json.dumps(payload, default=C._json_default))
+
+    runs = sweep.run_sweep(model, data, cfg, device, progress, on_run=checkpoint)
+    payload.update(runs=runs, total_s=time.perf_counter() - t0)
+    res = finish(payload, args.out_dir, device, name, not args.no_chart)
     partial.unlink(missing_ok=True)
     return res
 
