@@ -27,15 +27,15 @@ _TASK = dict(n_train=4000, n_eval=256, batch=16, warmup_frac=0.05, weight_decay=
 PRESETS: Dict[str, Dict[str, Any]] = {
     # a first look: under 10 minutes on a 2-core CPU (pre-training included)
     "quick": {**_BASE_SMALL, **_TASK, "steps": 80, "lrs": [2e-3, 1.6e-2], "smooth": 8},
-    # under an hour on a 2-core CPU
+    # under an hour on an otherwise idle 2-core CPU (an estimate from its per-step times; see the README)
     "default": {**_BASE_SMALL, **_TASK, "hidden": 128, "intermediate": 344, "layers": 4, "vocab": 2048,
                 "pretrain_steps": 600,
-                "steps": 200, "lrs": [1e-3, 4e-3, 1.6e-2], "smooth": 20},
-    # an H200 in a few minutes: a 20M-parameter base, longer runs, a finer lr grid
+                "steps": 160, "lrs": [1e-3, 4e-3, 1.6e-2], "smooth": 16},
+    # an H200 (not run yet: sized by estimate to ~10 minutes): a 20M-parameter base, longer runs, 4 lrs
     "cuda": {**_BASE_SMALL, **_TASK, "hidden": 512, "intermediate": 1376, "layers": 6, "heads": 8, "vocab": 8192,
              "seq": 256, "corpus_bytes": 12_000_000, "pretrain_steps": 2000, "pretrain_batch": 64,
-             "pretrain_lr": 1e-3, "n_train": 20000, "n_eval": 1024, "batch": 32, "steps": 400,
-             "lrs": [2e-4, 1e-3, 4e-3, 1.6e-2], "smooth": 40},
+             "pretrain_lr": 1e-3, "n_train": 20000, "n_eval": 1024, "batch": 32, "steps": 300,
+             "lrs": [2e-4, 1e-3, 4e-3, 1.6e-2], "smooth": 30},
     # for the tests: seconds
     "tiny": {**_BASE_SMALL, **_TASK, "hidden": 32, "intermediate": 64, "heads": 2, "vocab": 300,
              "corpus_bytes": 200_000, "pretrain_steps": 2, "pretrain_batch": 2, "seq": 32, "n_train": 64,

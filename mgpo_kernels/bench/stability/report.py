@@ -77,7 +77,7 @@ def summary_md(rows: List[Dict[str, Any]], methods: List[str]) -> str:
 def markdown(payload: Dict[str, Any]) -> str:
     cfg, b = payload["config"], payload["base"]
     mgpo_opts = payload["mgpo_options"]
-    made = "loaded from cache" if b.get("cached") else f"took {C.fmt(b.get('pretrain_s'), 0)} s"
+    made = f"pre-training took {C.fmt(b.get('pretrain_s'), 0)} s" + (", loaded from cache" if b.get("cached") else "")
     lines = [C.header_md(f"Stability sweep ({payload['preset']} preset): LoRA vs LoRA-MGPO", payload)]
     lines += [
         f"- base model: LlamaForCausalLM, hidden {cfg['hidden']}, {cfg['layers']} layers, {cfg['heads']} heads, "
