@@ -311,10 +311,12 @@ def test_gradient_clip_val_under_mixed_precision_is_refused(tmp_path, precision)
 
 def test_gradient_clip_val_under_fp32_equals_fused_clipping(tmp_path):
     dl = loaders()
-    a, b = Net(), Net(opt_fn=lambda module: MGPO(module.parameters(), max_grad_norm=0.05, **KW))
+    a, b, c = Net(), Net(opt_fn=lambda module: MGPO(module.parameters(), max_grad_norm=0.05, **KW)), Net()
     make_trainer(tmp_path, callbacks=[MGPOCallback()], max_steps=6, gradient_clip_val=0.05).fit(a, dl())
     make_trainer(tmp_path, callbacks=[MGPOCallback()], max_steps=6).fit(b, dl())
+    make_trainer(tmp_path, callbacks=[MGPOCallback()], max_steps=6).fit(c, dl())
     assert max_rel(snapshot(a), snapshot(b)) < 2e-5
+    assert max_rel(snapshot(c), snapshot(b)) > 1e-2  # clipping was active
 
 
 def test_warns_when_mgpo_holds_none_or_part_of_the_trainable_parameters(tmp_path):
