@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 import warnings
 import weakref
-from typing import Any, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 from ..optimizer import MGPO
 from .common import describe_missing, find_mgpo, missing_trainable_parameters
@@ -81,8 +81,8 @@ class MGPOCallback(*_callback_bases()):
 
     # ------------------------------------------------------------------ state_dict: theta in every checkpoint
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self._hook is None:
-            self._hook = pl_module.register_state_dict_pre_hook(lambda *_: self._unperturb(trainer))
+        self.teardown(trainer, pl_module, stage)
+        self._hook = pl_module.register_state_dict_pre_hook(lambda *_: self._unperturb(trainer))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._hook is not None:
