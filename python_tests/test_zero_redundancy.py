@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import re
 import socket
 import traceback
 
@@ -79,22 +80,26 @@ class Scales(nn.Module):
 
 MODELS = {"ragged": Ragged, "twins": Twins, "scales": Scales}
 
-# name: (model, wrapper, MGPO kwargs beyond BASE_KW, a clear refusal at the first step acceptable?)
+# name: (model, wrapper, MGPO kwargs beyond BASE_KW, what a clear refusal at the first step must mention, or
+# None where a refusal is not acceptable)
+LAYOUT = r"distributed="
 SCENARIOS = {
-    "zero_rho1": ("ragged", "zero", dict(rho=1.0), True),
-    "zero_rho005": ("ragged", "zero", dict(rho=0.05, max_grad_norm=1.0), True),
-    "zero_same_sizes": ("twins", "zero", dict(rho=1.0), True),
-    "zero_same_values": ("scales", "zero", dict(rho=1.0), True),
-    "zero_explicit_sharded": ("twins", "zero", dict(rho=1.0, distributed="sharded"), False),
-    "ddp_replicated": ("ragged", "ddp", dict(rho=1.0), False),
-    "averaged_by_hand_replicated": ("ragged", "by_hand", dict(rho=0.05), False),
-    "ddp_explicit_replicated": ("ragged", "ddp", dict(rho=1.0, distributed="replicated"), False),
+    "zero_rho1": ("ragged", "zero", dict(rho=1.0), LAYOUT),
+    "zero_rho005": ("ragged", "zero", dict(rho=0.05, max_grad_norm=1.0), LAYOUT),
+    "zero_same_sizes": ("twins", "zero", dict(rho=1.0), LAYOUT),
+    "zero_same_values": ("scales", "zero", dict(rho=1.0), LAYOUT),
+    "zero_explicit_sharded": ("twins", "zero", dict(rho=1.0, distributed="sharded"), None),
+    # ZeRO's load_state_dict writes the local optimizer's state directly (MGPO.load_state_dict is not called)
+    "zero_checkpoint_resume": ("ragged", "zero_resume", dict(rho=1.0), r"(?i)state|checkpoint|load"),
+    "ddp_replicated": ("ragged", "ddp", dict(rho=1.0), None),
+    "averaged_by_hand_replicated": ("ragged", "by_hand", dict(rho=0.05), None),
+    "ddp_explicit_replicated": ("ragged", "ddp", dict(rho=1.0, distributed="replicated"), None),
 }
 
 # Triton runs under its (slow) interpreter here: the core scenarios only; the layout logic is shared by all backends
 CASES = [(b, s) for b in BACKENDS for s in SCENARIOS
          if b != "triton" or s in ("zero_rho1", "zero_rho005", "ddp_replicated")]
-ZERO_CASES = [(b, s) for b, s in CASES if SCENARIOS[s][1] == "zero"]
+ZERO_CASES = [(b, s) for b, s in CASES if SCENARIOS[s][1].startswith("zero")]
 CASE_IDS = [f"{b}-{s}" for b, s in CASES]
 ZERO_IDS = [f"{b}-{s}" for b, s in ZERO_CASES]
 
@@ -113,8 +118,10 @@ def lr_at(t):
     return BASE_KW["lr"] * (1.0 - t / (2 * STEPS))
 
 
-def train(model, opt, shard, average_grads=False, on_error=None):
+def train(model, opt, shard, average_grads=False, on_error=None, start=0, stop=STEPS):
     for t, (x, y) in enumerate(make_data()):
+        if not start <= t < stop:
+            continue
         for g in opt.param_groups:  # through the wrapper's param_groups, as a scheduler does
             g["lr"] = lr_at(t)
         F.mse_loss(model(x[shard]), y[shard]).backward()
@@ -129,7 +136,7 @@ def train(model, opt, shard, average_grads=False, on_error=None):
         except Exception as exc:  # noqa: BLE001 - reported to the test, which judges it
             if on_error is None:
                 raise
-            on_error(t, exc, all(torch.equal(b, p.detach()) for b, p in zip(before, model.parameters())))
+            on_error(t - start, exc, all(torch.equal(b, p.detach()) for b, p in zip(before, model.parameters())))
             return
         opt.zero_grad(set_to_none=True)
 
@@ -154,7 +161,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_scenario(rank, backend, scenario):
+def _zero_resume(rank, backend, kw, shard, on_error, out_dir):
+    """ZeRO for half the run, a checkpoint as torch's docs describe (model state as it is, the consolidated
+    optimizer state), a fresh model and optimizer loading it, the second half: (model, its local MGPO)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    half = STEPS // 2
+    model = make_model("ragged")
+    opt = ZeroRedundancyOptimizer(list(model.parameters()), optimizer_class=MGPO, backend=backend, **BASE_KW, **kw)
+    train(DDP(model), opt, shard, stop=half)
+    opt.consolidate_state_dict(to=0)
+    path = os.path.join(out_dir, f"ckpt_{backend}.pt")
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+    dist.barrier()
+    ckpt = torch.load(path, weights_only=True)
+    torch.manual_seed(1 + rank)
+    model = Ragged()  # other values: everything must come from the checkpoint
+    model.load_state_dict(ckpt["model"])
+    opt = ZeroRedundancyOptimizer(list(model.parameters()), optimizer_class=MGPO, backend=backend, **BASE_KW, **kw)
+    opt.load_state_dict(ckpt["optim"])
+    train(DDP(model), opt, shard, on_error=on_error, start=half)
+    return model, opt.optim
+
+
+def _run_scenario(rank, backend, scenario, out_dir):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -168,7 +200,9 @@ def _run_scenario(rank, backend, scenario):
     def on_error(t, exc, unchanged):
         out.update(error=f"{type(exc).__name__}: {exc}", error_step=t, unchanged=unchanged)
 
-    if wrapper == "by_hand":
+    if wrapper == "zero_resume":
+        model, local = _zero_resume(rank, backend, kw, shard, on_error, out_dir)
+    elif wrapper == "by_hand":
         opt = MGPO(trainable, backend=backend, **BASE_KW, **kw)
         train(model, opt, shard, average_grads=True, on_error=on_error)
         local = opt
@@ -199,7 +233,7 @@ def _worker(rank, port, out_dir):
         results = {}
         for backend, scenario in CASES:
             try:
-                results[(backend, scenario)] = _run_scenario(rank, backend, scenario)
+                results[(backend, scenario)] = _run_scenario(rank, backend, scenario, out_dir)
             except Exception:  # noqa: BLE001 - e.g. a construction error: reported to the test
                 results[(backend, scenario)] = {"crash": traceback.format_exc()}
             dist.barrier()  # both ranks are done with this scenario before the next starts
@@ -232,13 +266,14 @@ def _results(runs, backend, scenario):
 @pytest.mark.parametrize("backend, scenario", CASES, ids=CASE_IDS)
 def test_two_processes_match_one_process_or_refuse_clearly(runs, backend, scenario):
     res = _results(runs, backend, scenario)
-    refusal_ok = SCENARIOS[scenario][3]
+    must_mention = SCENARIOS[scenario][3]
     if any("error" in r for r in res):
-        assert refusal_ok, f"refused: {[r.get('error') for r in res]}"
+        assert must_mention is not None, f"refused: {[r.get('error') for r in res]}"
         for k, r in enumerate(res):
             assert "error" in r, f"only rank {1 - k} refused: {res[1 - k]['error']}"
-            assert r["error_step"] == 0, f"rank {k} refused at step {r['error_step']}, not the first: {r['error']}"
-            assert "distributed=" in r["error"], f"rank {k}: the message does not say what to do: {r['error']}"
+            assert r["error_step"] == 0, (
+                f"rank {k} refused at its optimizer's step {r['error_step']}, not the first: {r['error']}")
+            assert re.search(must_mention, r["error"]), f"rank {k}: the message does not say what to do: {r['error']}"
             assert r["unchanged"], f"rank {k}: the refused step changed the parameters"
         return
     perturbed, theta = single_process(backend, scenario)
