@@ -78,7 +78,19 @@ class Scales(nn.Module):
         return torch.tanh(h * self.g1) * self.g2 + h
 
 
-MODELS = {"ragged": Ragged, "twins": Twins, "scales": Scales}
+class Lone(nn.Module):
+    """One trainable tensor: ZeRO gives it to rank 0 and an empty parameter group to rank 1 (as a LoRA model with
+    few adapter tensors gets on many ranks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(0.4 * torch.randn(7, 5))
+
+    def forward(self, x):
+        return torch.tanh(x[:, :7] @ self.w)
+
+
+MODELS = {"ragged": Ragged, "twins": Twins, "scales": Scales, "lone": Lone}
 
 # name: (model, wrapper, MGPO kwargs beyond BASE_KW, what a clear refusal at the first step must mention, or
 # None where a refusal is not acceptable)
@@ -89,6 +101,7 @@ SCENARIOS = {
     "zero_same_sizes": ("twins", "zero", dict(rho=1.0), LAYOUT),
     "zero_same_values": ("scales", "zero", dict(rho=1.0), LAYOUT),
     "zero_explicit_sharded": ("twins", "zero", dict(rho=1.0, distributed="sharded"), None),
+    "zero_empty_shard": ("lone", "zero", dict(rho=1.0), r"distributed=|no parameters|empty"),
     # ZeRO's load_state_dict writes the local optimizer's state directly (MGPO.load_state_dict is not called)
     "zero_checkpoint_resume": ("ragged", "zero_resume", dict(rho=1.0), r"(?i)state|checkpoint|load"),
     "ddp_replicated": ("ragged", "ddp", dict(rho=1.0), None),
@@ -186,6 +199,18 @@ def _zero_resume(rank, backend, kw, shard, on_error, out_dir):
     return model, opt.optim
 
 
+def _on_every_rank(build):
+    """build() on every rank, and every rank learns whether it failed anywhere: a rank whose optimizer could not
+    be built would otherwise leave its peer waiting in the first step's collective until the timeout."""
+    try:
+        obj, err = build(), ""
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        obj, err = None, f"{type(exc).__name__}: {exc}"
+    errors = [None] * WORLD
+    dist.all_gather_object(errors, err)
+    return obj, errors
+
+
 def _run_scenario(rank, backend, scenario, out_dir):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -202,19 +227,19 @@ def _run_scenario(rank, backend, scenario, out_dir):
 
     if wrapper == "zero_resume":
         model, local = _zero_resume(rank, backend, kw, shard, on_error, out_dir)
-    elif wrapper == "by_hand":
-        opt = MGPO(trainable, backend=backend, **BASE_KW, **kw)
-        train(model, opt, shard, average_grads=True, on_error=on_error)
-        local = opt
     else:
-        net = DDP(model)
-        if wrapper == "zero":
-            opt = ZeroRedundancyOptimizer(trainable, optimizer_class=MGPO, backend=backend, **BASE_KW, **kw)
-            local = opt.optim
-        else:
-            opt = MGPO(trainable, backend=backend, **BASE_KW, **kw)
-            local = opt
-        train(net, opt, shard, on_error=on_error)
+        net = model if wrapper == "by_hand" else DDP(model)
+
+        def build():
+            if wrapper == "zero":
+                return ZeroRedundancyOptimizer(trainable, optimizer_class=MGPO, backend=backend, **BASE_KW, **kw)
+            return MGPO(trainable, backend=backend, **BASE_KW, **kw)
+
+        opt, errors = _on_every_rank(build)
+        if any(errors):
+            return {"construction_errors": errors}
+        local = opt.optim if wrapper == "zero" else opt
+        train(net, opt, shard, average_grads=wrapper == "by_hand", on_error=on_error)
     if "error" in out:
         return out
     out["perturbed"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -260,6 +285,7 @@ def _results(runs, backend, scenario):
     res = [r[(backend, scenario)] for r in runs]
     for k, r in enumerate(res):
         assert "crash" not in r, f"rank {k}: {r['crash']}"
+        assert "construction_errors" not in r, f"the optimizer could not be built: {r['construction_errors']}"
     return res
 
 
@@ -286,12 +312,13 @@ def test_two_processes_match_one_process_or_refuse_clearly(runs, backend, scenar
 
 @pytest.mark.parametrize("backend, scenario", ZERO_CASES, ids=ZERO_IDS)
 def test_zero_sharded_really_split_the_parameters(runs, backend, scenario):
-    """The scenarios are what they claim: each rank's MGPO held a different, non-empty part."""
+    """The scenarios are what they claim: each rank's MGPO held a different part (empty on rank 1 where there
+    is a single tensor)."""
     res = _results(runs, backend, scenario)
     if any("error" in r for r in res):
         pytest.skip("refused at the first step (judged by the test above)")
     a, b = (set(r["owned_theta"]) for r in res)
-    assert a and b and not a & b, (a, b)
+    assert a and not a & b and (not b if scenario == "zero_empty_shard" else b), (a, b)
 
 
 @pytest.mark.parametrize("backend, scenario", CASES, ids=CASE_IDS)
