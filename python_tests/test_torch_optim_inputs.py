@@ -257,6 +257,42 @@ def test_state_dict_round_trip_is_identity(inp, mode, backend):
 
 
 @pytest.mark.parametrize("inp", BASE, ids=BASE_IDS)
+def test_state_dict_without_the_group_keys_torch_does_not_have(inp, backend):
+    """As torch's test_can_load_older_state_dict drops the flags added to its groups later: a state dict whose
+    groups hold only AdamW's keys (MGPO's per-group options and mode removed, as in a checkpoint written before
+    they were per group) loads, fills every group with them again, and the run continues uninterrupted."""
+    model, opt = _setup(inp, backend)
+    twin_model, twin = copy.deepcopy((model, opt))
+    adamw_keys = set(torch.optim.AdamW([nn.Parameter(torch.zeros(1))]).param_groups[0])
+    sd = copy.deepcopy(opt.state_dict())
+    extra = set(sd["param_groups"][0]) - adamw_keys - {"params", "param_names"}
+    for g in sd["param_groups"]:
+        for k in extra:
+            del g[k]
+    before = _params_of(model)
+    opt.load_state_dict(sd)
+    _assert_same_params(model, before, exact=True, msg="after loading:")
+    for key in extra:
+        assert all(key in g for g in opt.param_groups), f"{key!r} not restored in the param groups"
+    batches = _batches(2)
+    _train(model, opt, batches)
+    _train(twin_model, twin, batches)
+    _assert_same_params(model, twin_model, exact=True, msg="continued:")
+
+
+@pytest.mark.parametrize("inp", BASE, ids=BASE_IDS)
+def test_step_without_gradients_is_a_no_op(inp, backend):
+    """As torch's test_step_is_noop_when_params_have_no_grad: no gradient anywhere -> nothing changes (the
+    parameters keep their perturbation, the state and the step count stay)."""
+    model, opt = _setup(inp, backend)
+    opt.zero_grad(set_to_none=True)
+    before, sd = _params_of(model), copy.deepcopy(opt.state_dict())
+    opt.step()
+    _assert_same_params(model, before, exact=True, msg="after a step without gradients:")
+    _assert_same_tree(opt.state_dict(), sd)
+
+
+@pytest.mark.parametrize("inp", BASE, ids=BASE_IDS)
 def test_deepcopy_is_independent_and_steps_alike(inp, backend):
     model, opt = _setup(inp, backend)
     copy_model, copy_opt = copy.deepcopy((model, opt))
