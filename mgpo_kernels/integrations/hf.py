@@ -19,6 +19,9 @@ or, letting the Trainer build it (and its scheduler)::
 
     trainer = Trainer(..., optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(lr=2e-4, rho=0.01),
                       callbacks=[MGPOCallback()])
+
+The second form is the one for TRL's ``SFTTrainer(peft_config=...)``, which adds the adapters inside its
+``__init__``: an MGPO built before over ``model.parameters()`` holds none of them (``MGPOCallback`` warns).
 """
 from __future__ import annotations
 
