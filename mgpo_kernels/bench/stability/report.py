@@ -35,6 +35,8 @@ def aggregate(runs: List[Dict[str, Any]], cfg: Dict[str, Any]) -> List[Dict[str,
                     "eval_loss": metrics.mean_std([x["eval_loss"] for x in rs]),
                     "exact_match": metrics.mean_std([100 * x["exact_match"] for x in rs]),
                     "train_s": metrics.mean_std([x["train_s"] for x in rs]),
+                    "eps_rel": metrics.mean_std([x["eps_norm_end"] / x["theta_norm_end"] for x in rs
+                                                 if x.get("eps_norm_end") is not None and x.get("theta_norm_end")]),
                 })
     return rows
 
@@ -47,11 +49,15 @@ def _pm(s: Dict[str, Optional[float]], nd: int = 3) -> Optional[str]:
 
 def table_md(rows: List[Dict[str, Any]]) -> str:
     head = ["r = α", "lr", "method", "bump", "final train loss", "held-out loss (θ)", "exact match %",
-            "diverged", "train s/run"]
+            "diverged", "train s/run", "‖ε‖/‖θ‖ at end"]
     body = [[r["rank"], f"{r['lr']:g}", METHODS[r["method"]]["label"], _pm(r["bump"]), _pm(r["final_train_loss"]),
              _pm(r["eval_loss"]), _pm(r["exact_match"], 1), f"{r['diverged']}/{r['seeds']}",
-             C.fmt(r["train_s"]["mean"], 1)] for r in rows]
-    return C.md_table(head, body, "rrl" + "r" * 6)
+             C.fmt(r["train_s"]["mean"], 1), _sci(r.get("eps_rel"))] for r in rows]
+    return C.md_table(head, body, "rrl" + "r" * 7)
+
+
+def _sci(s: Optional[Dict[str, Optional[float]]]) -> Optional[str]:
+    return None if not s or s["mean"] is None else f"{s['mean']:.1e}"
 
 
 def summary_md(rows: List[Dict[str, Any]], methods: List[str]) -> str:

@@ -72,7 +72,8 @@ def add_lora(base, rank: int, seed: int):
 
 def finetune(base, data: Dict[str, Any], method: str, rank: int, lr: float, seed: int, cfg: Dict[str, Any],
              device: torch.device) -> Dict[str, Any]:
-    """Train one LoRA adapter; per-step training loss, held-out loss and exact match at θ, wall times."""
+    """Train one LoRA adapter; per-step training loss, held-out loss and exact match at θ, wall times, and the
+    size of the perturbation at the end (‖ε‖ read as train-mode minus θ weights for MGPO) against ‖θ‖."""
     model = add_lora(base, rank, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, noise = make_optimizer(method, params, lr, cfg["weight_decay"], seed, cfg.get("mgpo_backend", "auto"))
@@ -102,14 +103,23 @@ def finetune(base, data: Dict[str, Any], method: str, rank: int, lr: float, seed
             break
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
+    eps_norm = noise.norm() if noise is not None else None
     if isinstance(opt, MGPO):
+        with torch.no_grad():
+            perturbed = [p.detach().clone() for p in params]
         with opt.unperturbed():
             eval_loss, em = task.evaluate(model, data["eval_batches"])
+            with torch.no_grad():
+                eps_norm = float(torch.sqrt(sum(((a - p) ** 2).sum() for a, p in zip(perturbed, params))))
+                theta_norm = float(torch.sqrt(sum((p.float() ** 2).sum() for p in params)))
     else:
         eval_loss, em = task.evaluate(model, data["eval_batches"])
+        with torch.no_grad():
+            theta_norm = float(torch.sqrt(sum((p.float() ** 2).sum() for p in params)))
     return {"method": method, "rank": rank, "lr": lr, "seed": seed, "losses": losses, "diverged": diverged,
             "eval_loss": eval_loss, "exact_match": em, "train_s": train_s, "eval_s": time.perf_counter() - t1,
-            "trainable_params": sum(p.numel() for p in params)}
+            "trainable_params": sum(p.numel() for p in params),
+            "eps_norm_end": eps_norm, "theta_norm_end": theta_norm}
 
 
 def prepare_data(tok, cfg: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
