@@ -65,6 +65,7 @@ struct ScalarConfig {
   int has_max_grad_norm;
   int adaptive_norm;
   int perturbed;         // train mode: restore coef_old, apply coef_new; eval mode: both 0
+  double gbar_floor;     // the bound: 1/gbar in the coefficient is at most 1/gbar_floor (0: the paper's formula)
 };
 
 struct ScalarResult {
@@ -111,7 +112,10 @@ MGPO_FN ScalarResult mgpo_scalar_stage(const double* sums, const double* beta1s,
                s[kSumMMNoGrad]);
   }
   const double m_norm = mgpo_sqrt(mm < 0.0 ? 0.0 : mm);
-  const double denom = cfg.adaptive_norm ? m_norm * gbar_new : m_norm;
+  // The bound on the perturbation: ||eps|| = rho / gbar grows without limit as the gradients vanish, so gbar is
+  // floored here (and only here); inactive while gbar >= gbar_floor.
+  const double gbar_eff = gbar_new < cfg.gbar_floor ? cfg.gbar_floor : gbar_new;
+  const double denom = cfg.adaptive_norm ? m_norm * gbar_eff : m_norm;
   double coef_new = (cfg.sign * cfg.rho) / denom;
   if (!(mgpo_isfinite(coef_new) && denom > 0.0)) coef_new = 0.0;
 

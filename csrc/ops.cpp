@@ -28,7 +28,7 @@ TORCH_LIBRARY(mgpo, m) {
   m.def(
       "scalar_stage(Tensor sums, float[] beta1s, Tensor(a!) gstep, Tensor(b!) gbar, Tensor(c!) coef, "
       "Tensor(d!) skipped, Tensor(e!)[] steps, Tensor? grad_scale, Tensor? found_inf, float rho, float ema_beta, "
-      "bool adaptive_norm, float sign, float? max_grad_norm, bool perturbed) -> Tensor",
+      "bool adaptive_norm, float sign, float? max_grad_norm, bool perturbed, float gbar_floor=0.0) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Pass 2: restore, AdamW, re-perturb; writes params, masters, exp_avgs, exp_avg_sqs (nothing when skip).
   // masters holds only the fp32 master copies (of bf16/fp16 params): master_index[i] is the position of
@@ -46,7 +46,8 @@ TORCH_LIBRARY(mgpo, m) {
       "Tensor(d!)[] masters, int[] master_index, Tensor(e!)[] steps, int[] group_index, float[] lrs, "
       "Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays, Tensor(f!) gstep, "
       "Tensor(g!) gbar, Tensor(h!) coef, Tensor(i!) skipped, Tensor? grad_scale, Tensor? found_inf, float rho, "
-      "float ema_beta, bool adaptive_norm, float sign, float? max_grad_norm, bool perturbed) -> Tensor",
+      "float ema_beta, bool adaptive_norm, float sign, float? max_grad_norm, bool perturbed, float gbar_floor=0.0) "
+      "-> Tensor",
       {at::Tag::pt2_compliant_tag});
   // The checks of `step`, alone: run before scalar_stage when a reduce_hook splits the step into three calls.
   m.def(

@@ -108,7 +108,7 @@ inline void check_step_args(at::TensorList params, const OptTensorList& grads, a
 }
 
 inline ScalarConfig make_scalar_config(double rho, double ema_beta, bool adaptive_norm, double sign,
-                                       std::optional<double> max_grad_norm, bool perturbed) {
+                                       std::optional<double> max_grad_norm, bool perturbed, double gbar_floor) {
   ScalarConfig cfg;
   cfg.rho = rho;
   cfg.ema_beta = ema_beta;
@@ -117,6 +117,7 @@ inline ScalarConfig make_scalar_config(double rho, double ema_beta, bool adaptiv
   cfg.max_grad_norm = max_grad_norm.has_value() ? *max_grad_norm : 0.0;
   cfg.adaptive_norm = adaptive_norm ? 1 : 0;
   cfg.perturbed = perturbed ? 1 : 0;
+  cfg.gbar_floor = gbar_floor;
   return cfg;
 }
 
@@ -131,7 +132,7 @@ at::Tensor step_op(at::TensorList params, const OptTensorList& grads, at::Tensor
                    const at::Tensor& gbar, const at::Tensor& coef, const at::Tensor& skipped,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                    double rho, double ema_beta, bool adaptive_norm, double sign,
-                   std::optional<double> max_grad_norm, bool perturbed) {
+                   std::optional<double> max_grad_norm, bool perturbed, double gbar_floor) {
   check_step_args(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps);
   at::Tensor sums = reduce(grads, exp_avgs, group_index, (int64_t)lrs.size());
   std::vector<at::Tensor> with_grad;
@@ -139,7 +140,7 @@ at::Tensor step_op(at::TensorList params, const OptTensorList& grads, at::Tensor
   for (size_t i = 0; i < steps.size(); ++i)
     if (opt_at(grads, i)) with_grad.push_back(steps[i]);
   const at::Tensor scal = scalar(sums, beta1s, gstep, gbar, coef, skipped, with_grad, grad_scale, found_inf, rho,
-                                 ema_beta, adaptive_norm, sign, max_grad_norm, perturbed);
+                                 ema_beta, adaptive_norm, sign, max_grad_norm, perturbed, gbar_floor);
   update(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, scal, group_index, lrs, lr_tensors,
          beta1s, beta2s, epss, wds);
   return sums;

@@ -1,65 +1,103 @@
 """Functional MGPO step, in the style of ``torch.optim.adamw.adamw``: for code that keeps its own state (custom
 training frameworks, optimizer wrappers).  ``MGPO`` is this plus state allocation, validation and checkpoints.
+
+MGPO's norms are global, so one call takes *every* param group of a step: a call per group (as with torch's
+functional adamw) would normalise each group by its own norms and count the step once per group.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor
 
+from . import _checks
 from . import backends as _backends
 from .backends.base import GlobalState, GroupTensors, StepConfig
 
-_DIRECTIONS = {"momentum": 1.0, "-momentum": -1.0}
+_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps")
+_GROUP_KEYS = set(_LISTS) | {"master_params", "lr", "betas", "eps", "weight_decay"}
 
 
 def init_global_state(device) -> Dict[str, Tensor]:
     """The optimizer-wide scalars MGPO keeps (step, gbar, coef, skipped) as 0-d tensors on ``device``."""
+    import torch
+
     return GlobalState.zeros(torch.device(device)).tensors()
 
 
+def _group(gi: int, g: Mapping[str, Any]) -> GroupTensors:
+    if not isinstance(g, Mapping):
+        raise TypeError(
+            f"functional.mgpo takes a list of param groups (dicts with {', '.join(_LISTS)}, lr, betas, eps, "
+            f"weight_decay), one call for all the groups of a step; group {gi} is a {type(g).__name__}"
+        )
+    unknown = set(g) - _GROUP_KEYS
+    if unknown:
+        raise ValueError(f"group {gi}: unknown keys {sorted(unknown)}; a group has {sorted(_GROUP_KEYS)}")
+    missing = [k for k in _LISTS if k not in g]
+    if missing:
+        raise ValueError(f"group {gi} lacks {missing}")
+    n = len(g["params"])
+    if any(len(g[k]) != n for k in _LISTS):
+        raise ValueError(f"group {gi}: {', '.join(_LISTS)} must have the same length")
+    masters = list(g["master_params"]) if g.get("master_params") is not None else [None] * n
+    if len(masters) != n:
+        raise ValueError(f"group {gi}: master_params must have one entry (or None) per parameter")
+    lr, betas = g.get("lr", 1e-3), g.get("betas", (0.9, 0.999))
+    eps, wd = g.get("eps", 1e-8), g.get("weight_decay", 1e-2)
+    _checks.check_group_hparams(lr, betas, eps, wd, f"group {gi}")
+    b1, b2 = betas
+    return GroupTensors(list(g["params"]), list(g["grads"]), list(g["exp_avgs"]), list(g["exp_avg_sqs"]), masters,
+                        list(g["state_steps"]), lr, float(b1), float(b2), float(eps), float(wd))
+
+
 def mgpo(
-    params: List[Tensor],
-    grads: List[Optional[Tensor]],
-    exp_avgs: List[Tensor],
-    exp_avg_sqs: List[Tensor],
-    state_steps: List[Tensor],
+    param_groups: Sequence[Mapping[str, Any]],
     global_state: Dict[str, Tensor],
     *,
-    master_params: Optional[List[Optional[Tensor]]] = None,
-    lr: Union[float, Tensor] = 1e-3,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
     rho: float = 0.05,
     ema_beta: float = 0.9,
     adaptive_norm: bool = True,
     direction: str = "momentum",
     max_grad_norm: Optional[float] = None,
+    gbar_floor: Optional[float] = 0.1,
     perturbed: bool = True,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    reduce_hook: Optional[Callable[[Tensor], None]] = None,
     backend: str = "auto",
 ) -> None:
-    """One MGPO step over one group of tensors, in place (see README for the equations).
+    """One MGPO step over all param groups, in place (see README for the equations).
 
-    ``params`` hold theta + coef*m on entry when ``perturbed`` (train mode); exp_avgs/exp_avg_sqs are fp32;
-    ``master_params[i]`` is the fp32 master of a bf16/fp16 parameter (None for fp32); ``grads[i]`` may be None.
-    ``global_state`` comes from :func:`init_global_state` and is updated in place.
+    Each group is a dict: ``params`` (holding theta + coef*m on entry when ``perturbed``, i.e. train mode),
+    ``grads`` (entries may be None), ``exp_avgs``, ``exp_avg_sqs`` (fp32), ``state_steps`` (fp32 0-d tensors),
+    optional ``master_params`` (the fp32 master of each bf16/fp16 parameter, None for fp32), and ``lr``, ``betas``,
+    ``eps``, ``weight_decay`` (torch AdamW's defaults).  ``global_state`` comes from :func:`init_global_state` and
+    is updated in place.  ``reduce_hook`` is called on the float64 global sums before they are used (a sharded
+    caller all-reduces them there).
     """
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"Invalid direction={direction!r}: valid directions are {', '.join(map(repr, _DIRECTIONS))}")
-    n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n):
-        raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length")
-    masters = list(master_params) if master_params is not None else [None] * n
+    if isinstance(param_groups, Mapping) or not isinstance(param_groups, Sequence) or (
+        param_groups and isinstance(param_groups[0], Tensor)
+    ):
+        raise TypeError(
+            "functional.mgpo(param_groups, global_state, ...) takes a list of param-group dicts: MGPO's norms are "
+            "global, so every group of a step goes in one call"
+        )
+    if not param_groups:
+        raise ValueError("functional.mgpo got no param groups")
+    groups = [_group(gi, g) for gi, g in enumerate(param_groups)]
+    for k, v in dict(rho=rho, ema_beta=ema_beta, adaptive_norm=adaptive_norm, direction=direction,
+                     max_grad_norm=max_grad_norm, gbar_floor=gbar_floor).items():
+        _checks.check_option(k, v)
+    missing = [k for k in ("step", "gbar", "coef", "skipped") if k not in global_state]
+    if missing:
+        raise ValueError(f"global_state lacks {missing}; make it with init_global_state(device)")
     gstate = GlobalState(**{k: global_state[k] for k in ("step", "gbar", "coef", "skipped")})
-    device = gstate.step.device
-    group = GroupTensors(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), masters, list(state_steps),
-                         lr, beta1, beta2, eps, weight_decay)
     cfg = StepConfig(rho=float(rho), ema_beta=float(ema_beta), adaptive_norm=bool(adaptive_norm),
-                     sign=_DIRECTIONS[direction], max_grad_norm=max_grad_norm, perturbed=perturbed,
-                     grad_scale=grad_scale, found_inf=found_inf)
-    _backends.resolve(backend, device).step([group], gstate, cfg)
+                     sign=_checks.DIRECTIONS[direction], max_grad_norm=max_grad_norm, perturbed=perturbed,
+                     grad_scale=grad_scale, found_inf=found_inf, reduce_hook=reduce_hook,
+                     gbar_floor=float(gbar_floor or 0.0))
+    _backends.resolve(backend, gstate.step.device).step(groups, gstate, cfg)
+
+
+__all__: List[str] = ["init_global_state", "mgpo"]

@@ -12,12 +12,13 @@ import torch
 
 
 class F64MGPO:
-    def __init__(self, thetas: List[torch.Tensor], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+    def __init__(self, thetas: List[torch.Tensor], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                  rho=0.05, ema_beta=0.9, adaptive_norm=True, direction="momentum", max_grad_norm=None,
-                 group_of: Optional[List[int]] = None, group_lrs: Optional[List[float]] = None):
+                 gbar_floor=0.1, group_of: Optional[List[int]] = None, group_lrs: Optional[List[float]] = None):
         self.theta = [t.detach().double().clone() for t in thetas]
         self.lr, self.betas, self.eps_adam, self.wd = lr, betas, eps, weight_decay
         self.rho, self.ema_beta, self.adaptive, self.max_grad_norm = rho, ema_beta, adaptive_norm, max_grad_norm
+        self.gbar_floor = gbar_floor or 0.0  # the bound on the perturbation: 1/gbar uses max(gbar, gbar_floor)
         self.sign = {"momentum": 1.0, "-momentum": -1.0}[direction]
         self.group_of = group_of or [0] * len(thetas)
         self.group_lrs = group_lrs
@@ -60,7 +61,7 @@ class F64MGPO:
             vhat = self.v[i] / (1 - b2 ** self.k[i])
             self.theta[i] = th - lr * mhat / (vhat.sqrt() + self.eps_adam)
         mnorm = math.sqrt(sum(float((m * m).sum()) for m in self.m if m is not None))
-        scale = mnorm * (self.gbar if self.adaptive else 1.0)
+        scale = mnorm * (max(self.gbar, self.gbar_floor) if self.adaptive else 1.0)
         for i, m in enumerate(self.m):
             if m is None or scale == 0 or not math.isfinite(scale):
                 self.pert[i] = torch.zeros_like(self.theta[i])

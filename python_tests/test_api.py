@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from mgpo_kernels import MGPO, available_backends, backend_reasons
+from mgpo_kernels import MGPO, _host_cache, available_backends, backend_reasons
 from problems import Problem, rel_err
 
 
@@ -471,7 +471,9 @@ def test_functional_step_matches_optimizer(backend):
         for p in pb:
             p.grad = None
         prob.loss(pb).backward()
-        mgpo(pb, [p.grad for p in pb], ms, vs, steps, gs, lr=1e-2, rho=2.0, weight_decay=0.01, backend=backend)
+        group = dict(params=pb, grads=[p.grad for p in pb], exp_avgs=ms, exp_avg_sqs=vs, state_steps=steps,
+                     lr=1e-2, weight_decay=0.01)
+        mgpo([group], gs, rho=2.0, backend=backend)
     for a, b in zip(pa, pb):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
     assert float(gs["step"]) == 5.0
@@ -615,7 +617,7 @@ def test_state_tensors_replaced_between_steps_are_used(backend):
     oa, ob = MGPO(pa, lr=1e-2, rho=2.0, backend=backend), MGPO(pb, lr=1e-2, rho=2.0, backend=backend)
     for t in range(5):
         if t >= 2:
-            assert oa._cached_groups() is not None  # steady state: the cached lists are used
+            assert _host_cache.lookup(oa) is not None  # steady state: the cached lists are used
         if t == 2:  # tensors replaced inside the state dicts
             for st in oa.state.values():
                 for k, v in st.items():
@@ -625,7 +627,7 @@ def test_state_tensors_replaced_between_steps_are_used(backend):
             for p in list(oa.state):
                 oa.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in oa.state[p].items()}
         if t in (2, 3):
-            assert oa._cached_groups() is None  # noticed
+            assert _host_cache.lookup(oa) is None  # noticed
         _train(oa, pa, prob, 1)
         ob.__dict__.pop("_group_cache", None)
         _train(ob, pb, prob, 1)

@@ -598,7 +598,8 @@ def test_long_run_restore_drift_against_float64():
     diag = [0.5 + torch.rand(s, generator=gen) for s in shapes]  # condition number <= 3
     params = [x.clone().requires_grad_(True) for x in init]
     plain = [x.clone().requires_grad_(True) for x in init]
-    hp = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, ema_beta=0.9, backend="cpp")
+    hp = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, ema_beta=0.9, gbar_floor=None,
+              backend="cpp")  # the paper's formula, as F64AdamMGPO
     opt = MGPO(params, rho=rho, **hp)
     opt0 = MGPO(plain, rho=0.0, **hp)
     ref = F64AdamMGPO([x.numpy() for x in init], 1e-3, (0.9, 0.999), 1e-8, rho, 0.9)

@@ -308,7 +308,7 @@ def test_compiled_step_sees_the_custom_ops():
     gen = torch.Generator().manual_seed(12)
     _set_grads([pa, pb], [(5,), (3, 4)], torch.float32, gen)
     oa.step()
-    groups, gstate, cfg = ob._groups(with_grads=True), ob._global_state(), ob._config()
+    groups, gstate, cfg = ob._groups(with_grads=True), ob._gstate, ob._config(cached=False)
     backend = ob._backend
     graphs = []
 
@@ -405,6 +405,12 @@ def test_aligned_tensors_take_the_vector_path():
     assert aligned == [1, 1, 0]
 
 
+def _call(a):
+    """(param_groups, global_state) of functional.mgpo from the lists made by args() below."""
+    group = dict(params=a[0], grads=a[1], exp_avgs=a[2], exp_avg_sqs=a[3], state_steps=a[4], lr=1e-2)
+    return [group], a[5]
+
+
 def test_functional_api_inputs_are_checked_before_the_kernels():
     """The tensor table is built from raw addresses: a state tensor of the wrong dtype or shape, or a gradient
     that does not match its parameter, is refused with a message (and nothing runs) instead of being read as
@@ -427,11 +433,11 @@ def test_functional_api_inputs_are_checked_before_the_kernels():
         mutate(a)
         before = a[0][0].clone()
         with pytest.raises((ValueError, TypeError), match=match):
-            mgpo(*a, lr=1e-2, backend="triton")
+            mgpo(*_call(a), backend="triton")
         assert torch.equal(a[0][0], before)
     a = args()
     before = a[0][0].clone()
-    mgpo(*a, lr=1e-2, backend="triton")  # the same call with valid inputs runs
+    mgpo(*_call(a), backend="triton")  # the same call with valid inputs runs
     assert not torch.equal(a[0][0], before)
 
 

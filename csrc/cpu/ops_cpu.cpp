@@ -182,7 +182,8 @@ at::Tensor scalar_stage_cpu(const at::Tensor& sums, at::ArrayRef<double> beta1s,
                             const at::Tensor& gbar, const at::Tensor& coef, const at::Tensor& skipped,
                             at::TensorList steps, const std::optional<at::Tensor>& grad_scale,
                             const std::optional<at::Tensor>& found_inf, double rho, double ema_beta,
-                            bool adaptive_norm, double sign, std::optional<double> max_grad_norm, bool perturbed) {
+                            bool adaptive_norm, double sign, std::optional<double> max_grad_norm, bool perturbed,
+                            double gbar_floor) {
   const int64_t G = (int64_t)beta1s.size();
   TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.numel() == kSumsPerGroup * G,
               "mgpo: sums must be a float64 CPU tensor of 4 * ", G, " elements, got ", sums.scalar_type(), " ",
@@ -198,7 +199,8 @@ at::Tensor scalar_stage_cpu(const at::Tensor& sums, at::ArrayRef<double> beta1s,
   float* coef_p = f32_ptr(coef, "gstate.coef");
   TORCH_CHECK(skipped.numel() == 1 && skipped.device().is_cpu(), "mgpo: gstate.skipped must be a CPU scalar");
 
-  const ScalarConfig cfg = make_scalar_config(rho, ema_beta, adaptive_norm, sign, max_grad_norm, perturbed);
+  const ScalarConfig cfg =
+      make_scalar_config(rho, ema_beta, adaptive_norm, sign, max_grad_norm, perturbed, gbar_floor);
   const ScalarResult r = mgpo_scalar_stage(sums_c.data_ptr<double>(), beta1s.data(), (int)G, cfg, *step_p,
                                            *gbar_p, *coef_p, has_gs ? &gs : nullptr, has_fi ? &fi : nullptr);
   at::Tensor scal = at::empty({kScalSize}, at::TensorOptions().dtype(at::kFloat));

@@ -517,7 +517,7 @@ at::Tensor scalar_stage_cuda(const at::Tensor& sums, at::ArrayRef<double> beta1s
                              at::TensorList steps, const std::optional<at::Tensor>& grad_scale,
                              const std::optional<at::Tensor>& found_inf, double rho, double ema_beta,
                              bool adaptive_norm, double sign, std::optional<double> max_grad_norm,
-                             bool perturbed) {
+                             bool perturbed, double gbar_floor) {
   const int64_t G = (int64_t)beta1s.size();
   const at::Device dev = sums.device();
   c10::cuda::CUDAGuard guard(dev);
@@ -538,7 +538,7 @@ at::Tensor scalar_stage_cuda(const at::Tensor& sums, at::ArrayRef<double> beta1s
   args.h.skipped = skipped.data_ptr<int64_t>();
   at::Tensor scal = at::empty({kScalSize}, at::TensorOptions().dtype(at::kFloat).device(dev));
   args.h.scal = scal.data_ptr<float>();
-  args.h.cfg = make_scalar_config(rho, ema_beta, adaptive_norm, sign, max_grad_norm, perturbed);
+  args.h.cfg = make_scalar_config(rho, ema_beta, adaptive_norm, sign, max_grad_norm, perturbed, gbar_floor);
   args.h.num_groups = (int)G;
   for (int64_t k = 0; k < G; ++k) args.beta1s[k] = beta1s[k];
   std::vector<float*> sp(steps.size());

@@ -59,6 +59,34 @@ def backend_reasons(device=None) -> Dict[str, Optional[str]]:
     return {n: unavailable_reason(n, device) for n in BACKEND_NAMES}
 
 
+_warned_fallback: set = set()
+
+
+def resolve_for(name: str, device, param_groups) -> Backend:
+    """As :func:`resolve`, and "auto" skips a backend that refuses one of the parameters' memory layouts (the
+    fused kernels need dense tensors), saying so once."""
+    if name != "auto":
+        return resolve(name, device)
+    device = torch.device(device)
+    usable = sorted((n for n in available_backends(device) if _loaded[n].priority(device) >= 0),
+                    key=lambda n: -_loaded[n].priority(device))
+    params = [p for g in param_groups for p in g["params"]]
+    skipped = []
+    for n in usable:
+        why = next((w for w in map(_loaded[n].refuses, params) if w is not None), None)
+        if why is None:
+            if skipped and skipped[0] not in _warned_fallback:
+                _warned_fallback.add(skipped[0])
+                import warnings
+
+                warnings.warn(f"MGPO backend='auto': not using {skipped[0][0]!r} because {skipped[0][1]}; using "
+                              f"{n!r} instead (make the parameters contiguous to get the fused kernels)",
+                              stacklevel=3)
+            return _loaded[n]()
+        skipped.append((n, why))
+    return _loaded["reference"]()
+
+
 def resolve(name: str, device) -> Backend:
     """An instance of the backend called ``name`` ("auto" picks the fastest usable one for ``device``)."""
     device = torch.device(device)

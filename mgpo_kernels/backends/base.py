@@ -84,6 +84,7 @@ class StepConfig:
     grad_scale:    GradScaler's scale (grads are divided by it), or None.
     found_inf:     GradScaler's found-inf flag (float tensor, >0 means skip), or None.
     reduce_hook:   called in place on the float64 ``sums`` tensor (layout below) before the scalar stage.
+    gbar_floor:    the bound on the perturbation: the coefficient uses max(gbar, gbar_floor) (0: the paper's formula).
     """
 
     rho: float
@@ -95,6 +96,7 @@ class StepConfig:
     grad_scale: Optional[Tensor] = None
     found_inf: Optional[Tensor] = None
     reduce_hook: Optional[Callable[[Tensor], None]] = None
+    gbar_floor: float = 0.0
 
 
 #: Layout of the global sums a backend's reduce pass produces (float64, 1-D, length 4 * number of groups):
@@ -118,6 +120,12 @@ class Backend:
     def unavailable_reason(cls, device: torch.device) -> Optional[str]:
         """None if this backend can run on ``device`` here, else a sentence saying why not."""
         raise NotImplementedError
+
+    @classmethod
+    def refuses(cls, param: Tensor) -> Optional[str]:
+        """None if :meth:`step` can take this parameter's memory layout, else why not (backend="auto" then
+        picks another backend)."""
+        return None
 
     @classmethod
     def priority(cls, device: torch.device) -> int:

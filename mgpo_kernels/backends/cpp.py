@@ -38,7 +38,7 @@ def _reduce_sums_fake(grads, exp_avgs, group_index, num_groups):
 
 @torch.library.register_fake("mgpo::scalar_stage")
 def _scalar_stage_fake(sums, beta1s, gstep, gbar, coef, skipped, steps, grad_scale, found_inf, rho, ema_beta,
-                       adaptive_norm, sign, max_grad_norm, perturbed):
+                       adaptive_norm, sign, max_grad_norm, perturbed, gbar_floor=0.0):
     return sums.new_empty((4,), dtype=torch.float32)
 
 
@@ -51,7 +51,7 @@ def _update_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, st
 @torch.library.register_fake("mgpo::step")
 def _step_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_index, lrs, lr_tensors,
                beta1s, beta2s, epss, weight_decays, gstep, gbar, coef, skipped, grad_scale, found_inf, rho, ema_beta,
-               adaptive_norm, sign, max_grad_norm, perturbed):
+               adaptive_norm, sign, max_grad_norm, perturbed, gbar_floor=0.0):
     return exp_avgs[0].new_empty((4 * len(lrs),), dtype=torch.float64)
 
 
@@ -133,6 +133,13 @@ class CppBackend(Backend):
     name = "cpp"
 
     @classmethod
+    def refuses(cls, param: Tensor) -> Optional[str]:
+        if param.numel() <= 1 or _dense(param):
+            return None
+        return (f"a parameter of shape {tuple(param.shape)} with strides {param.stride()} is not dense (the fused "
+                "kernels process parameters as flat memory)")
+
+    @classmethod
     def unavailable_reason(cls, device: torch.device) -> Optional[str]:
         device = torch.device(device)
         if device.type == "cpu":
@@ -205,7 +212,7 @@ class CppBackend(Backend):
         scalars = (gstate.step, gstate.gbar, gstate.coef, gstate.skipped, _scalar(cfg.grad_scale, device),
                    _scalar(cfg.found_inf, device), float(cfg.rho), float(cfg.ema_beta), bool(cfg.adaptive_norm),
                    float(cfg.sign), None if cfg.max_grad_norm is None else float(cfg.max_grad_norm),
-                   bool(cfg.perturbed))
+                   bool(cfg.perturbed), float(cfg.gbar_floor or 0.0))
         if cfg.reduce_hook is None:  # one call: reduce -> scalar stage -> update
             try:
                 _ops.step(params, grads, ms, vs, masters, master_index, steps, gidx, lrs, lr_ts, b1s, b2s, epss,

@@ -65,7 +65,9 @@ def scalar_stage(sums: Tensor, beta1s: List[float], gstate: GlobalState, cfg: St
         gg, mg, m_g, m_ng = s[k, 0], s[k, 1], s[k, 2], s[k, 3]
         mm = mm + b1 * b1 * m_g + 2.0 * b1 * (1.0 - b1) * c * mg + (1.0 - b1) ** 2 * c * c * gg + m_ng
     m_norm = mm.clamp(min=0.0).sqrt()
-    denom = m_norm * gbar_new if cfg.adaptive_norm else m_norm
+    # the bound on the perturbation (base.StepConfig.gbar_floor), the only place it lives
+    gbar_eff = gbar_new.clamp(min=cfg.gbar_floor) if cfg.gbar_floor else gbar_new
+    denom = m_norm * gbar_eff if cfg.adaptive_norm else m_norm
     coef_new = cfg.sign * cfg.rho / denom
     ok = torch.isfinite(coef_new) & (denom > 0)
     coef_new = torch.where(ok, coef_new, torch.zeros_like(coef_new))

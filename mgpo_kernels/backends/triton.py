@@ -269,7 +269,8 @@ def _build_tensor_table(entry: _Entry, groups: List[GroupTensors], writeback: Li
 def _set_hyper(entry: _Entry, groups: List[GroupTensors], cfg: StepConfig, has_scale: bool, has_found_inf: bool):
     vals = [cfg.sign * cfg.rho, cfg.ema_beta, 1.0 - cfg.ema_beta,
             0.0 if cfg.max_grad_norm is None else cfg.max_grad_norm, float(cfg.max_grad_norm is not None),
-            float(cfg.adaptive_norm), float(cfg.perturbed), float(has_scale), float(has_found_inf), 0.0, 0.0, 0.0]
+            float(cfg.adaptive_norm), float(cfg.perturbed), float(has_scale), float(has_found_inf),
+            float(cfg.gbar_floor or 0.0), 0.0, 0.0]
     for g in groups:
         b1, b2 = g.beta1, g.beta2
         lr = 0.0 if isinstance(g.lr, Tensor) else float(g.lr)
@@ -421,13 +422,13 @@ def _register_ops() -> None:
         epss: List[float], wds: List[float],
         sums: Tensor, g_step: Tensor, g_gbar: Tensor, g_coef: Tensor, g_skipped: Tensor,
         grad_scale: Optional[Tensor], found_inf: Optional[Tensor], rho: float, ema_beta: float,
-        adaptive_norm: bool, sign: float, max_grad_norm: Optional[float], perturbed: bool,
+        adaptive_norm: bool, sign: float, max_grad_norm: Optional[float], perturbed: bool, gbar_floor: float = 0.0,
     ) -> None:
         groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, master_idx, steps, group_sizes,
                                    lr_tensors, lr_floats, beta1s, beta2s, epss, wds)
         cfg = StepConfig(rho=rho, ema_beta=ema_beta, adaptive_norm=adaptive_norm, sign=sign,
                          max_grad_norm=max_grad_norm, perturbed=perturbed, grad_scale=grad_scale,
-                         found_inf=found_inf)
+                         found_inf=found_inf, gbar_floor=gbar_floor)
         gstate = GlobalState(step=g_step, gbar=g_gbar, coef=g_coef, skipped=g_skipped)
         _update(_prepare(groups, g_step.device), groups, gstate, cfg, sums)
 
@@ -448,6 +449,7 @@ def _step_via_ops(groups: List[GroupTensors], gstate: GlobalState, cfg: StepConf
         *flat, sums, gstate.step, gstate.gbar, gstate.coef, gstate.skipped, cfg.grad_scale, cfg.found_inf,
         float(cfg.rho), float(cfg.ema_beta), bool(cfg.adaptive_norm), float(cfg.sign),
         None if cfg.max_grad_norm is None else float(cfg.max_grad_norm), bool(cfg.perturbed),
+        float(cfg.gbar_floor or 0.0),
     )
 
 

@@ -16,7 +16,8 @@ no alignment for the compiler (even with ``tl.multiple_of``, checked on the sm_9
 anywhere, so a misaligned view cannot be miscompiled: it takes the masked path.
 
 Hyper table ``hyp`` (float64, rows of ``HYP_W``): row 0 is global, row 1 + k is param group k.
-  row 0: sign*rho, ema_beta, 1-ema_beta, max_grad_norm, has_clip, adaptive, perturbed, has_scale, has_found_inf
+  row 0: sign*rho, ema_beta, 1-ema_beta, max_grad_norm, has_clip, adaptive, perturbed, has_scale, has_found_inf,
+         gbar_floor (the bound on the perturbation; 0: none)
   row 1+k: lr (used when the group's lr address is 0), b1, 1-b1, b2, 1-b2, eps, wd, b1*b1, 2*b1*(1-b1), (1-b1)**2
 
 Deterministic, no float atomics: each program of the reduce pass writes its 4 partial sums (float64); the last
@@ -284,7 +285,8 @@ def mgpo_update_kernel(
     m_norm = tl.sqrt(mm)
     denom = m_norm
     if adaptive:
-        denom = m_norm * gbar_new
+        gbar_floor = tl.load(hyp_ptr + 9)
+        denom = m_norm * tl.where(gbar_new < gbar_floor, gbar_floor, gbar_new)
     coef = rho_s / denom
     ok = ((coef - coef) == 0.0) & (denom > 0.0)
     coef_new = tl.where(ok, coef, 0.0).to(tl.float32)
