@@ -25,6 +25,9 @@ from mgpo_kernels import MGPO  # noqa: E402
 from mgpo_kernels.integrations.common import find_mgpo  # noqa: E402
 from mgpo_kernels.integrations.lightning import MGPOCallback  # noqa: E402
 
+# a step in eval mode (plain AdamW) or a load that cannot tell what the model holds would be a silent error here
+pytestmark = [pytest.mark.filterwarnings(r"error:MGPO\.step\(\) was called in eval mode"),
+              pytest.mark.filterwarnings(r"error:MGPO\.load_state_dict")]
 KW = dict(lr=1e-2, rho=0.05, ema_beta=0.9, backend="reference")  # the callback is backend-agnostic
 TOL = 1e-6
 
