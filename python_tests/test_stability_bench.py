@@ -155,3 +155,26 @@ def test_two_step_pretraining_and_finetuning_smoke(tmp_path):
     # a second run loads the cached base model
     assert main(argv + ["--methods", "lora", "--seeds", "1"]) == 0
     assert json.loads(js.read_text())["base"]["cached"]
+
+
+def test_report_pairs_each_method_with_lora_on_the_same_seed():
+    from mgpo_kernels.bench.stability import report
+
+    cfg = {"methods": ["lora", "mgpo"], "ranks": [8], "lrs": [1e-3], "seeds": [0, 1, 2], "smooth": 1, "steps": 4}
+    base = [3.0, 1.0, 1.0, 1.0]
+    runs = []
+    rises = [float(x) for x in torch.rand(3) + 0.1]
+    for s, rise in enumerate(rises):
+        runs.append({"method": "lora", "rank": 8, "lr": 1e-3, "seed": s, "losses": base[:2] + [1.0 + rise, 1.0],
+                     "eval_loss": 2.0, "exact_match": 0.1, "diverged": False, "train_s": 1.0})
+        # MGPO: no bump on seeds 0 and 1, twice LoRA's on seed 2
+        mg = base if s < 2 else base[:2] + [1.0 + 2 * rise, 1.0]
+        runs.append({"method": "mgpo", "rank": 8, "lr": 1e-3, "seed": s, "losses": mg, "eval_loss": 2.0 - 0.1 * s,
+                     "exact_match": 0.2, "diverged": False, "train_s": 1.0})
+    (row,) = report.paired(runs, cfg)
+    assert row["pairs"] == 3 and row["lower_bump"] == 2 and row["lower_eval_loss"] == 2
+    want = [-rises[0], -rises[1], rises[2]]
+    assert row["d_bump"]["mean"] == pytest.approx(sum(want) / 3)
+    assert row["d_exact_match"]["mean"] == pytest.approx(10.0)
+    (agg,) = [r for r in report.aggregate(runs, cfg) if r["method"] == "lora"]
+    assert agg["bump"]["mean"] == pytest.approx(sum(rises) / 3) and agg["final_train_loss"]["mean"] == 1.0

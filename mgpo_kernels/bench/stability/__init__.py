@@ -103,7 +103,7 @@ def finish(payload: Dict[str, Any], out_dir, device, name: str, chart: bool) -> 
         cfg = payload["config"] = {**cfg, "seeds": keep}
     for r in runs:
         r["losses"] = [round(x, 5) for x in r["losses"]]
-    payload["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    payload.setdefault("loadavg_at_end", [round(x, 2) for x in os.getloadavg()])  # kept by --report-only
     payload["rows"] = report.aggregate(runs, cfg)
     md = report.markdown(payload) + note + f"\nTotal wall time {payload['total_s'] / 60:.1f} min.\n"
     return C.publish(out_dir, device, name, payload, md, report.chart if chart else None)

@@ -80,6 +80,34 @@ def summary_md(rows: List[Dict[str, Any]], methods: List[str]) -> str:
     return C.md_table(["r = α", "lr"] + [METHODS[m]["label"] for m in methods], body, "rr" + "r" * len(methods))
 
 
+def paired(runs: List[Dict[str, Any]], cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Each method against LoRA on the same (rank, lr, seed), i.e. the same initialisation and batches: in how
+    many pairs its bump / held-out loss is lower, and the mean differences (method − LoRA)."""
+    by = {(x["method"], x["rank"], x["lr"], x["seed"]): x for x in runs}
+    out = []
+    for m in cfg["methods"]:
+        if m == "lora":
+            continue
+        pairs = [(by[("lora",) + k[1:]], x) for k, x in by.items() if k[0] == m and ("lora",) + k[1:] in by]
+        if not pairs:
+            continue
+        db = [metrics.bump(b["losses"], cfg["smooth"]) - metrics.bump(a["losses"], cfg["smooth"]) for a, b in pairs]
+        de = [b["eval_loss"] - a["eval_loss"] for a, b in pairs]
+        dm = [100 * (b["exact_match"] - a["exact_match"]) for a, b in pairs]
+        out.append({"method": m, "pairs": len(pairs), "lower_bump": sum(d < 0 for d in db),
+                    "lower_eval_loss": sum(d < 0 for d in de), "d_bump": metrics.mean_std(db),
+                    "d_eval_loss": metrics.mean_std(de), "d_exact_match": metrics.mean_std(dm)})
+    return out
+
+
+def paired_md(rows: List[Dict[str, Any]]) -> str:
+    head = ["method", "pairs", "lower bump than LoRA", "lower held-out loss", "Δ bump", "Δ held-out loss",
+            "Δ exact match (points)"]
+    body = [[METHODS[r["method"]]["label"], r["pairs"], r["lower_bump"], r["lower_eval_loss"], _pm(r["d_bump"]),
+             _pm(r["d_eval_loss"]), _pm(r["d_exact_match"], 2)] for r in rows]
+    return C.md_table(head, body, "l" + "r" * 6)
+
+
 def markdown(payload: Dict[str, Any]) -> str:
     cfg, b = payload["config"], payload["base"]
     mgpo_opts = payload["mgpo_options"]
@@ -105,6 +133,9 @@ def markdown(payload: Dict[str, Any]) -> str:
         "## Summary: bump / exact match % (means over seeds)",
         "",
         summary_md(payload["rows"], cfg["methods"]),
+        "## Paired with LoRA (same rank, lr and seed; over the whole grid; Δ = method − LoRA, mean ± std)",
+        "",
+        paired_md(paired(payload["runs"], cfg)),
         "## All runs (mean ± std over seeds)",
         "",
         table_md(payload["rows"]),
