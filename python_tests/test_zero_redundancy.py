@@ -104,6 +104,12 @@ SCENARIOS = {
     "zero_empty_shard": ("lone", "zero", dict(rho=1.0), r"distributed=|no parameters|empty"),
     # ZeRO's load_state_dict writes the local optimizer's state directly (MGPO.load_state_dict is not called)
     "zero_checkpoint_resume": ("ragged", "zero_resume", dict(rho=1.0), r"(?i)state|checkpoint|load"),
+    # a sharded optimizer that is not ZeRO (each rank's MGPO holds a part, the owner broadcasts it after each
+    # step): found by comparing the ranks' parameters, or refused where that cannot tell
+    "by_hand_sharded": ("ragged", "by_hand_sharded", dict(rho=1.0), LAYOUT),
+    "by_hand_sharded_same_sizes": ("twins", "by_hand_sharded", dict(rho=1.0), LAYOUT),
+    "by_hand_sharded_same_values": ("scales", "by_hand_sharded", dict(rho=1.0), LAYOUT),
+    "by_hand_sharded_explicit": ("twins", "by_hand_sharded", dict(rho=1.0, distributed="sharded"), None),
     "ddp_replicated": ("ragged", "ddp", dict(rho=1.0), None),
     "averaged_by_hand_replicated": ("ragged", "by_hand", dict(rho=0.05), None),
     "ddp_explicit_replicated": ("ragged", "ddp", dict(rho=1.0, distributed="replicated"), None),
@@ -112,9 +118,12 @@ SCENARIOS = {
 # Triton runs under its (slow) interpreter here: the core scenarios only; the layout logic is shared by all backends
 CASES = [(b, s) for b in BACKENDS for s in SCENARIOS
          if b != "triton" or s in ("zero_rho1", "zero_rho005", "ddp_replicated")]
-ZERO_CASES = [(b, s) for b, s in CASES if SCENARIOS[s][1].startswith("zero")]
+SHARDED_CASES = [(b, s) for b, s in CASES if SCENARIOS[s][1] in ("zero", "zero_resume", "by_hand_sharded")]
+SHARDED_IDS = [f"{b}-{s}" for b, s in SHARDED_CASES]
+# after eval() a rank holds theta of the others' parameters too only where MGPO can know them: not by hand
+EVAL_CASES = [(b, s) for b, s in CASES if SCENARIOS[s][1] != "by_hand_sharded"]
+EVAL_IDS = [f"{b}-{s}" for b, s in EVAL_CASES]
 CASE_IDS = [f"{b}-{s}" for b, s in CASES]
-ZERO_IDS = [f"{b}-{s}" for b, s in ZERO_CASES]
 
 
 def make_model(kind):
@@ -131,7 +140,7 @@ def lr_at(t):
     return BASE_KW["lr"] * (1.0 - t / (2 * STEPS))
 
 
-def train(model, opt, shard, average_grads=False, on_error=None, start=0, stop=STEPS):
+def train(model, opt, shard, average_grads=False, on_error=None, start=0, stop=STEPS, after_step=None):
     for t, (x, y) in enumerate(make_data()):
         if not start <= t < stop:
             continue
@@ -151,7 +160,9 @@ def train(model, opt, shard, average_grads=False, on_error=None, start=0, stop=S
                 raise
             on_error(t - start, exc, all(torch.equal(b, p.detach()) for b, p in zip(before, model.parameters())))
             return
-        opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        model.zero_grad(set_to_none=True)  # all of them: a by-hand shard's optimizer holds only its own
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,6 +222,16 @@ def _on_every_rank(build):
     return obj, errors
 
 
+def partition(params):
+    """ZeRO's partition (largest first, to the least loaded rank): the owner rank of each parameter."""
+    sizes, owner = [0] * WORLD, {}
+    for p in sorted(params, key=lambda t: t.numel(), reverse=True):
+        r = sizes.index(min(sizes))
+        owner[p] = r
+        sizes[r] += p.numel()
+    return owner
+
+
 def _run_scenario(rank, backend, scenario, out_dir):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -228,18 +249,26 @@ def _run_scenario(rank, backend, scenario, out_dir):
     if wrapper == "zero_resume":
         model, local = _zero_resume(rank, backend, kw, shard, on_error, out_dir)
     else:
-        net = model if wrapper == "by_hand" else DDP(model)
+        by_hand = wrapper.startswith("by_hand")
+        net = model if by_hand else DDP(model)
+        owner = partition(trainable)
 
         def build():
             if wrapper == "zero":
                 return ZeroRedundancyOptimizer(trainable, optimizer_class=MGPO, backend=backend, **BASE_KW, **kw)
-            return MGPO(trainable, backend=backend, **BASE_KW, **kw)
+            mine = [p for p in trainable if owner[p] == rank] if wrapper == "by_hand_sharded" else trainable
+            return MGPO(mine, backend=backend, **BASE_KW, **kw)
+
+        def share():
+            for p in trainable:
+                dist.broadcast(p.data, src=owner[p])
 
         opt, errors = _on_every_rank(build)
         if any(errors):
             return {"construction_errors": errors}
         local = opt.optim if wrapper == "zero" else opt
-        train(net, opt, shard, average_grads=wrapper == "by_hand", on_error=on_error)
+        train(net, opt, shard, average_grads=by_hand, on_error=on_error,
+              after_step=share if wrapper == "by_hand_sharded" else None)
     if "error" in out:
         return out
     out["perturbed"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -310,8 +339,8 @@ def test_two_processes_match_one_process_or_refuse_clearly(runs, backend, scenar
     assert owned == set(n for n, p in make_model(SCENARIOS[scenario][0]).named_parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("backend, scenario", ZERO_CASES, ids=ZERO_IDS)
-def test_zero_sharded_really_split_the_parameters(runs, backend, scenario):
+@pytest.mark.parametrize("backend, scenario", SHARDED_CASES, ids=SHARDED_IDS)
+def test_sharded_really_split_the_parameters(runs, backend, scenario):
     """The scenarios are what they claim: each rank's MGPO held a different part (empty on rank 1 where there
     is a single tensor)."""
     res = _results(runs, backend, scenario)
@@ -321,7 +350,7 @@ def test_zero_sharded_really_split_the_parameters(runs, backend, scenario):
     assert a and not a & b and (not b if scenario == "zero_empty_shard" else b), (a, b)
 
 
-@pytest.mark.parametrize("backend, scenario", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("backend, scenario", EVAL_CASES, ids=EVAL_IDS)
 def test_eval_on_every_rank_gives_theta_everywhere(runs, backend, scenario):
     """After ``eval()`` of every rank's MGPO, the model each rank evaluates must be theta: with ZeRO a rank also
     holds the other ranks' parameters (broadcast after each step, perturbed)."""
