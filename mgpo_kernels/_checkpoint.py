@@ -296,6 +296,7 @@ def adopt_bypassed_load(opt) -> None:
     if not found:
         return
     first = next((st for _, st in found if all(f"mgpo_{k}" in st for k in MIRRORED_KEYS)), None)
+    saved = None if first is None else {k: first[f"mgpo_{k}"] for k in MIRRORED_KEYS}
     for i, (_, st) in enumerate(found):
         for k in MIRRORED_KEYS:
             if f"mgpo_{k}" in st:
@@ -311,9 +312,9 @@ def adopt_bypassed_load(opt) -> None:
             if key in st:
                 st[key] = st[key].detach().to(device=p.device, dtype=torch.float32)
     g = opt._gstate
-    if first is not None:
+    if saved is not None:
         for k in MIRRORED_KEYS:
-            getattr(g, k).copy_(torch.as_tensor(first[f"mgpo_{k}"]).reshape(()))
+            getattr(g, k).copy_(torch.as_tensor(saved[k]).reshape(()))
     from . import _host_cache
 
     _host_cache.drop(opt)

@@ -147,11 +147,13 @@ def check_param_list(params: Iterable[Tensor], gi: int, devices: set) -> None:
         devices.add(p.device)
 
 
-def check_params(param_groups) -> torch.device:
+def check_params(param_groups, empty_device=None) -> torch.device:
     devices: set = set()
     for gi, group in enumerate(param_groups):
         check_param_list(group["params"], gi, devices)
     if not devices:
+        if empty_device is not None:
+            return torch.device(empty_device)
         raise ValueError("MGPO got no parameters")
     return next(iter(devices))
 

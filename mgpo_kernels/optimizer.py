@@ -110,16 +110,21 @@ class MGPO(torch.optim.Optimizer):
                              f"{', '.join(map(repr, _distributed.DISTRIBUTED_MODES))}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **options)
         defaults[MODE_KEY] = True  # train mode: parameters hold theta + coef*m (coef is 0 until the first step)
+        zero = _distributed.sharding_parent()
         super().__init__(params, defaults)
-        self._device = _checks.check_params(self.param_groups)
+        # a ZeroRedundancyOptimizer may hand a rank no parameters: that rank still takes part in the norms
+        self._device = _checks.check_params(self.param_groups,
+                                            None if zero is None else getattr(zero, "_default_device", None))
         _distributed.dtensor_mesh(self.param_groups)  # unsupported DTensor layouts fail here (and in step())
         self.backend_name = backend
         self._backend = _backends.resolve_for(backend, self._device, self.param_groups)
         # Allocated here, never replaced (loads copy into it): wrappers that copy the optimizer's __dict__
         # (Lightning) share it, and under torch.compile an attribute assigned inside the traced step() was lost.
         self._gstate = GlobalState.zeros(self._device)
-        zero = _distributed.sharding_parent() if distributed == "auto" else None
-        if zero is not None:  # this rank's shard of a ZeroRedundancyOptimizer: sum the norms over its group
+        # this rank's shard of a ZeroRedundancyOptimizer: sum the norms over its group, and after eval()/train()
+        # share this rank's parameters with the others, as ZeRO does after a step (they hold copies of ours)
+        self._sharding_parent = zero  # a reference cycle (zero.optim is self), which the GC collects
+        if zero is not None and distributed == "auto":
             distributed, process_group = "sharded", zero.process_group
         self._distributed_mode = distributed
         self._process_group = process_group
@@ -299,6 +304,9 @@ class MGPO(torch.optim.Optimizer):
     def _set_mode(self, perturbed: bool) -> None:
         for g in self.param_groups:
             g[MODE_KEY] = perturbed
+        zero = self.__dict__.get("_sharding_parent")
+        if zero is not None:  # a collective: every rank switches modes together, as it steps together
+            zero._sync_params()
 
     @torch.no_grad()
     def eval(self) -> "MGPO":

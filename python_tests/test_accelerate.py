@@ -313,7 +313,9 @@ def test_option_set_on_the_wrapper_does_not_look_accepted():
     _, _, wrapped, _ = build(seed=0)
     check_wrapper_options(wrapped)  # nothing set: fine
     wrapped.rho = 0.3  # an attribute of AcceleratedOptimizer; MGPO never reads it
-    assert find_mgpo(wrapped).rho == KW["rho"]
+    assert find_mgpo(wrapped, check_options=False).rho == KW["rho"]
+    with pytest.raises(AttributeError, match=r"rho.*param_groups"):
+        find_mgpo(wrapped)  # where MGPO can check, the stray attribute is refused
     with pytest.raises(AttributeError, match=r"rho.*param_groups"):
         check_wrapper_options(wrapped)
     with pytest.raises(AttributeError, match="AcceleratedOptimizer"):

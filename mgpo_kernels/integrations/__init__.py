@@ -1,7 +1,9 @@
 """Integrations of MGPO with training frameworks.
 
 ``mgpo_kernels.integrations.hf``: Hugging Face Trainer + PEFT (``MGPOCallback``, ``mgpo_for_peft``,
-``mgpo_optimizer_cls_and_kwargs``).  Importing this package does not import transformers; the names below are
+``mgpo_optimizer_cls_and_kwargs``); TRL's ``SFTTrainer`` is a Trainer.
+``mgpo_kernels.integrations.lightning``: PyTorch Lightning 2.x (``MGPOCallback``; imports lightning on import).
+``mgpo_kernels.integrations.common``: ``find_mgpo`` (through accelerate's, Lightning's and DeepSpeed's wrappers).  Importing this package does not import transformers; the names below are
 loaded on first use.
 """
 from __future__ import annotations

@@ -26,10 +26,16 @@ def wrapper_chain(optimizer) -> List[Any]:
     return chain
 
 
-def find_mgpo(optimizer) -> Optional[MGPO]:
-    """The MGPO inside ``optimizer`` (itself, or wrapped by accelerate, Lightning or DeepSpeed), or None."""
+def find_mgpo(optimizer, check_options: bool = True) -> Optional[MGPO]:
+    """The MGPO inside ``optimizer`` (itself, or wrapped by accelerate, Lightning or DeepSpeed), or None.
+
+    ``check_options``: refuse a wrapper that carries an attribute named like an MGPO option (``wrapped.rho = x``
+    sets it on the wrapper, where MGPO never sees it); pass False for a wrapper with a ``rho`` of its own."""
     chain = wrapper_chain(optimizer)
-    return chain[-1] if chain and isinstance(chain[-1], MGPO) else None
+    mgpo = chain[-1] if chain and isinstance(chain[-1], MGPO) else None
+    if mgpo is not None and check_options:
+        check_wrapper_options(optimizer)
+    return mgpo
 
 
 def missing_trainable_parameters(model, mgpo: MGPO) -> List[str]:
