@@ -126,7 +126,8 @@ static inline void finish_sums(const double* gg, const double* mg, const double*
 // the FP ports, not by memory: -ffp-contract=off keeps a multiply and an add per product, and GCC loads each
 // 16-float block whole and splits it with vextractf32x8 before converting (6 mul + 6 add + 4 cvt + 2 extract
 // per 16 elements, about 32 GB/s per core even in L2). Written out: per 16 elements 4 conversions from memory
-// and 6 FMAs, lane l of the scheme above in vector lane l.
+// and 6 FMAs, lane l of the scheme above in vector lane l. bf16 and fp16 gradients are widened in registers
+// (shift; vcvtph2ps, exact) on the way.
 #if defined(MGPO_ISA_AVX512)
 using VecD = __m512d;  // 8 lanes
 constexpr int kVecLanes = 8;
@@ -140,6 +141,9 @@ static inline __attribute__((always_inline)) VecD vload(const uint16_t* p, bf16_
   const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
   return _mm512_cvtps_pd(_mm256_castsi256_ps(w));
 }
+static inline __attribute__((always_inline)) VecD vload(const uint16_t* p, f16_tag) {
+  return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 #else
 using VecD = __m256d;  // 4 lanes
 constexpr int kVecLanes = 4;
@@ -150,6 +154,9 @@ static inline __attribute__((always_inline)) VecD vload(const float* p) { return
 static inline __attribute__((always_inline)) VecD vload(const uint16_t* p, bf16_tag) {
   const __m128i w = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 16);
   return _mm256_cvtps_pd(_mm_castsi128_ps(w));
+}
+static inline __attribute__((always_inline)) VecD vload(const uint16_t* p, f16_tag) {
+  return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 #endif
 constexpr int kVecs = kLanes / kVecLanes;  // vectors per sum: 2 (AVX-512) or 4 (AVX2)
@@ -249,6 +256,42 @@ static void reduce_grad(const typename Storage<Tag>::type* __restrict__ g, const
   finish_sums(gg, mg, mm, sgg, smg, smm, out);
 }
 
+// fp16 gradients: GCC turns a fused half->double conversion into a libgcc call per element inside the lane loop,
+// so blocks of g are converted to fp32 first; the lanes run on across blocks (kBlock is a multiple of kLanes):
+// the same sums as the loop above.
+template <>
+void reduce_grad<f16_tag>(const typename Storage<f16_tag>::type* __restrict__ g, const float* __restrict__ m,
+                          int64_t n, double* __restrict__ out) {
+  constexpr int64_t kBlock = 512;
+  static_assert(kBlock % kLanes == 0, "blocks must not split a row of lanes");
+  float buf[kBlock];
+  double gg[kLanes] = {}, mg[kLanes] = {}, mm[kLanes] = {};
+  const int64_t nfull = n - n % kLanes;
+  for (int64_t b = 0; b < nfull; b += kBlock) {
+    const int64_t len = nfull - b < kBlock ? nfull - b : kBlock;
+    for (int64_t i = 0; i < len; ++i) buf[i] = Conv<f16_tag>::load(g[b + i]);
+    for (int64_t i = 0; i < len; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const double gi = (double)buf[i + l];
+        const double mi = (double)m[b + i + l];
+        gg[l] += gi * gi;
+        mg[l] += mi * gi;
+        mm[l] += mi * mi;
+      }
+    }
+  }
+  double sgg = 0.0, smg = 0.0, smm = 0.0;
+  for (int64_t i = nfull; i < n; ++i) {
+    const double gi = (double)Conv<f16_tag>::load(g[i]);
+    const double mi = (double)m[i];
+    sgg += gi * gi;
+    smg += mi * gi;
+    smm += mi * mi;
+  }
+  finish_sums(gg, mg, mm, sgg, smg, smm, out);
+}
+
 static void reduce_nograd(const float* __restrict__ m, int64_t n, double* __restrict__ out) {
   double acc[kLanes] = {};
   int64_t i = 0;
@@ -271,32 +314,6 @@ static void reduce_nograd(const float* __restrict__ m, int64_t n, double* __rest
   out[kSumMMNoGrad] = mm;
 }
 #endif
-
-// fp16 gradients: convert blocks to fp32 first (GCC turns a fused half->double conversion into a libgcc call).
-template <>
-void reduce_grad<f16_tag>(const typename Storage<f16_tag>::type* __restrict__ g, const float* __restrict__ m,
-                          int64_t n, double* __restrict__ out) {
-  constexpr int64_t kBlock = 512;
-  float buf[kBlock];
-  double acc[3] = {0.0, 0.0, 0.0};
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t len = n - b < kBlock ? n - b : kBlock;
-#if defined(MGPO_ISA_F16C)
-    h2f(g + b, buf, len);
-#else
-    for (int64_t i = 0; i < len; ++i) buf[i] = Conv<f16_tag>::load(g[b + i]);
-#endif
-    double part[4];
-    reduce_grad<float>(buf, m + b, len, part);
-    acc[0] += part[kSumGG];
-    acc[1] += part[kSumMG];
-    acc[2] += part[kSumMM];
-  }
-  out[kSumGG] = acc[0];
-  out[kSumMG] = acc[1];
-  out[kSumMM] = acc[2];
-  out[kSumMMNoGrad] = 0.0;
-}
 
 static void reduce(const RedTensor* ts, const Chunk* chunks, int64_t b, int64_t e, double* partials) {
   for (int64_t c = b; c < e; ++c) {
