@@ -31,7 +31,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {**_BASE_SMALL, **_TASK, "hidden": 128, "intermediate": 344, "layers": 4, "vocab": 2048,
                 "pretrain_steps": 600,
                 "steps": 160, "lrs": [1e-3, 4e-3, 1.6e-2], "smooth": 16},
-    # an H200 (not run yet: sized by estimate to ~10 minutes): a 20M-parameter base, longer runs, 4 lrs
+    # an H200 (not run yet: sized by estimate to ~10 minutes): a 23M-parameter base, all of the stdlib text
+    # (5 MB), longer runs, 4 lrs
     "cuda": {**_BASE_SMALL, **_TASK, "hidden": 512, "intermediate": 1376, "layers": 6, "heads": 8, "vocab": 8192,
              "seq": 256, "corpus_bytes": 12_000_000, "pretrain_steps": 2000, "pretrain_batch": 64,
              "pretrain_lr": 1e-3, "n_train": 20000, "n_eval": 1024, "batch": 32, "steps": 300,

@@ -154,8 +154,8 @@ def chart(payload: Dict[str, Any], path) -> None:
 
     cfg, runs = payload["config"], payload["runs"]
     ranks, lrs = cfg["ranks"], cfg["lrs"]
-    fig, axes = plt.subplots(len(ranks), len(lrs), figsize=(max(8.0, 3.6 * len(lrs)), 2.8 * len(ranks) + 0.6), squeeze=False,
-                             sharex=True)
+    size = (max(8.0, 3.6 * len(lrs)), 2.8 * len(ranks) + 0.6)
+    fig, axes = plt.subplots(len(ranks), len(lrs), figsize=size, squeeze=False, sharex=True)
     colors = dict(zip(METHODS, ["tab:blue", "tab:red", "tab:orange", "tab:gray", "tab:green"]))
     for i, r in enumerate(ranks):
         for j, lr in enumerate(lrs):
