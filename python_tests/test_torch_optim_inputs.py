@@ -16,17 +16,32 @@ import warnings
 
 import pytest
 import torch
+import torch.backends
 import torch.nn.functional as F
 from torch import nn
-from torch.testing._internal.common_optimizers import (
-    OptimizerErrorEnum,
-    _get_optim_inputs_including_global_cliquey_kwargs,
-    optim_db,
-)
 
 from mgpo_kernels import MGPO
 
-ADAMW_INFO = next(info for info in optim_db if info.optim_cls is torch.optim.AdamW)
+
+def _import_torch_optimizer_inputs():
+    """torch's testing package changes torch for the whole process at import: it freezes the torch.backends
+    flags (its own suite sets them in context managers only; e.g. Lightning's Trainer(deterministic=True) sets
+    torch.backends.cudnn.benchmark and raises RuntimeError while they are frozen) and wraps ScriptFunction and
+    ScriptMethod calls.  Undone right after the import: every other test of the session must see torch as
+    users do."""
+    frozen = torch.backends.flags_frozen()
+    calls = torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__
+    from torch.testing._internal import common_optimizers
+
+    if not frozen and torch.backends.flags_frozen():
+        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True  # torch's default
+    torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__ = calls
+    return common_optimizers
+
+
+_torch_inputs = _import_torch_optimizer_inputs()
+OptimizerErrorEnum = _torch_inputs.OptimizerErrorEnum
+ADAMW_INFO = next(info for info in _torch_inputs.optim_db if info.optim_cls is torch.optim.AdamW)
 RHO = 0.3  # large enough that a perturbation applied twice or lost shows far above rounding
 STEPS = 3
 # MGPO refuses these AdamW flags when True (it raises a ValueError naming the flag)
@@ -45,7 +60,8 @@ def _inputs():
     variants torch's own suite adds; the first of each description wins."""
     seen, out = set(), []
     for device in ("cpu", "cuda"):
-        for inp in _get_optim_inputs_including_global_cliquey_kwargs(device, torch.float32, ADAMW_INFO):
+        for inp in _torch_inputs._get_optim_inputs_including_global_cliquey_kwargs(device, torch.float32,
+                                                                                    ADAMW_INFO):
             if inp.desc not in seen:
                 seen.add(inp.desc)
                 out.append(inp)
@@ -170,6 +186,14 @@ def _setup(inp, backend, rho=RHO, steps=2):
     opt = _mgpo(model.parameters(), inp.kwargs, backend, rho)
     _train(model, opt, _batches(steps))
     return model, opt
+
+
+def test_importing_torchs_inputs_left_torch_as_it_was():
+    assert not torch.backends.flags_frozen()
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = not was  # what Lightning's Trainer does; raises while the flags are frozen
+    torch.backends.cudnn.benchmark = was
+    assert torch._C.ScriptFunction.__call__.__module__ != _torch_inputs.__name__.rsplit(".", 1)[0] + ".common_utils"
 
 
 # ------------------------------------------------------------------------------------------- defaults
