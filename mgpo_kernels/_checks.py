@@ -53,6 +53,8 @@ def check_group_hparams(lr, betas, eps, weight_decay, where: str = "") -> None:
         b1, b2 = betas
     except (TypeError, ValueError):
         raise ValueError(f"Invalid betas={betas!r}{at}: must be a pair (beta1, beta2)") from None
+    if isinstance(b1, Tensor) != isinstance(b2, Tensor):
+        raise ValueError(f"Invalid betas={betas!r}{at}: betas must be either both floats or both Tensors (as torch's)")
     for name, b in (("betas[0]", b1), ("betas[1]", b2)):
         if isinstance(b, Tensor) and b.numel() == 1:
             b = float(b)

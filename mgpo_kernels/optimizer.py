@@ -170,7 +170,11 @@ class MGPO(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         g = dict(param_group)
         params = g["params"]
+        if isinstance(params, set):  # torch refuses it (unordered): let it say so
+            return super().add_param_group(g)
         g["params"] = [params] if isinstance(params, Tensor) else list(params)
+        # (name, tensor) pairs, as from named_parameters(): torch splits the names off; the tensors are checked
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in g["params"]]
         if self.param_groups:  # options and mode are global: a new group takes the optimizer's current ones
             for k in OPTION_NAMES + (MODE_KEY,):
                 g.setdefault(k, self.param_groups[0].get(k, self.defaults.get(k)))
@@ -181,7 +185,7 @@ class MGPO(torch.optim.Optimizer):
         for k in OPTION_NAMES:
             _checks.check_option(k, g[k])
         devices = {self._device} if "_device" in self.__dict__ else set()
-        _checks.check_param_list(g["params"], len(self.param_groups), devices)
+        _checks.check_param_list(tensors, len(self.param_groups), devices)
         super().add_param_group(g)
         if "_backend" in self.__dict__ and self.backend_name == "auto":  # the new parameters' layouts
             self._backend = _backends.resolve_for("auto", self._device, self.param_groups)

@@ -1,4 +1,4 @@
-"""An independent float64 implementation of MGPO, written from the equations (paper Eqs. 2-6, issue 2).
+"""An independent float64 implementation of MGPO, written from the equations (paper Eqs. 2-6).
 
 It shares no code with mgpo_kernels and keeps the perturbation eps as explicit tensors (the package keeps only
 the coefficient), so agreement between the two checks the coefficient bookkeeping too.

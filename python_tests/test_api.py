@@ -571,7 +571,7 @@ def test_eval_train_agree_bitwise_with_the_generic_perturb(backend, dtype):
     opt = MGPO(params, lr=1e-2, rho=3.0, backend=backend)
     _train(opt, params, prob, 4)
     groups = opt._groups(with_grads=False)
-    coef = opt._gstate.coef
+    coef = opt.global_state["coef"]
     assert float(coef) != 0.0
     copies = [p.detach().clone() for p in params]
     opt.eval()
@@ -653,7 +653,7 @@ def test_deepcopy_and_pickle_give_a_working_optimizer(backend):
     _train(opt_copy, model_copy, prob, 3)
     for a, b in zip(params, model_copy):
         assert torch.equal(a.detach(), b.detach())
-    assert torch.equal(opt._gstate.coef, opt_copy._gstate.coef)
+    assert torch.equal(opt.global_state["coef"], opt_copy.global_state["coef"])
     params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
     _train(opt2, params2, prob, 1)
     _train(opt, params, prob, 1)

@@ -115,7 +115,7 @@ def test_tensor_lr_scheduler_does_not_recompile_and_matches_eager(backend, dtype
     for a, b in zip(p_comp, p_eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for k in ("step", "gbar", "coef"):
-        torch.testing.assert_close(getattr(opt_comp._gstate, k), getattr(opt_eager._gstate, k), rtol=1e-6, atol=0)
+        torch.testing.assert_close(opt_comp.global_state[k], opt_eager.global_state[k], rtol=1e-6, atol=0)
 
 
 @pytest.mark.skipif(not CUDA_BACKENDS, reason="needs a CUDA device (run by benchmarks/gpu_check.sh)")
@@ -174,8 +174,8 @@ def test_cuda_graph_captured_training_step_matches_eager(backend):
     for a, b in zip(model_g.parameters(), model_e.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for k in ("step", "gbar", "coef"):
-        torch.testing.assert_close(getattr(opt_g._gstate, k), getattr(opt_e._gstate, k), rtol=1e-5, atol=0)
-    assert float(opt_g._gstate.step) == warm + steps
+        torch.testing.assert_close(opt_g.global_state[k], opt_e.global_state[k], rtol=1e-5, atol=0)
+    assert float(opt_g.global_state["step"]) == warm + steps
     opt_g.eval()
     opt_e.eval()
     for a, b in zip(model_g.parameters(), model_e.parameters()):

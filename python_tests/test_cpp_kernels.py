@@ -115,11 +115,11 @@ def assert_close(opt_a, pa, opt_b, pb, tol, dtype=torch.float32, what=""):
             if key in sb:
                 assert rel(sa[key], sb[key]) <= tol, f"{what} {key} {i}: rel err {rel(sa[key], sb[key]):.3g}"
         assert float(sa["step"]) == float(sb["step"]), f"{what} step {i}"
-    ga, gb = opt_a._gstate, opt_b._gstate
-    assert float(ga.step) == float(gb.step)
-    assert int(ga.skipped) == int(gb.skipped)
-    assert abs(float(ga.gbar) - float(gb.gbar)) <= tol * abs(float(gb.gbar)) + 1e-30
-    assert abs(float(ga.coef) - float(gb.coef)) <= tol * abs(float(gb.coef)) + 1e-30
+    ga, gb = opt_a.global_state, opt_b.global_state
+    assert float(ga["step"]) == float(gb["step"])
+    assert int(ga["skipped"]) == int(gb["skipped"])
+    assert abs(float(ga["gbar"]) - float(gb["gbar"])) <= tol * abs(float(gb["gbar"])) + 1e-30
+    assert abs(float(ga["coef"]) - float(gb["coef"])) <= tol * abs(float(gb["coef"])) + 1e-30
 
 
 def run_pair(shapes, steps=4, dtype=torch.float32, device="cpu", groups=None, offset=0, grad_offset=0,
@@ -227,7 +227,7 @@ def test_dtypes(device, dtype):
             master, st = oa.state[p]["master_param"], oa.state[p]
             assert master.dtype == torch.float32
             # the parameter holds exactly the rounded value of master + coef * m
-            want = (master + oa._gstate.coef * st["exp_avg"]).to(dtype)
+            want = (master + oa.global_state["coef"] * st["exp_avg"]).to(dtype)
             assert torch.equal(p.detach(), want)
 
 
@@ -410,7 +410,7 @@ def test_nonfinite_gradient_skips_on_device(device, bad, dtype):
         opt.step()
     snap = [p.detach().clone() for p in pa]
     state = [{k: v.clone() for k, v in opt.state[p].items()} for p in pa]
-    gs = {k: v.clone() for k, v in opt._gstate.tensors().items()}
+    gs = {k: v.clone() for k, v in opt.global_state.items()}
     grads = rand_grads(shapes, dtype, device, gen)
     grads[3].view(-1)[7] = bad
     set_grads(pa, grads)
@@ -420,11 +420,11 @@ def test_nonfinite_gradient_skips_on_device(device, bad, dtype):
         for k, v in st.items():
             assert torch.equal(opt.state[p][k], v), k
     for k in ("step", "gbar", "coef"):
-        assert torch.equal(getattr(opt._gstate, k), gs[k])
-    assert int(opt._gstate.skipped) == int(gs["skipped"]) + 1
+        assert torch.equal(opt.global_state[k], gs[k])
+    assert int(opt.global_state["skipped"]) == int(gs["skipped"]) + 1
     set_grads(pa, rand_grads(shapes, dtype, device, gen))
     opt.step()  # and training goes on
-    assert float(opt._gstate.step) == 3.0 and opt.skipped_steps == 1
+    assert float(opt.global_state["step"]) == 3.0 and opt.skipped_steps == 1
 
 
 def test_grad_scale_and_found_inf_inputs(device):
@@ -488,7 +488,7 @@ def _trajectory(device, threads=None):
                                                    [0] * len(grads), 1))
             opt.step()
         out = [p.detach().clone() for p in pa] + [opt.state[p][k].clone() for p in pa for k in ("exp_avg", "exp_avg_sq")]
-        return out + sums + [opt._gstate.gbar.clone(), opt._gstate.coef.clone()]
+        return out + sums + [opt.global_state["gbar"].clone(), opt.global_state["coef"].clone()]
     finally:
         torch.set_num_threads(old)
 
@@ -764,7 +764,7 @@ def test_cuda_graph_capture_matches_eager():
         ob.step()
         for a, b in zip(pa, pb):
             assert torch.equal(a, b), f"replay {t}"
-    assert torch.equal(oa._gstate.coef, ob._gstate.coef)
+    assert torch.equal(oa.global_state["coef"], ob.global_state["coef"])
 
 
 def test_reduce_hook_path_matches_reference():

@@ -121,7 +121,7 @@ class Recorder(TrainerCallback):
             return
         opt = find_mgpo(optimizer)
         assert opt is not None and opt.training
-        coef = opt._gstate.coef
+        coef = opt.global_state["coef"]
         params = lora_params(self.model)
         pert = {n: p.detach().clone() for n, p in params.items()}
         theta = {n: (p.detach() - coef * opt.state[p]["exp_avg"]) for n, p in params.items()}
@@ -229,7 +229,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(full_run, tmp_path):
         for p in lora_params(fresh).values():
             p.normal_()
     _, model, opt = run_trainer(tmp_path, model=fresh, resume=str(ckpt))
-    assert int(opt._gstate.step.item()) == 20
+    assert int(opt.global_state["step"].item()) == 20
     full = lora_params(model_full)
     for n, p in lora_params(model).items():
         torch.testing.assert_close(p.detach(), full[n].detach(), rtol=0, atol=0, msg=n)
@@ -253,7 +253,7 @@ def test_fused_clipping_matches_trainer_clipping(tmp_path):
     p2 = lora_params(m2)
     for n, p in lora_params(m1).items():
         torch.testing.assert_close(p.detach(), p2[n].detach(), rtol=2e-5, atol=1e-7, msg=n)
-    torch.testing.assert_close(o1._gstate.gbar, o2._gstate.gbar, rtol=1e-5, atol=0)
+    torch.testing.assert_close(o1.global_state["gbar"], o2.global_state["gbar"], rtol=1e-5, atol=0)
 
 
 def test_optimizer_cls_and_kwargs_form_and_loraplus(tmp_path):
