@@ -1,29 +1,28 @@
-"""The triton backend's kernels against the reference backend, step by step (CPU: Triton interpreter).
+"""The triton backend's kernels against the reference backend, step by step (on a CUDA device if there is one,
+else on the CPU under the Triton interpreter, which conftest.py turns on).
 
 Shapes are small: under TRITON_INTERPRET=1 every program of a launch runs in numpy, one after the other.
 """
 from __future__ import annotations
 
+import copy
 import os
+import subprocess
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (conftest does the same)
+import pytest
+import torch
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from mgpo_kernels import MGPO, available_backends  # noqa: E402
-from mgpo_kernels.backends import reference as ref_mod  # noqa: E402
+from mgpo_kernels import MGPO, available_backends
+from mgpo_kernels.backends import reference as ref_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() and "triton" in available_backends("cuda") else "cpu"
 pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
                                 reason="triton backend not usable here")
 
 if "triton" in available_backends(DEVICE):
-    from mgpo_kernels.backends import triton as tb  # noqa: E402
-    from mgpo_kernels.backends import triton_kernels as tk  # noqa: E402
+    from mgpo_kernels.backends import triton as tb
+    from mgpo_kernels.backends import triton_kernels as tk
 
 RAGGED = [(1,), (1, 1), (17,), (8, 30), (30, 8), (3, 5, 7), (1025,)]
 
@@ -60,6 +59,12 @@ def _set_grads(ps_list, shapes, dtype, gen, active=None, scale=1.0):
     for ps in ps_list:
         for p, g in zip(ps, grads):
             p.grad = None if g is None else g.clone()
+
+
+def _entry(opt):
+    """The device tables of ``opt``'s parameters, held by its own backend instance."""
+    key = tuple(p.data_ptr() for g in opt.param_groups for p in g["params"])
+    return next(e for k, e in opt._backend._tables.items() if k[0] == key)
 
 
 def _assert_same_state(pa, pb, oa, ob, tol=1e-6, param_tol=None, skipped=True):
@@ -168,7 +173,7 @@ def test_many_tiny_tensors():
         _set_grads([pa, pb], shapes, torch.float32, gen, [i % 7 != 3 or t == 0 for i in range(len(shapes))])
         oa.step(), ob.step()
         _assert_same_state(pa, pb, oa, ob)
-    entry = next(reversed(tb._CACHE.values()))
+    entry = _entry(ob)
     assert entry.n_tensors == len(shapes) and entry.n_blocks == len(shapes) + 4
 
 
@@ -269,7 +274,7 @@ def test_tables_cached_and_rebuilt_when_grads_are_recreated():
     gen = torch.Generator().manual_seed(10)
     _set_grads([pa, pb], RAGGED, torch.float32, gen)
     oa.step(), ob.step()
-    entry = next(e for k, e in tb._CACHE.items() if k[0] == tuple(p.data_ptr() for p in pb))
+    entry = _entry(ob)
     tab = entry.tab
     oa.step(), ob.step()  # same gradient tensors: no rebuild
     assert entry.tab is tab
@@ -324,6 +329,72 @@ def test_compiled_step_sees_the_custom_ops():
     targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
     assert any("triton_reduce" in t for t in targets) and any("triton_update" in t for t in targets), targets
     _assert_same_state(pa, pb, oa, ob)
+
+
+def test_two_optimizers_over_the_same_parameters_keep_their_own_tables(monkeypatch):
+    """Each optimizer's backend owns its tables: stepping one never rebuilds or rewrites the other's (a CUDA
+    graph captured by one would replay on buffers the other changed, and capture refuses any rebuild)."""
+    shapes = [(17,), (8, 30), (3,)]
+    pa, pb = _params(shapes), _params(shapes)
+    kws = [dict(lr=1e-2, rho=0.5), dict(lr=3e-2, rho=0.2, weight_decay=0.1)]
+    refs = [MGPO(pa, backend="reference", **kw) for kw in kws]
+    tris = [MGPO(pb, backend="triton", **kw) for kw in kws]
+    assert tris[0]._backend.handle != tris[1]._backend.handle
+    rebuilds = []
+    orig = tb._refuse_in_capture
+    monkeypatch.setattr(tb, "_refuse_in_capture", lambda device, what: (rebuilds.append(what), orig(device, what)))
+    gen = torch.Generator().manual_seed(13)
+    _set_grads([pa, pb], shapes, torch.float32, gen)
+    for t in range(4):
+        for ref, tri in zip(refs, tris):
+            for a, b in zip(pa, pb):  # new values at the same addresses, as in a captured training step
+                b.grad.copy_(a.grad.copy_(torch.randn(a.shape, generator=gen)))
+            ref.step(), tri.step()
+            _assert_same_state(pa, pb, ref, tri)
+        if t == 0:  # warm-up: each built its own tables once
+            assert len(rebuilds) == 6, rebuilds  # per optimizer: new parameters, tensor table, hyper table
+            tabs = [(_entry(o), _entry(o).tab, _entry(o).hyp) for o in tris]
+            rebuilds.clear()
+    assert rebuilds == []  # after warm-up neither step rebuilt or rewrote a table
+    assert [(_entry(o), _entry(o).tab, _entry(o).hyp) for o in tris] == tabs
+    e0, e1 = tabs[0][0], tabs[1][0]
+    assert e0 is not e1 and e0.counters.data_ptr() != e1.counters.data_ptr()
+    assert e0.partials.data_ptr() != e1.partials.data_ptr() and float(e0.hyp[12]) != float(e1.hyp[12])  # lr
+    copied = copy.deepcopy(tris[0]._backend)  # a copy starts with its own handle and no tables
+    assert copied.handle != tris[0]._backend.handle and not copied._tables and _entry(tris[0]) is e0
+
+
+def test_compiled_steps_run_on_their_own_optimizers_tables():
+    """The custom ops find the tables of the backend that recorded them by its handle; a handle whose backend is
+    gone is refused by name."""
+    shapes = [(5,), (3, 4)]
+    pb = _params(shapes)
+    opts = [MGPO(pb, backend="triton", lr=1e-2, rho=0.3), MGPO(pb, backend="triton", lr=2e-2, rho=0.1)]
+    gen = torch.Generator().manual_seed(14)
+    for o in opts:
+        _set_grads([pb], shapes, torch.float32, gen)
+        o.step()  # allocates the state
+    for o in opts:
+        assert len(o._backend._tables) == 1
+        o._backend._tables.clear()
+        groups, gstate, cfg, backend = o._groups(with_grads=True), o._gstate, o._config(cached=False), o._backend
+
+        @torch.compile(backend=lambda gm, example_inputs: gm.forward, fullgraph=True)
+        def compiled_step(groups, gstate):
+            backend.step(groups, gstate, cfg)
+
+        torch._dynamo.reset()
+        compiled_step(groups, gstate)
+        assert len(backend._tables) == 1
+    first = dict(opts[0]._backend._tables)
+    assert first.keys() == opts[1]._backend._tables.keys()  # the same parameters ...
+    assert next(iter(first.values())) is not next(iter(opts[1]._backend._tables.values()))  # ... own tables
+    gone = tb.TritonBackend()
+    handle = gone.handle
+    del gone
+    flat = tb._flat_from_groups(opts[0]._groups(with_grads=True))
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        torch.ops.mgpo_kernels.triton_reduce(handle, *flat)
 
 
 def test_availability_and_priority():
@@ -400,7 +471,7 @@ def test_aligned_tensors_take_the_vector_path():
     for p in ps:
         p.grad = torch.ones_like(p)
     opt.step()
-    entry = next(e for k, e in tb._CACHE.items() if k[0] == tuple(p.data_ptr() for p in ps))
+    entry = _entry(opt)
     aligned = [(int(meta) >> 3) & 1 for meta in entry.tab.view(-1, tk.TAB_W)[:, 7].cpu()]
     assert aligned == [1, 1, 0]
 
@@ -464,7 +535,7 @@ def test_hyper_parameter_table_updated_in_place():
     _set_grads([pa, pb], [(17,), (8, 30)], torch.float32, gen)
     oa.step()
     ob.step()
-    entry = next(reversed(tb._CACHE.values()))
+    entry = _entry(ob)
     hyp = entry.hyp.data_ptr()
     for lr in (3e-2, 5e-3):
         for o in (oa, ob):

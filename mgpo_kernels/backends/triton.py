@@ -5,10 +5,12 @@ layout), ``cfg.reduce_hook(sums)`` if set, one launch of the update kernel (scal
 restore, AdamW, re-perturb, step counts and optimizer-wide scalars).  Nothing is read on the host: lr, step
 counts, coefficients, grad_scale and found_inf are read by the kernels from device memory.
 
-The kernels find the tensors through tables of int64 addresses.  The tables live on the device and are cached:
-the block table depends only on the parameters (addresses, sizes, dtypes), the tensor table is re-uploaded
-(one small host-to-device copy, no launch, no sync) only when an address changes, e.g. gradients re-created
-after ``zero_grad(set_to_none=True)`` or state replaced by ``load_state_dict``.
+The kernels find the tensors through tables of int64 addresses.  The tables live on the device and are cached
+by the backend instance (each optimizer has its own), so two optimizers never share step counters, partial sums
+or a hyper-parameter table, even over the same parameters, and a CUDA graph captured by one keeps its buffers
+whatever the other does.  The block table depends only on the parameters (addresses, sizes, dtypes), the tensor
+table is re-uploaded (one small host-to-device copy, no launch, no sync) only when an address changes, e.g.
+gradients re-created after ``zero_grad(set_to_none=True)`` or state replaced by ``load_state_dict``.
 
 This module is named ``triton`` inside the package; ``import triton`` below is the absolute import of Triton.
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import operator
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,7 +42,7 @@ except Exception as e:  # ImportError (Triton not installed), or a broken instal
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MAX_ITERS = 16
 _TARGET_PROGRAMS = 2048
-_CACHE_SIZE = 16
+_CACHE_SIZE = 16  # parameter sets whose tables one backend instance keeps (LRU)
 # No FMA contraction (as the C++/CUDA build: -ffp-contract=off, --fmad=false): `p - restore*m` and
 # `theta + apply*m` must round the product, then the sum, like the reference backend, the generic eval()/train()
 # and the interpreter; on sm_90 the default would fuse them (40 fma.rn.f32 in the update kernel's PTX).
@@ -109,7 +113,7 @@ _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
 _numel = Tensor.numel
 _dtype = operator.attrgetter("dtype")
-_CACHE: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
+Tables = collections.OrderedDict[tuple, _Entry]  # one backend instance's entries, keyed by the parameters
 
 
 def _capturing(device: torch.device) -> bool:
@@ -151,20 +155,20 @@ class _Prepared:
         self.writeback = writeback
 
 
-def _prepare(groups: List[GroupTensors], device: torch.device) -> _Prepared:
-    """The cached device tables for these tensors, rebuilt only where an address, size or dtype changed."""
+def _prepare(tables: Tables, groups: List[GroupTensors], device: torch.device) -> _Prepared:
+    """The device tables in ``tables`` for these tensors, rebuilt only where an address, size or dtype changed."""
     params = [p for g in groups for p in g.params]
     sizes = tuple(len(g.params) for g in groups)
     key = (tuple(map(_data_ptr, params)), tuple(map(_numel, params)), tuple(map(_dtype, params)), sizes, device)
-    entry = _CACHE.get(key)
+    entry = tables.get(key)
     if entry is None:
         _refuse_in_capture(device, "new parameters (new device tables)")
         entry = _Entry(key[1], sizes, device)
-        _CACHE[key] = entry
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        tables[key] = entry
+        while len(tables) > _CACHE_SIZE:
+            tables.popitem(last=False)
     else:
-        _CACHE.move_to_end(key)
+        tables.move_to_end(key)
 
     # the addresses that may change between steps (grads, state, lr tensors)
     # (and the layouts: a non-contiguous tensor is copied, so a view reusing a freed contiguous tensor's address
@@ -332,8 +336,8 @@ def _device_scalar(t: Optional[Tensor], device: torch.device, fallback: Tensor) 
     return t.to(device=device, dtype=torch.float32).reshape(1), True
 
 
-def _reduce(groups: List[GroupTensors], device: torch.device) -> Tuple[Tensor, _Prepared]:
-    prep = _prepare(groups, device)
+def _reduce(tables: Tables, groups: List[GroupTensors], device: torch.device) -> Tuple[Tensor, _Prepared]:
+    prep = _prepare(tables, groups, device)
     sums = torch.empty(SUMS_PER_GROUP * len(groups), dtype=torch.float64, device=device)
     _launch_reduce(prep.entry, sums)
     return sums, prep
@@ -354,11 +358,26 @@ def _update(prep: _Prepared, groups: List[GroupTensors], gstate: GlobalState, cf
 # The kernels find their tensors through address tables, which a tracer cannot see; a compiled training step
 # therefore sees the two passes as opaque custom ops that declare every tensor they read and write (so
 # functionalization orders them correctly against the surrounding graph), and builds the tables when they run.
+# An op has no backend argument: it takes the instance's integer handle and finds its tables in a weak registry.
 
-def _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, master_idx, steps, group_sizes, lr_tensors,
-                      lr_floats, beta1s, beta2s, epss, wds) -> List[GroupTensors]:
+_INSTANCES: "weakref.WeakValueDictionary[int, TritonBackend]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
+
+
+def _tables_of(handle: int) -> Tables:
+    backend = _INSTANCES.get(int(handle))
+    if backend is None:
+        raise RuntimeError(f"MGPO triton backend: no backend with handle {handle} (the optimizer that recorded this "
+                           "compiled step no longer exists)")
+    return backend._tables
+
+
+def _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, tensor_of_master, steps, group_sizes,
+                      lr_tensors, lr_floats, beta1s, beta2s, epss, wds) -> List[GroupTensors]:
+    """Inverse of :func:`_flat_from_groups`; ``tensor_of_master[i]`` is the flat index of the parameter whose
+    fp32 master is ``masters[i]`` (only bf16/fp16 parameters have one)."""
     full: List[Optional[Tensor]] = [None] * len(params)
-    for j, mst in zip(master_idx, masters):
+    for j, mst in zip(tensor_of_master, masters):
         full[j] = mst
     masters = full
     out, i = [], 0
@@ -372,6 +391,7 @@ def _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, master_idx,
 
 
 def _flat_from_groups(groups: List[GroupTensors]) -> tuple:
+    """The groups as the custom ops' flat lists (op schemas take lists, not GroupTensors)."""
     return (
         [p for g in groups for p in g.params], [x for g in groups for x in g.grads],
         [x for g in groups for x in g.exp_avgs], [x for g in groups for x in g.exp_avg_sqs],
@@ -396,18 +416,19 @@ def _register_ops() -> None:
 
     @torch.library.custom_op("mgpo_kernels::triton_reduce", mutates_args=())
     def _reduce_op(
+        handle: int,
         params: List[Tensor], grads: List[Optional[Tensor]], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-        masters: List[Tensor], master_idx: List[int], steps: List[Tensor], group_sizes: List[int],
+        masters: List[Tensor], tensor_of_master: List[int], steps: List[Tensor], group_sizes: List[int],
         lr_tensors: List[Optional[Tensor]], lr_floats: List[float], beta1s: List[float], beta2s: List[float],
         epss: List[float], wds: List[float],
     ) -> Tensor:
-        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, master_idx, steps, group_sizes,
-                                   lr_tensors, lr_floats, beta1s, beta2s, epss, wds)
-        sums, _ = _reduce(groups, params[0].device)
+        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, tensor_of_master, steps,
+                                   group_sizes, lr_tensors, lr_floats, beta1s, beta2s, epss, wds)
+        sums, _ = _reduce(_tables_of(handle), groups, params[0].device)
         return sums
 
     @_reduce_op.register_fake
-    def _(params, grads, exp_avgs, exp_avg_sqs, masters, master_idx, steps, group_sizes, *rest):
+    def _(handle, params, grads, exp_avgs, exp_avg_sqs, masters, tensor_of_master, steps, group_sizes, *rest):
         return params[0].new_empty(SUMS_PER_GROUP * len(group_sizes), dtype=torch.float64)
 
     @torch.library.custom_op(
@@ -416,21 +437,22 @@ def _register_ops() -> None:
                       "g_skipped"),
     )
     def _update_op(
+        handle: int,
         params: List[Tensor], grads: List[Optional[Tensor]], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-        masters: List[Tensor], master_idx: List[int], steps: List[Tensor], group_sizes: List[int],
+        masters: List[Tensor], tensor_of_master: List[int], steps: List[Tensor], group_sizes: List[int],
         lr_tensors: List[Optional[Tensor]], lr_floats: List[float], beta1s: List[float], beta2s: List[float],
         epss: List[float], wds: List[float],
         sums: Tensor, g_step: Tensor, g_gbar: Tensor, g_coef: Tensor, g_skipped: Tensor,
         grad_scale: Optional[Tensor], found_inf: Optional[Tensor], rho: float, ema_beta: float,
         adaptive_norm: bool, sign: float, max_grad_norm: Optional[float], perturbed: bool, gbar_floor: float = 0.0,
     ) -> None:
-        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, master_idx, steps, group_sizes,
-                                   lr_tensors, lr_floats, beta1s, beta2s, epss, wds)
+        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, tensor_of_master, steps,
+                                   group_sizes, lr_tensors, lr_floats, beta1s, beta2s, epss, wds)
         cfg = StepConfig(rho=rho, ema_beta=ema_beta, adaptive_norm=adaptive_norm, sign=sign,
                          max_grad_norm=max_grad_norm, perturbed=perturbed, grad_scale=grad_scale,
                          found_inf=found_inf, gbar_floor=gbar_floor)
         gstate = GlobalState(step=g_step, gbar=g_gbar, coef=g_coef, skipped=g_skipped)
-        _update(_prepare(groups, g_step.device), groups, gstate, cfg, sums)
+        _update(_prepare(_tables_of(handle), groups, g_step.device), groups, gstate, cfg, sums)
 
     @_update_op.register_fake
     def _(*args, **kwargs):
@@ -439,14 +461,15 @@ def _register_ops() -> None:
     _OPS_REGISTERED = True
 
 
-def _step_via_ops(groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
-    """The step as two custom ops (what a compiled graph records); the eager path calls the same code directly."""
+def _step_via_ops(handle: int, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
+    """The step as two custom ops (what a compiled graph records) on the tables of the backend ``handle``; the
+    eager path calls the same code directly."""
     flat = _flat_from_groups(groups)
-    sums = torch.ops.mgpo_kernels.triton_reduce(*flat)
+    sums = torch.ops.mgpo_kernels.triton_reduce(handle, *flat)
     if cfg.reduce_hook is not None:
         cfg.reduce_hook(sums)
     torch.ops.mgpo_kernels.triton_update(
-        *flat, sums, gstate.step, gstate.gbar, gstate.coef, gstate.skipped, cfg.grad_scale, cfg.found_inf,
+        handle, *flat, sums, gstate.step, gstate.gbar, gstate.coef, gstate.skipped, cfg.grad_scale, cfg.found_inf,
         float(cfg.rho), float(cfg.ema_beta), bool(cfg.adaptive_norm), float(cfg.sign),
         None if cfg.max_grad_norm is None else float(cfg.max_grad_norm), bool(cfg.perturbed),
         float(cfg.gbar_floor or 0.0),
@@ -458,7 +481,18 @@ if _k is not None:
 
 
 class TritonBackend(Backend):
+    """Owns its device tables (``_tables``) and registers itself under an integer ``handle`` for the custom ops."""
+
     name = "triton"
+
+    def __init__(self):
+        self._tables: Tables = collections.OrderedDict()
+        self.handle = next(_HANDLES)
+        _INSTANCES[self.handle] = self
+
+    def __reduce__(self):
+        """A copy (deepcopy, pickle) is a new instance: its own handle, tables built at its first step."""
+        return (type(self), ())
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> Optional[str]:
@@ -491,8 +525,8 @@ class TritonBackend(Backend):
 
             return ReferenceBackend().step(groups, gstate, cfg)
         if torch.compiler.is_compiling():
-            return _step_via_ops(groups, gstate, cfg)
-        sums, prep = _reduce(groups, device)
+            return _step_via_ops(self.handle, groups, gstate, cfg)
+        sums, prep = _reduce(self._tables, groups, device)
         if cfg.reduce_hook is not None:
             cfg.reduce_hook(sums)
         _update(prep, groups, gstate, cfg, sums)
