@@ -1,11 +1,15 @@
 """Shared fixtures: every semantic test runs once per backend usable here (reference, cpp, triton...)."""
 import os
 
-# Triton kernels run on the CPU under the interpreter; it must be set before triton is first imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a CUDA device the Triton kernels run on the CPU under the interpreter; with one, plain `pytest` tests
+# the compiled kernels.  An explicit TRITON_INTERPRET is kept.  Decided before triton is first imported (it reads
+# the variable when the kernels are defined); torch.cuda.is_available() does not import triton.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from mgpo_kernels import available_backends, backend_reasons  # noqa: E402
 
