@@ -117,6 +117,8 @@ def _signature(param_groups, device: torch.device) -> Tensor:
 def detect_layout(param_groups, device: torch.device, mode: str, process_group) -> str:
     """"local" (one process, or every rank holds all the parameters) or "sharded" (ranks hold different
     parameters: the sums must be all-reduced).  A collective when ``mode == "auto"`` under a process group."""
+    if dtensor_mesh(param_groups) is not None:  # FSDP2: the mesh says how they are sharded
+        return "local"
     world = _initialized_world(process_group)
     if mode == "sharded":
         if world is None:
