@@ -1,6 +1,7 @@
 """Build of mgpo_kernels and its extension mgpo_kernels._C (torch.ops.mgpo.*).
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e .            # the optimizer
+    pip install --no-build-isolation -e ".[bench]"   # and what mgpo-bench imports (transformers, peft, ...)
 
 CPU kernels are always built; CUDA kernels too when nvcc and a CUDA build of torch are present.
 Environment:
@@ -64,11 +65,10 @@ def _ext_modules():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources += [os.path.relpath(s, ROOT) for s in sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))]
         define_macros.append(("MGPO_WITH_CUDA", None))
-        # Some torch headers include cusparse.h etc., which the pip CUDA wheels keep here.
-        for site in {os.path.dirname(os.path.dirname(torch.__file__))}:
-            inc = os.path.join(site, "nvidia", "cu13", "include")
-            if os.path.isdir(inc):
-                include_dirs.append(inc)
+        # Some torch headers include cusparse.h etc., which the pip CUDA 13 wheels keep in site-packages.
+        wheel_inc = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
+        if os.path.isdir(wheel_inc):
+            include_dirs.append(wheel_inc)
         if os.environ.get("MGPO_PTXAS_VERBOSE") == "1":
             nvcc += ["-Xptxas", "-v"]
         ext = CUDAExtension(
@@ -83,6 +83,11 @@ def _ext_modules():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+#: What ``mgpo-bench`` imports beyond torch: the models of ``table3`` and ``stability`` (transformers, peft,
+#: tokenizers), the charts (matplotlib, numpy), the progress bars (tqdm).  mgpo_kernels.bench.common names, per
+#: subcommand, those it refuses to start without.
+BENCH_REQUIRES = ["transformers", "peft", "tokenizers", "matplotlib", "numpy", "tqdm"]
+
 ext_modules, cmdclass = _ext_modules()
 
 setup(
@@ -92,6 +97,7 @@ setup(
     packages=find_packages(include=["mgpo_kernels", "mgpo_kernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch"],
+    extras_require={"bench": BENCH_REQUIRES},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["mgpo-bench = mgpo_kernels.bench:main"]},

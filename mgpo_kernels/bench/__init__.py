@@ -51,6 +51,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from .common import require_packages
+
+    require_packages(args.cmd, chart=not args.no_chart, models=not getattr(args, "report_only", None))
     if args.threads is None and args.device in ("cpu", "auto"):
         import torch
 

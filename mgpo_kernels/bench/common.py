@@ -1,8 +1,10 @@
 """Shared helpers of the benchmarks: machine/version info, statistics, memory probes, result files, charts."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
+import importlib.util
 import itertools
 import json
 import math
@@ -12,6 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -38,6 +41,34 @@ def summarize(times_s: Sequence[float]) -> Dict[str, float]:
         "p80_ms": 1e3 * percentile(times_s, 80),
         "n": len(times_s),
     }
+
+
+# ----------------------------------------------------------------------------------------------- packages
+
+#: What each subcommand cannot run without beyond torch, from setup.py's ``extras_require["bench"]`` (tqdm is not
+#: here: without it there are only no progress bars); the charts need matplotlib.
+NEEDS = {"step": (), "table3": ("transformers", "peft"), "stability": ("transformers", "tokenizers")}
+CHART_NEEDS = ("matplotlib",)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_packages(cmd: str, chart: bool, models: bool = True) -> None:
+    """Refuse to start ``mgpo-bench <cmd>`` when a package it imports later is missing: before any measurement
+    (a chart's import failing after a run of minutes, or every row of table3 failing in its own process, says
+    less).  ``models=False`` where the subcommand trains nothing (``stability --report-only``)."""
+    need = (list(NEEDS.get(cmd, ())) if models else []) + (list(CHART_NEEDS) if chart else [])
+    missing = [m for m in need if not _installed(m)]
+    if missing:
+        raise SystemExit(
+            f"mgpo-bench {cmd} needs {', '.join(missing)}, not installed in this environment: in the checkout, "
+            f"pip install --no-build-isolation -e '.[bench]' (or pip install {' '.join(missing)})"
+            + ("; --no-chart runs without matplotlib" if set(missing) <= set(CHART_NEEDS) else ""))
 
 
 # ----------------------------------------------------------------------------------------------- device
@@ -93,6 +124,46 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
     return total
 
 
+#: What torch's profiler writes to stderr from C++ on every use, whatever Python's warning filters say:
+#: kineto's start/stop markers (their log level, USDT, is 5, which KINETO_LOG_LEVEL=5 still shows; 6 would hide
+#: kineto's errors too) and c10's note that a block allocated before the profiler started was freed while it ran
+#: (that free is not among the events, so CpuAllocPeak's running sum counts only what the block itself allocated).
+_PROFILER_NOISE = (
+    re.compile(r"^USDT:.*\] profiler_(start|stop)\s*$"),
+    re.compile(r"^\[W\d{4} [\d:.]+ CPUAllocator\.cpp:\d+\] Memory block of unknown size was allocated "
+               r"before the profiling started, profiler results will not include the deallocation event\s*$"),
+)
+
+
+def is_profiler_noise(line: str) -> bool:
+    return any(p.match(line) for p in _PROFILER_NOISE)
+
+
+@contextlib.contextmanager
+def profiler_noise_filtered():
+    """Capture file descriptor 2 inside the block and write back to it, at the end, every line except the
+    profiler's known noise (``_PROFILER_NOISE``): those lines come from C++ straight to the descriptor, so only a
+    redirect there can keep them off a user's terminal.  Anything else written meanwhile (a warning, a traceback
+    printed by a callee) still appears, only later."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            text = buf.read().decode("utf-8", errors="replace")
+            kept = [ln for ln in text.splitlines(keepends=True) if not is_profiler_noise(ln)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 class CpuAllocPeak:
     """Peak of the bytes allocated (net of frees) by the CPU allocator inside a ``with`` block.
 
@@ -105,12 +176,14 @@ class CpuAllocPeak:
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         from torch.profiler import ProfilerActivity, profile
 
-        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._prof.__enter__()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(profiler_noise_filtered())
+            self._prof = stack.enter_context(profile(activities=[ProfilerActivity.CPU], profile_memory=True))
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc):
-        self._prof.__exit__(*exc)
+        self._stack.__exit__(*exc)  # the profiler stops first, then stderr is restored
         evs = self._prof.profiler.kineto_results.events()
         mem = []
         for e in evs:
@@ -332,7 +405,7 @@ def fmt_bytes(n: Optional[float], unit: str = "auto") -> Optional[str]:
 
 
 def tqdm(*a, **k):
-    """tqdm when installed (it is a dependency), else a plain iterator."""
+    """tqdm when installed (in ``.[bench]``), else a plain iterator."""
     try:
         from tqdm.auto import tqdm as _t
     except Exception:  # pragma: no cover
