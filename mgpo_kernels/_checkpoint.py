@@ -15,6 +15,7 @@ tensors, numbers, strings and bools: ``torch.load(weights_only=True)`` reads it.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -86,8 +87,32 @@ def fingerprints(opt) -> List[Tensor]:
     return list(table.unbind(0))
 
 
+def _saving_trainer_without_callback():
+    """The Hugging Face Trainer saving a checkpoint up the stack, if it has no MGPOCallback (then the model weights
+    it has just written hold theta + eps), else None.  Found from the frames, so no transformers import here."""
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_save_checkpoint" and frame.f_globals.get("__name__", "").startswith(
+                "transformers."):
+            trainer = frame.f_locals.get("self")
+            handler = getattr(trainer, "callback_handler", None)
+            callbacks = getattr(handler, "callbacks", [])
+            return None if any(type(cb).__name__ == "MGPOCallback" for cb in callbacks) else trainer
+        frame = frame.f_back
+    return None
+
+
 def state_dict(opt, sd: Dict[str, Any]) -> Dict[str, Any]:
     """Add MGPO's global state and the fingerprints to torch's ``Optimizer.state_dict()`` result ``sd``."""
+    if opt.training and not opt.__dict__.get("_warned_trainer_save") and _saving_trainer_without_callback():
+        opt.__dict__["_warned_trainer_save"] = True
+        warnings.warn(
+            "MGPO: the Hugging Face Trainer is saving a checkpoint while the model holds theta + eps (the "
+            "perturbed weights): its model/adapter weights are not the trained weights theta (resuming from it is "
+            "still exact). Add mgpo_kernels.integrations.hf.MGPOCallback() to the Trainer's callbacks, which "
+            "saves theta.", stacklevel=3)
     g = opt._gstate
     sd["mgpo"] = {k: getattr(g, k).detach().clone() for k in GLOBAL_KEYS}
     sd["mgpo"]["perturbed"] = bool(opt.training)

@@ -6,6 +6,7 @@ functional adamw) would normalise each group by its own norms and count the step
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from torch import Tensor
@@ -97,7 +98,20 @@ def mgpo(
                      sign=_checks.DIRECTIONS[direction], max_grad_norm=max_grad_norm, perturbed=perturbed,
                      grad_scale=grad_scale, found_inf=found_inf, reduce_hook=reduce_hook,
                      gbar_floor=float(gbar_floor or 0.0))
-    _backends.resolve(backend, gstate.step.device).step(groups, gstate, cfg)
+    _backend_for(global_state["step"], backend).step(groups, gstate, cfg)
+
+
+#: one backend instance per global state (keyed by its step tensor), as one MGPO has one: the fused backends keep
+#: per-instance tables that later calls of the same run reuse (and that a captured CUDA graph keeps reading)
+_INSTANCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _backend_for(step: Tensor, name: str):
+    held = _INSTANCES.get(step)
+    if held is None or held[0] != name:
+        held = (name, _backends.resolve(name, step.device))
+        _INSTANCES[step] = held
+    return held[1]
 
 
 __all__: List[str] = ["init_global_state", "mgpo"]
