@@ -454,31 +454,6 @@ def test_step_never_reads_a_device_scalar_on_the_host(backend):
             torch.ones(()).item()
 
 
-def test_functional_step_matches_optimizer(backend):
-    from mgpo_kernels.functional import init_global_state, mgpo
-
-    prob = Problem()
-    pa, pb = prob.params(), prob.params()
-    opt = MGPO(pa, lr=1e-2, rho=2.0, weight_decay=0.01, backend=backend)
-    ms = [torch.zeros_like(p) for p in pb]
-    vs = [torch.zeros_like(p) for p in pb]
-    steps = [torch.zeros(()) for _ in pb]
-    gs = init_global_state("cpu")
-    for _ in range(5):
-        opt.zero_grad()
-        prob.loss(pa).backward()
-        opt.step()
-        for p in pb:
-            p.grad = None
-        prob.loss(pb).backward()
-        group = dict(params=pb, grads=[p.grad for p in pb], exp_avgs=ms, exp_avg_sqs=vs, state_steps=steps,
-                     lr=1e-2, weight_decay=0.01)
-        mgpo([group], gs, rho=2.0, backend=backend)
-    for a, b in zip(pa, pb):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
-    assert float(gs["step"]) == 5.0
-
-
 def test_add_param_group_with_bad_params_changes_nothing():
     opt = MGPO([torch.nn.Parameter(torch.randn(4))])
     with pytest.raises(TypeError, match="float64"):

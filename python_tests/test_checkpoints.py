@@ -45,6 +45,14 @@ def _uninterrupted(prob, backend, dtype, **kw):
 KW = dict(lr=1e-2, rho=0.5, weight_decay=0.01)
 
 
+def _trained(steps):
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, **KW)
+    _run(opt, params, prob, steps)
+    return prob, params, opt
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_holds", ["theta", "perturbed"])
 @pytest.mark.parametrize("save_mode", ["train", "eval"])
@@ -108,10 +116,7 @@ def test_load_of_own_state_dict_is_the_identity(backend, mode):
 
 
 def test_load_keeps_the_optimizers_mode_whatever_the_checkpoints():
-    prob = Problem()
-    params = prob.params()
-    opt = MGPO(params, **KW)
-    _run(opt, params, prob, 3)
+    prob, params, opt = _trained(3)
     sd_train = opt.state_dict()
     theta = _theta(opt, params)
     opt2 = MGPO(prob.params(), **KW).eval()
@@ -126,10 +131,7 @@ def test_load_keeps_the_optimizers_mode_whatever_the_checkpoints():
 
 
 def test_unrecognised_weights_warn_and_are_taken_as_theta():
-    prob = Problem()
-    params = prob.params()
-    opt = MGPO(params, **KW)
-    _run(opt, params, prob, 3)
+    prob, params, opt = _trained(3)
     sd = opt.state_dict()
     other = [torch.nn.Parameter(torch.randn_like(p)) for p in params]
     opt2 = MGPO(other, **KW)
