@@ -116,7 +116,7 @@ class MGPO(torch.optim.Optimizer):
         self._device = _checks.check_params(self.param_groups,
                                             None if zero is None else getattr(zero, "_default_device", None))
         _distributed.dtensor_mesh(self.param_groups)  # unsupported DTensor layouts fail here (and in step())
-        self.backend_name = backend
+        self._requested_backend = backend
         self._backend = _backends.resolve_for(backend, self._device, self.param_groups)
         # Allocated here, never replaced (loads copy into it): wrappers that copy the optimizer's __dict__
         # (Lightning) share it, and under torch.compile an attribute assigned inside the traced step() was lost.
@@ -134,7 +134,7 @@ class MGPO(torch.optim.Optimizer):
         """torch.optim.Optimizer pickles only defaults, state and param_groups; the global state and the device
         travel too (the backend and the host-path cache are rebuilt on the other side)."""
         st = super().__getstate__()
-        st.update(_gstate=self._gstate, _device=self._device, backend_name=self.backend_name,
+        st.update(_gstate=self._gstate, _device=self._device, _requested_backend=self._requested_backend,
                   _distributed_mode=self._distributed_mode)
         return st
 
@@ -142,8 +142,8 @@ class MGPO(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_process_group", None)
         self.__dict__.setdefault("_distributed_mode", "auto")
-        if "_device" in self.__dict__ and "backend_name" in self.__dict__:
-            self._backend = _backends.resolve_for(self.backend_name, self._device, self.param_groups)
+        if "_device" in self.__dict__ and "_requested_backend" in self.__dict__:
+            self._backend = _backends.resolve_for(self._requested_backend, self._device, self.param_groups)
 
     # ------------------------------------------------------------------ views
     @property
@@ -187,7 +187,7 @@ class MGPO(torch.optim.Optimizer):
         devices = {self._device} if "_device" in self.__dict__ else set()
         _checks.check_param_list(tensors, len(self.param_groups), devices)
         super().add_param_group(g)
-        if "_backend" in self.__dict__ and self.backend_name == "auto":  # the new parameters' layouts
+        if "_backend" in self.__dict__ and self._requested_backend == "auto":  # the new parameters' layouts
             self._backend = _backends.resolve_for("auto", self._device, self.param_groups)
             _host_cache.drop(self)
 

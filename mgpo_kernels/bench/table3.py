@@ -211,7 +211,8 @@ def worker_main(spec_json: str) -> None:
               "adapter_dtypes": sorted({str(p.dtype) for p in w.trainable}),
               "base_dtypes": sorted({str(p.dtype) for p in w.model.parameters() if not p.requires_grad}),
               "lora_layers": sum(1 for m in w.model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")),
-              "optimizer": type(w.opt).__name__ + (f"[{w.opt.backend}]" if hasattr(w.opt, "backend_name") else "")})
+              "optimizer": type(w.opt).__name__ + (f"[{w.opt.backend}]"
+                                                   if type(w.opt).__module__.startswith("mgpo_kernels") else "")})
         for line in sys.stdin:
             cmd = line.strip()
             if cmd == "step":
