@@ -9,6 +9,8 @@ and the bandwidth of each pass (pass 1 reads g, m: 8 B/elem; pass 2 reads p, g, 
 28 B/elem; fp32), with pass 1 set beside `torch.dot(g, m)`, which reads the same 8 B/elem: the dot runs on two
 flat fp32 buffers of all the gradients' and first moments' elements, and pass 1 runs twice, on the optimizer's
 own 448 separately allocated tensors and on 448 views of those two flat buffers (the very bytes the dot reads).
+torch.dot runs on one thread (MKL's sdot as torch calls it; its CPU time equals its wall time with 2 threads
+set), so a `torch.sum` over one buffer holding both (all threads) is timed as well.
 The header records the CPU model, the git commit and the load average.
 
 The machine's cores may be shared with other work: every repetition runs all contenders back to back
@@ -120,8 +122,13 @@ def main(argv=None):
     def pass1_views():
         ops.reduce_sums(view_g, view_m, gidx, 1)
 
-    def dot():
+    def dot():  # MKL's sdot inside torch runs on one thread
         torch.dot(flat_g, flat_m)
+
+    flat_gm = torch.cat([flat_g, flat_m])
+
+    def flat_sum():  # a read of the same 8 B/elem on all of torch's threads
+        flat_gm.sum()
 
     def pass2():
         ops.update(p_cppc, grads, ms, vs, [], [-1] * len(shapes), steps, scal, gidx, [1e-4], [None], [0.9],
@@ -134,6 +141,7 @@ def main(argv=None):
         "cpp_max_grad_norm": mgc.step,
         "pass1_reduce": pass1,
         "torch_dot_flat": dot,
+        "torch_sum_flat": flat_sum,
         "pass1_flat_views": pass1_views,
         "pass2_update": pass2,
     }
@@ -170,13 +178,18 @@ def main(argv=None):
     print(f"pass 1 bandwidth / torch.dot's: same flat bytes    {p4:5.2f}   "
           f"{med['torch_dot_flat'] / med['pass1_flat_views']:5.2f}     "
           f"{lo['torch_dot_flat'] / lo['pass1_flat_views']:5.2f}    >= 0.90")
+    p5 = statistics.median(b / a for a, b in zip(times["pass1_reduce"], times["torch_sum_flat"]))
+    print(f"pass 1 bandwidth / torch.sum's of g and m           {p5:5.2f}   "
+          f"{med['torch_sum_flat'] / med['pass1_reduce']:5.2f}     "
+          f"{lo['torch_sum_flat'] / lo['pass1_reduce']:5.2f}")
     gb1 = 8 * n / med["pass1_reduce"] / 1e9
     gb1v = 8 * n / med["pass1_flat_views"] / 1e9
     gbd = 8 * n / med["torch_dot_flat"] / 1e9
     gb2 = 28 * n / med["pass2_update"] / 1e9
     gba = 28 * n / med["adamw_fused"] / 1e9
     print(f"\npass 1 (reduce, 8 B/elem)   {gb1:6.1f} GB/s on the optimizer's tensors, {gb1v:6.1f} GB/s on views of "
-          f"flat buffers;  torch.dot(g, m) on the flat buffers {gbd:6.1f} GB/s")
+          f"flat buffers;  torch.dot(g, m) on the flat buffers {gbd:6.1f} GB/s (one thread: MKL's sdot), "
+          f"torch.sum of both {8 * n / med['torch_sum_flat'] / 1e9:6.1f} GB/s ({torch.get_num_threads()} threads)")
     print(f"pass 2 (update, 28 B/elem)  {gb2:6.1f} GB/s")
     print(f"whole cpp step (36 B/elem)  {36 * n / med['cpp'] / 1e9:6.1f} GB/s;  AdamW(fused) (28 B/elem) {gba:6.1f} GB/s")
 
