@@ -43,7 +43,7 @@ def _ext_modules():
         with_cuda = cuda_possible
 
     csrc = os.path.join(ROOT, "csrc")
-    sources = [os.path.join(csrc, "ops.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp"))) + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     sources = [os.path.relpath(s, ROOT) for s in sources]
     # No FMA contraction of the element math: the same roundings as the reference backend's torch ops, so that
     # CPU, CUDA and reference agree to the last bit wherever their scalar coefficients do.

@@ -1,13 +1,15 @@
-// torch.ops.mgpo.*: schemas (the kernels register in cpu/ops_cpu.cpp and cuda/ops_cuda.cu; the fake/meta
-// implementations are registered from Python in mgpo_kernels/backends/cpp.py), plus a small Python module
-// mgpo_kernels._C with build information.
+// torch.ops.mgpo.*: schemas (the kernels register in cpu/ops_cpu.cpp and cuda/ops_cuda.cu through
+// device_ops.h; the fake implementations are registered from Python in mgpo_kernels/backends/cpp.py), plus a
+// small Python module mgpo_kernels._C with build information and the hyper-parameter table's layout.
 //
-// One MGPO step = reduce_sums -> (reduce_hook on the float64 sums) -> scalar_stage -> update.
+// One MGPO step = pass 1 -> (reduce_hook on the float64 sums) -> scalar stage -> pass 2.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <string>
 #include <vector>
+
+#include "step_plan.h"
 
 namespace mgpo {
 namespace cpu {
@@ -17,43 +19,28 @@ void set_isa(const std::string& name);
 }  // namespace cpu
 }  // namespace mgpo
 
+// The step plan's arguments (csrc/step_plan.h; mgpo_kernels/backends/plan.py builds them), with the alias
+// annotations of the tensors an op writes when `mutable_` is set.
+static std::string plan_args(bool mutable_) {
+  const auto w = [&](const char* tag) { return mutable_ ? std::string("(") + tag + "!)" : std::string(); };
+  return "Tensor" + w("a") + "[] params, Tensor?[] grads, Tensor" + w("b") + "[] exp_avgs, Tensor" + w("c") +
+         "[] exp_avg_sqs, Tensor" + w("d") + "[] masters, int[] master_index, Tensor" + w("e") +
+         "[] steps, int[] group_sizes, Tensor hyper, Tensor?[] lr_tensors, Tensor" + w("f") +
+         "[] gstate, Tensor? grad_scale, Tensor? found_inf";
+}
+
 TORCH_LIBRARY(mgpo, m) {
-  // Pass 1: float64 sums of base.py's layout, [|g|^2, <m,g>, |m|^2, |m|^2 without grad] per group, from
-  // deterministic per-chunk partials. Tensors are listed group by group (group_index non-decreasing).
-  m.def("reduce_sums(Tensor?[] grads, Tensor[] exp_avgs, int[] group_index, int num_groups) -> Tensor",
+  // The fused step: pass 1 (float64 sums, base.py's layout, from deterministic per-chunk partials), the scalar
+  // stage (clip/unscale factor, gbar, the new coefficient, the skip flag; updates gstate and the step counts of
+  // the tensors with a gradient, or only gstate.skipped), pass 2 (restore, AdamW, re-perturb). Returns the sums.
+  m.def(("step(" + plan_args(true) + ") -> Tensor").c_str(), {at::Tag::pt2_compliant_tag});
+  // The same step in two calls, for a reduce_hook (an all-reduce) on the sums in between.
+  m.def(("reduce_sums(" + plan_args(false) + ") -> Tensor").c_str(), {at::Tag::pt2_compliant_tag});
+  m.def(("finish_step(" + plan_args(true) + ", Tensor sums) -> ()").c_str(), {at::Tag::pt2_compliant_tag});
+  // eval()/train(): p = theta + coef*m (apply) or theta (not apply), the step's own element math.
+  m.def("perturb(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] masters, int[] master_index, Tensor coef, "
+        "bool apply) -> ()",
         {at::Tag::pt2_compliant_tag});
-  // Scalar stage (one block on CUDA): returns scal = float32 [c, restore, apply, skip] and, unless the step
-  // is skipped, updates gstate (step, gbar, coef) and increments the step counts of the tensors with a
-  // gradient; a skipped step increments only gstate.skipped.
-  m.def(
-      "scalar_stage(Tensor sums, float[] beta1s, Tensor(a!) gstep, Tensor(b!) gbar, Tensor(c!) coef, "
-      "Tensor(d!) skipped, Tensor(e!)[] steps, Tensor? grad_scale, Tensor? found_inf, float rho, float ema_beta, "
-      "bool adaptive_norm, float sign, float? max_grad_norm, bool perturbed, float gbar_floor=0.0) -> Tensor",
-      {at::Tag::pt2_compliant_tag});
-  // Pass 2: restore, AdamW, re-perturb; writes params, masters, exp_avgs, exp_avg_sqs (nothing when skip).
-  // masters holds only the fp32 master copies (of bf16/fp16 params): master_index[i] is the position of
-  // tensor i's master in it, or -1 (a mutable list may not contain None under torch.compile's functionalization).
-  // Per-group hyper-parameters (lr: float, or a one-element tensor read on the device when given).
-  m.def(
-      "update(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] masters, int[] master_index, Tensor[] steps, Tensor scal, int[] group_index, float[] lrs, "
-      "Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays) -> ()",
-      {at::Tag::pt2_compliant_tag});
-  // The three stages in one call (no reduce_hook), the common case: the tensor lists cross from Python once.
-  // Returns the sums (as reduce_sums). All arguments are checked before anything is modified.
-  m.def(
-      "step(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] masters, int[] master_index, Tensor(e!)[] steps, int[] group_index, float[] lrs, "
-      "Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays, Tensor(f!) gstep, "
-      "Tensor(g!) gbar, Tensor(h!) coef, Tensor(i!) skipped, Tensor? grad_scale, Tensor? found_inf, float rho, "
-      "float ema_beta, bool adaptive_norm, float sign, float? max_grad_norm, bool perturbed, float gbar_floor=0.0) "
-      "-> Tensor",
-      {at::Tag::pt2_compliant_tag});
-  // The checks of `step`, alone: run before scalar_stage when a reduce_hook splits the step into three calls.
-  m.def(
-      "check_step(Tensor[] params, Tensor?[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] masters, "
-      "int[] master_index, Tensor[] steps) -> ()",
-      {at::Tag::pt2_compliant_tag});
 }
 
 #ifdef MGPO_WITH_CUDA
@@ -69,4 +56,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set of the CPU kernels in use (MGPO_CPU_ISA=base|avx2|avx512 picks one at load time)");
   m.def("available_cpu_isas", &mgpo::cpu::available_isas, "Instruction sets this CPU can run");
   m.def("set_cpu_isa", &mgpo::cpu::set_isa, "Switch the CPU kernels' instruction set (tests and benchmarks)");
+  m.attr("HYPER_OPTIONS") = (int)mgpo::kHyperOptions;
+  m.attr("HYPER_PER_GROUP") = (int)mgpo::kHyperPerGroup;
 }

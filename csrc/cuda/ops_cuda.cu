@@ -20,10 +20,11 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#include "../ops_common.h"
+#include "../device_ops.h"
 
 namespace mgpo {
 namespace cuda {
@@ -428,239 +429,179 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
 // ------------------------------------------------------------------------------------------ host side
 static int64_t nblocks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
-static void check_cuda_tensor(const at::Tensor& t, const at::Device& dev, const char* what, size_t i) {
-  TORCH_CHECK(t.device() == dev, "mgpo (cuda kernels): ", what, " of tensor ", i, " is on ", t.device(),
-              ", expected ", dev);
-}
-
-static float* scalar_f32(const at::Tensor& t, const at::Device& dev, const char* what) {
-  TORCH_CHECK(t.device() == dev && t.scalar_type() == at::kFloat && t.numel() == 1, "mgpo (cuda kernels): ", what,
-              " must be a one-element float32 tensor on ", dev, ", got ", t.scalar_type(), " ", t.sizes(), " on ",
-              t.device());
-  return t.data_ptr<float>();
-}
-
-at::Tensor reduce_sums_cuda(const OptTensorList& grads, at::TensorList exp_avgs, at::IntArrayRef group_index,
-                            int64_t num_groups) {
-  const size_t n = exp_avgs.size();
-  TORCH_CHECK(n > 0, "mgpo: reduce_sums needs at least one tensor");
-  TORCH_CHECK(grads.size() == n, "mgpo: ", grads.size(), " grads for ", n, " exp_avgs");
-  check_group_index(group_index, n, num_groups);
-  const at::Device dev = exp_avgs[0].device();
-  c10::cuda::CUDAGuard guard(dev);
-  std::vector<RedTensorArg> ts;
-  ts.reserve(n);
-  int64_t total = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& m = exp_avgs[i];
-    check_cuda_tensor(m, dev, "exp_avg", i);
-    TORCH_CHECK(m.scalar_type() == at::kFloat, "mgpo: exp_avg of tensor ", i, " must be float32");
-    if (m.numel() > 1)
-      TORCH_CHECK(m.is_non_overlapping_and_dense(), "mgpo: exp_avg of tensor ", i, " is not dense");
-    RedTensorArg t{};
-    t.m = m.data_ptr<float>();
-    t.numel = m.numel();
-    t.group = (int16_t)group_index[i];
-    t.dtype = kF32;
-    if (auto g = opt_at(grads, i)) {
-      check_same_layout(*g, m, "grad", i);
-      t.g = g->data_ptr();
-      t.dtype = (int8_t)dtype_code(g->scalar_type());
-    }
-    if (t.numel == 0) continue;
-    ts.push_back(t);
-    total += nblocks(t.numel);
+// The one launch helper under every kernel: a kernel's arguments (passed by value) hold a table of bounded
+// size, so the items [0, n) go into consecutive launches of at most `cap` items each, a launch also ending
+// before an item i that `fits(first, i)` refuses; launch(first, count) is called once per launch, in order.
+template <typename Fits, typename Launch>
+static void for_each_launch(size_t n, size_t cap, Fits&& fits, Launch&& launch) {
+  size_t first = 0;
+  while (first < n) {
+    size_t end = first + 1;
+    while (end < n && end - first < cap && fits(first, end)) ++end;
+    launch(first, end - first);
+    first = end;
   }
-  TORCH_CHECK(num_groups < 32768, "mgpo: at most 32767 param groups");
-  TORCH_CHECK(total < (int64_t(1) << 31), "mgpo: too many chunks");
-  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(dev);
-  if (total == 0) return at::zeros({kSumsPerGroup * num_groups}, f64);
-  at::Tensor sums = at::empty({kSumsPerGroup * num_groups}, f64);
-  // workspace: partials (4 doubles per chunk), chunk groups (int32), counter (uint32)
-  const int64_t ws_doubles = 4 * total + (total + 1) / 2 + 1;
-  at::Tensor ws = at::empty({ws_doubles}, f64);
-  double* partials = ws.data_ptr<double>();
-  int* chunk_group = reinterpret_cast<int*>(partials + 4 * total);
-  unsigned int* counter = reinterpret_cast<unsigned int*>(partials + ws_doubles - 1);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream));
+}
+static bool always(size_t, size_t) { return true; }
 
-  RedArgs args;
-  args.h.partials = partials;
-  args.h.chunk_group = chunk_group;
-  args.h.counter = counter;
-  args.h.sums = sums.data_ptr<double>();
-  args.h.total_chunks = (int)total;
-  args.h.num_groups = (int)num_groups;
-  int chunk_base = 0;
-  size_t i = 0;
-  while (i < ts.size()) {
-    int cnt = 0, blocks = 0;
-    while (i < ts.size() && cnt < kRedMaxTensors) {
-      args.t[cnt] = ts[i];
-      args.t[cnt].block_start = blocks;
-      blocks += (int)nblocks(ts[i].numel);
-      ++cnt;
-      ++i;
+// One block per kChunk elements: sets block_start of t[0, count) and returns the launch's number of blocks.
+template <typename TensorArg>
+static int64_t assign_blocks(TensorArg* t, size_t count) {
+  int64_t blocks = 0;
+  for (size_t i = 0; i < count; ++i) {
+    t[i].block_start = (int32_t)blocks;
+    blocks += nblocks(t[i].numel);
+  }
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "mgpo: too many chunks in one launch");
+  return blocks;
+}
+
+// The three stages over a checked plan (device_ops.h). All pointers are memory of plan.device.
+struct CudaStages {
+  // Pass 1 in launches of kRedMaxTensors tensors; the last block of the last launch adds up the partials.
+  static at::Tensor reduce(const StepPlan& plan) {
+    const int64_t G = (int64_t)plan.groups.size();
+    TORCH_CHECK(G < 32768, "mgpo: at most 32767 param groups");
+    c10::cuda::CUDAGuard guard(plan.device);
+    std::vector<RedTensorArg> ts;
+    ts.reserve(plan.tensors.size());
+    int64_t total = 0;
+    for (const PlanTensor& pt : plan.tensors) {
+      if (pt.numel == 0) continue;
+      RedTensorArg t{};
+      t.g = pt.g;
+      t.m = pt.m;
+      t.numel = pt.numel;
+      t.group = (int16_t)pt.group;
+      t.dtype = (int8_t)(pt.g != nullptr ? pt.dtype : kF32);
+      ts.push_back(t);
+      total += nblocks(t.numel);
     }
-    args.h.ntensors = cnt;
-    args.h.chunk_base = chunk_base;
-    reduce_kernel<<<blocks, kThreads, 0, stream>>>(args);
+    TORCH_CHECK(total < (int64_t(1) << 31), "mgpo: too many chunks");
+    const auto f64 = at::TensorOptions().dtype(at::kDouble).device(plan.device);
+    if (total == 0) return at::zeros({kSumsPerGroup * G}, f64);
+    at::Tensor sums = at::empty({kSumsPerGroup * G}, f64);
+    // workspace: partials (4 doubles per chunk), chunk groups (int32), counter (uint32)
+    const int64_t ws_doubles = 4 * total + (total + 1) / 2 + 1;
+    at::Tensor ws = at::empty({ws_doubles}, f64);
+    double* partials = ws.data_ptr<double>();
+    int* chunk_group = reinterpret_cast<int*>(partials + 4 * total);
+    unsigned int* counter = reinterpret_cast<unsigned int*>(partials + ws_doubles - 1);
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    C10_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream));
+
+    RedArgs args;
+    args.h.partials = partials;
+    args.h.chunk_group = chunk_group;
+    args.h.counter = counter;
+    args.h.sums = sums.data_ptr<double>();
+    args.h.total_chunks = (int)total;
+    args.h.num_groups = (int)G;
+    int chunk_base = 0;
+    for_each_launch(ts.size(), kRedMaxTensors, always, [&](size_t first, size_t count) {
+      std::copy(ts.begin() + first, ts.begin() + first + count, args.t);
+      const int64_t blocks = assign_blocks(args.t, count);
+      args.h.ntensors = (int)count;
+      args.h.chunk_base = chunk_base;
+      reduce_kernel<<<(unsigned)blocks, kThreads, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      chunk_base += (int)blocks;
+    });
+    return sums;
+  }
+
+  // One block: the scalar stage and the first kScalarMaxSteps step increments; steps_kernel launches the rest.
+  static at::Tensor scalar(const StepPlan& plan, const at::Tensor& sums) {
+    const int64_t G = (int64_t)plan.groups.size();
+    TORCH_CHECK(G <= kScalarMaxGroups, "mgpo (cuda kernels): at most ", kScalarMaxGroups, " param groups, got ", G);
+    c10::cuda::CUDAGuard guard(plan.device);
+    ScalarArgs args;
+    args.h.sums = sums.data_ptr<double>();
+    args.h.grad_scale = plan.grad_scale;
+    args.h.found_inf = plan.found_inf;
+    args.h.gstep = plan.gstep;
+    args.h.gbar = plan.gbar;
+    args.h.coef = plan.coef;
+    args.h.skipped = plan.skipped;
+    at::Tensor scal = at::empty({kScalSize}, at::TensorOptions().dtype(at::kFloat).device(plan.device));
+    args.h.scal = scal.data_ptr<float>();
+    args.h.cfg = plan.cfg;
+    args.h.num_groups = (int)G;
+    std::copy(plan.beta1s.begin(), plan.beta1s.end(), args.beta1s);
+    const std::vector<float*>& sp = plan.steps_with_grad;
+    const size_t first = std::min<size_t>(sp.size(), kScalarMaxSteps);
+    args.h.nsteps = (int)first;
+    std::copy(sp.begin(), sp.begin() + first, args.steps);
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    scalar_kernel<<<1, kThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    chunk_base += blocks;
+    for_each_launch(sp.size() - first, kStepsPerLaunch, always, [&](size_t b, size_t count) {
+      StepsArgs sa;
+      sa.scal = args.h.scal;
+      sa.nsteps = (int)count;
+      std::copy(sp.begin() + first + b, sp.begin() + first + b + count, sa.steps);
+      steps_kernel<<<1, kThreads, 0, stream>>>(sa);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return scal;
   }
-  return sums;
-}
 
-at::Tensor scalar_stage_cuda(const at::Tensor& sums, at::ArrayRef<double> beta1s, const at::Tensor& gstep,
-                             const at::Tensor& gbar, const at::Tensor& coef, const at::Tensor& skipped,
-                             at::TensorList steps, const std::optional<at::Tensor>& grad_scale,
-                             const std::optional<at::Tensor>& found_inf, double rho, double ema_beta,
-                             bool adaptive_norm, double sign, std::optional<double> max_grad_norm,
-                             bool perturbed, double gbar_floor) {
-  const int64_t G = (int64_t)beta1s.size();
-  const at::Device dev = sums.device();
-  c10::cuda::CUDAGuard guard(dev);
-  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == kSumsPerGroup * G && sums.is_contiguous(),
-              "mgpo: sums must be a contiguous float64 tensor of 4 * ", G, " elements");
-  TORCH_CHECK(G <= kScalarMaxGroups, "mgpo (cuda kernels): at most ", kScalarMaxGroups, " param groups, got ", G);
-  TORCH_CHECK(skipped.device() == dev && skipped.scalar_type() == at::kLong && skipped.numel() == 1,
-              "mgpo: gstate.skipped must be a one-element int64 tensor on ", dev);
-  ScalarArgs args;
-  args.h.sums = sums.data_ptr<double>();
-  args.h.grad_scale = (grad_scale.has_value() && grad_scale->defined()) ? scalar_f32(*grad_scale, dev, "grad_scale")
-                                                                          : nullptr;
-  args.h.found_inf = (found_inf.has_value() && found_inf->defined()) ? scalar_f32(*found_inf, dev, "found_inf")
-                                                                       : nullptr;
-  args.h.gstep = scalar_f32(gstep, dev, "gstate.step");
-  args.h.gbar = scalar_f32(gbar, dev, "gstate.gbar");
-  args.h.coef = scalar_f32(coef, dev, "gstate.coef");
-  args.h.skipped = skipped.data_ptr<int64_t>();
-  at::Tensor scal = at::empty({kScalSize}, at::TensorOptions().dtype(at::kFloat).device(dev));
-  args.h.scal = scal.data_ptr<float>();
-  args.h.cfg = make_scalar_config(rho, ema_beta, adaptive_norm, sign, max_grad_norm, perturbed, gbar_floor);
-  args.h.num_groups = (int)G;
-  for (int64_t k = 0; k < G; ++k) args.beta1s[k] = beta1s[k];
-  std::vector<float*> sp(steps.size());
-  for (size_t i = 0; i < steps.size(); ++i) sp[i] = scalar_f32(steps[i], dev, "step");
-  const int first = (int)std::min<size_t>(sp.size(), kScalarMaxSteps);
-  args.h.nsteps = first;
-  for (int i = 0; i < first; ++i) args.steps[i] = sp[i];
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  scalar_kernel<<<1, kThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for (size_t i = first; i < sp.size();) {
-    StepsArgs sa;
-    sa.scal = args.h.scal;
-    int cnt = 0;
-    while (i < sp.size() && cnt < kStepsPerLaunch) sa.steps[cnt++] = sp[i++];
-    sa.nsteps = cnt;
-    steps_kernel<<<1, kThreads, 0, stream>>>(sa);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return scal;
-}
-
-void update_cuda(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
-                 at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index, at::TensorList steps,
-                 const at::Tensor& scal, at::IntArrayRef group_index, at::ArrayRef<double> lrs,
-                 const OptTensorList& lr_tensors, at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s,
-                 at::ArrayRef<double> epss, at::ArrayRef<double> wds) {
-  const size_t n = params.size();
-  const int64_t G = (int64_t)lrs.size();
-  TORCH_CHECK(n > 0, "mgpo: update needs at least one tensor");
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && master_index.size() == n &&
-                  steps.size() == n,
-              "mgpo: params, grads, exp_avgs, exp_avg_sqs, master_index and steps must have the same length");
-  TORCH_CHECK((int64_t)lr_tensors.size() == G && (int64_t)beta1s.size() == G && (int64_t)beta2s.size() == G &&
-                  (int64_t)epss.size() == G && (int64_t)wds.size() == G,
-              "mgpo: per-group hyper-parameter lists must have the same length");
-  check_group_index(group_index, n, G);
-  const at::Device dev = params[0].device();
-  c10::cuda::CUDAGuard guard(dev);
-  TORCH_CHECK(scal.device() == dev && scal.scalar_type() == at::kFloat && scal.numel() == kScalSize &&
-                  scal.is_contiguous(),
-              "mgpo: scal must be the float32 tensor of scalar_stage on ", dev);
-
-  std::vector<GroupArg> groups(G);
-  for (int64_t k = 0; k < G; ++k) {
-    GroupArg& gr = groups[k];
-    gr = GroupArg{};
-    auto lt = opt_at(lr_tensors, k);
-    gr.lr_ptr = lt ? scalar_f32(*lt, dev, "lr") : nullptr;
-    gr.lr = (float)lrs[k];
-    gr.beta1 = beta1s[k];
-    gr.beta2 = beta2s[k];
-    gr.eps = epss[k];
-    gr.weight_decay = wds[k];
-  }
-  std::vector<UpdTensorArg> ts;
-  std::vector<int> tgroup;
-  ts.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    check_cuda_tensor(p, dev, "param", i);
-    const int dt = dtype_code(p.scalar_type());
-    check_same_layout(p, p, "param", i);
-    check_state(exp_avgs[i], p, "exp_avg", i);
-    check_state(exp_avg_sqs[i], p, "exp_avg_sq", i);
-    UpdTensorArg t{};
-    t.p = p.data_ptr();
-    t.m = exp_avgs[i].data_ptr<float>();
-    t.v = exp_avg_sqs[i].data_ptr<float>();
-    t.numel = p.numel();
-    t.dtype = (int8_t)dt;
-    if (master_index[i] >= 0) {
-      TORCH_CHECK(master_index[i] < (int64_t)masters.size(), "mgpo: master_index[", i, "] = ", master_index[i],
-                  " is outside the masters list (", masters.size(), " tensors)");
-      const at::Tensor* ms = &masters[master_index[i]];
-      check_state(*ms, p, "master_param", i);
-      t.master = ms->data_ptr<float>();
+  // Pass 2 in launches of kUpdMaxTensors tensors spanning at most kUpdMaxGroups groups (their hyper-parameters
+  // travel with the launch).
+  static void update(const StepPlan& plan, const at::Tensor& scal) {
+    c10::cuda::CUDAGuard guard(plan.device);
+    const int64_t G = (int64_t)plan.groups.size();
+    std::vector<GroupArg> groups(G);
+    for (int64_t k = 0; k < G; ++k) {
+      const PlanGroup& pg = plan.groups[k];
+      GroupArg& gr = groups[k];
+      gr = GroupArg{};
+      gr.lr_ptr = pg.lr_ptr;
+      gr.lr = pg.lr;
+      gr.beta1 = pg.beta1;
+      gr.beta2 = pg.beta2;
+      gr.eps = pg.eps;
+      gr.weight_decay = pg.weight_decay;
     }
-    if (auto g = opt_at(grads, i)) {
-      TORCH_CHECK(g->scalar_type() == p.scalar_type(), "mgpo: grad of tensor ", i, " has dtype ",
-                  g->scalar_type(), ", its parameter ", p.scalar_type());
-      check_same_layout(*g, p, "grad", i);
-      t.g = g->data_ptr();
-      t.step = scalar_f32(steps[i], dev, "step");
+    std::vector<UpdTensorArg> ts;
+    std::vector<int> tgroup;
+    ts.reserve(plan.tensors.size());
+    for (const PlanTensor& pt : plan.tensors) {
+      if (pt.numel == 0) continue;
+      UpdTensorArg t{};
+      t.p = pt.p;
+      t.g = pt.g;
+      t.m = pt.m;
+      t.v = pt.v;
+      t.master = pt.master;
+      t.step = pt.step;
+      t.numel = pt.numel;
+      t.dtype = (int8_t)pt.dtype;
+      ts.push_back(t);
+      tgroup.push_back(pt.group);
     }
-    if (t.numel == 0) continue;
-    ts.push_back(t);
-    tgroup.push_back((int)group_index[i]);
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    UpdArgs args;
+    args.h.scal = scal.data_ptr<float>();
+    args.h.pad = 0;
+    const auto same_table = [&](size_t first, size_t i) { return tgroup[i] - tgroup[first] < kUpdMaxGroups; };
+    for_each_launch(ts.size(), kUpdMaxTensors, same_table, [&](size_t first, size_t count) {
+      const int g0 = tgroup[first];
+      for (size_t j = 0; j < count; ++j) {
+        args.t[j] = ts[first + j];
+        args.t[j].group = (int16_t)(tgroup[first + j] - g0);
+      }
+      const int64_t blocks = assign_blocks(args.t, count);
+      const int ng = (int)std::min<int64_t>(kUpdMaxGroups, G - g0);
+      for (int k = 0; k < ng; ++k) args.h.grp[k] = groups[g0 + k];
+      args.h.ntensors = (int)count;
+      update_kernel<<<(unsigned)blocks, kThreads, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  UpdArgs args;
-  args.h.scal = scal.data_ptr<float>();
-  args.h.pad = 0;
-  size_t i = 0;
-  while (i < ts.size()) {
-    const int g0 = tgroup[i];
-    int cnt = 0;
-    int64_t blocks = 0;
-    while (i < ts.size() && cnt < kUpdMaxTensors && tgroup[i] - g0 < kUpdMaxGroups) {
-      args.t[cnt] = ts[i];
-      args.t[cnt].block_start = (int32_t)blocks;
-      args.t[cnt].group = (int16_t)(tgroup[i] - g0);
-      blocks += nblocks(ts[i].numel);
-      ++cnt;
-      ++i;
-    }
-    TORCH_CHECK(blocks < (int64_t(1) << 31), "mgpo: too many chunks in one launch");
-    const int ng = std::min<int64_t>(kUpdMaxGroups, G - g0);
-    for (int k = 0; k < ng; ++k) args.h.grp[k] = groups[g0 + k];
-    args.h.ntensors = cnt;
-    update_kernel<<<(unsigned)blocks, kThreads, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
+};
 
-TORCH_LIBRARY_IMPL(mgpo, CUDA, m) {
-  m.impl("step", &step_op<&reduce_sums_cuda, &scalar_stage_cuda, &update_cuda>);
-  m.impl("check_step", &check_step_op);
-  m.impl("reduce_sums", &reduce_sums_cuda);
-  m.impl("scalar_stage", &scalar_stage_cuda);
-  m.impl("update", &update_cuda);
-}
+TORCH_LIBRARY_IMPL(mgpo, CUDA, m) { register_device_ops<CudaStages>(m); }
 
 }  // namespace cuda
 }  // namespace mgpo

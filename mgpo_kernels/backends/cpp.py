@@ -1,14 +1,15 @@
 """The ``cpp`` backend: fused C++ (CPU) and CUDA kernels of the extension ``mgpo_kernels._C``.
 
-One step is three stages (``torch.ops.mgpo.*``, see csrc/ops.cpp), all over every tensor of every group, in one
-call (``mgpo::step``) unless a reduce_hook must run between the first two:
+One step is three stages over every tensor of every group, all taking the step plan (plan.py):
 
-1. ``reduce_sums``: pass 1 over (g, m) -> float64 ``sums`` (base.py layout) from per-chunk partials (fixed order);
-2. ``cfg.reduce_hook(sums)`` if set (FSDP2 all-reduce), then ``scalar_stage``: clip/unscale factor, gbar, the
-   new coefficient and the skip flag, computed on the device; it updates the GlobalState and the step counts;
-3. ``update``: pass 2 over (p or master, g, m, v): restore, AdamW, re-perturb.
+1. pass 1 over (g, m) -> float64 ``sums`` (base.py layout) from per-chunk partials (fixed order);
+2. the scalar stage: clip/unscale factor, gbar, the new coefficient and the skip flag, computed on the device;
+   it updates the GlobalState and the step counts;
+3. pass 2 over (p or master, g, m, v): restore, AdamW, re-perturb.
 
-Nothing is read back to the host. Fake implementations make the ops traceable by torch.compile.
+``mgpo::step`` runs the three in one call; with a reduce_hook (FSDP2 all-reduce) ``mgpo::reduce_sums`` runs
+pass 1, the hook the sums, ``mgpo::finish_step`` the rest. ``mgpo::perturb`` is eval()/train(). Nothing is read
+back to the host. Fake implementations make the ops traceable by torch.compile.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .base import Backend, GlobalState, GroupTensors, StepConfig
+from .base import SUMS_PER_GROUP, Backend, GlobalState, GroupTensors, StepConfig
+from .plan import PlanCache, StepPlan, flatten
 
 try:
     from mgpo_kernels import _C  # noqa: F401  (loads the .so, which registers torch.ops.mgpo.*)
@@ -31,61 +33,27 @@ _ops = torch.ops.mgpo
 
 
 # ---------------------------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("mgpo::step")
+def _step_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_sizes, *rest):
+    return exp_avgs[0].new_empty((SUMS_PER_GROUP * len(group_sizes),), dtype=torch.float64)
+
+
 @torch.library.register_fake("mgpo::reduce_sums")
-def _reduce_sums_fake(grads, exp_avgs, group_index, num_groups):
-    return exp_avgs[0].new_empty((4 * num_groups,), dtype=torch.float64)
+def _reduce_sums_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_sizes, *rest):
+    return exp_avgs[0].new_empty((SUMS_PER_GROUP * len(group_sizes),), dtype=torch.float64)
 
 
-@torch.library.register_fake("mgpo::scalar_stage")
-def _scalar_stage_fake(sums, beta1s, gstep, gbar, coef, skipped, steps, grad_scale, found_inf, rho, ema_beta,
-                       adaptive_norm, sign, max_grad_norm, perturbed, gbar_floor=0.0):
-    return sums.new_empty((4,), dtype=torch.float32)
-
-
-@torch.library.register_fake("mgpo::update")
-def _update_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, scal, group_index, lrs, lr_tensors,
-                 beta1s, beta2s, epss, weight_decays):
+@torch.library.register_fake("mgpo::finish_step")
+def _finish_step_fake(*args):
     return None
 
 
-@torch.library.register_fake("mgpo::step")
-def _step_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_index, lrs, lr_tensors,
-               beta1s, beta2s, epss, weight_decays, gstep, gbar, coef, skipped, grad_scale, found_inf, rho, ema_beta,
-               adaptive_norm, sign, max_grad_norm, perturbed, gbar_floor=0.0):
-    return exp_avgs[0].new_empty((4 * len(lrs),), dtype=torch.float64)
-
-
-@torch.library.register_fake("mgpo::check_step")
-def _check_step_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps):
+@torch.library.register_fake("mgpo::perturb")
+def _perturb_fake(params, exp_avgs, masters, master_index, coef, apply):
     return None
 
 
 # ---------------------------------------------------------------------------------------------- backend
-def _lr_args(lr, device: torch.device):
-    """(float value, tensor or None): a tensor lr is read by the kernels on the device (no host sync)."""
-    if isinstance(lr, Tensor):
-        if lr.device.type == "cpu" and device.type != "cpu":
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    "MGPO: lr is a CPU tensor, whose value would be frozen into the CUDA graph being captured; "
-                    "put the lr tensor on the parameters' device (the kernels read it there at every replay)"
-                )
-            return float(lr), None  # a CPU tensor: reading it does not synchronise the device
-        t = lr.detach()
-        if t.dtype != torch.float32 or t.device != device:
-            t = t.to(device=device, dtype=torch.float32)
-        return 0.0, t.reshape(())
-    return float(lr), None
-
-
-def _scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
-    if t is None:
-        return None
-    if t.dtype != torch.float32 or t.device != device:
-        t = t.to(device=device, dtype=torch.float32)
-    return t
-
-
 def _dense(t: Tensor) -> bool:
     """Non-overlapping and dense: the strides, sorted, are those of a contiguous tensor of some permutation."""
     expected = 1
@@ -109,24 +77,6 @@ def _conform_grads(params: List[Tensor], grads: List[Optional[Tensor]]) -> Optio
         return None
     return [g if g is None or g.layout != torch.strided or g.shape != p.shape or _same_layout(g, p)
             else torch.empty_like(p, dtype=g.dtype).copy_(g) for p, g in zip(params, grads)]
-
-
-def _flatten(groups: List[GroupTensors]):
-    """params, exp_avgs, exp_avg_sqs, masters, master_index, steps, group index over all groups (the ops' lists)."""
-    params, ms, vs, masters, master_index, steps, gidx = [], [], [], [], [], [], []
-    for k, g in enumerate(groups):
-        params += g.params
-        ms += g.exp_avgs
-        vs += g.exp_avg_sqs
-        steps += g.steps
-        gidx += [k] * len(g.params)
-        for x in g.masters:
-            if x is None:
-                master_index.append(-1)
-            else:
-                master_index.append(len(masters))
-                masters.append(x)
-    return params, ms, vs, masters, master_index, steps, gidx
 
 
 class CppBackend(Backend):
@@ -157,27 +107,10 @@ class CppBackend(Backend):
     def priority(cls, device: torch.device) -> int:
         return 20 if torch.device(device).type == "cuda" else 10
 
-    checks_inputs = True  # check_step_args in csrc/ops_common.h, before the scalar stage modifies anything
+    checks_inputs = True  # make_plan (csrc/step_plan.cpp) checks everything before anything is modified
 
     def __init__(self):
-        self._plan = None  # (source lists, flat lists) of the last step; see _flat_lists
-
-    def _flat_lists(self, groups: List[GroupTensors]):
-        """params, exp_avgs, exp_avg_sqs, masters, master_index, steps, group index: flattened over the groups.
-
-        Reused while the optimizer passes the same (cached) list objects, i.e. while the same parameters have
-        gradients; the plan holds the source lists, so their identity cannot be confused with new lists.
-        """
-        if torch.compiler.is_compiling():
-            return _flatten(groups)
-        src = [(g.params, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps) for g in groups]
-        plan = self._plan
-        if plan is not None and len(plan[0]) == len(src) and all(
-                a is b for old, new in zip(plan[0], src) for a, b in zip(old, new)):
-            return plan[1]
-        flat = _flatten(groups)
-        self._plan = (src, flat)
-        return flat
+        self._plans = PlanCache()
 
     @torch.no_grad()
     def perturb(self, groups: List[GroupTensors], coef: Tensor, apply: bool) -> None:
@@ -185,59 +118,33 @@ class CppBackend(Backend):
         element math (so ``train()`` after ``eval()`` puts back exactly what ``step()`` wrote)."""
         if not any(g.params for g in groups):
             return
-        params, ms, vs, masters, master_index, steps, gidx = _flatten(groups)
-        scal = torch.zeros(4, dtype=torch.float32, device=coef.device)  # [c, restore, apply, skip]
-        scal[0] = 1.0
-        scal[2 if apply else 1] = coef  # a device copy: no host sync
-        G = len(groups)
-        _ops.update(params, [None] * len(params), ms, vs, masters, master_index, steps, scal, gidx, [0.0] * G,
-                    [None] * G, [0.9] * G, [0.999] * G, [1e-8] * G, [0.0] * G)
+        params, _, ms, _, masters, master_index, _, _ = flatten(groups)
+        _ops.perturb(params, ms, masters, master_index, coef, apply)
 
     @torch.no_grad()
     def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
-        device = gstate.step.device
         if not any(g.params for g in groups):
             return
-        params, ms, vs, masters, master_index, steps, gidx = self._flat_lists(groups)
-        grads = [gr for g in groups for gr in g.grads] if len(groups) > 1 else groups[0].grads
-        lrs, lr_ts, b1s, b2s, epss, wds = [], [], [], [], [], []
-        for g in groups:
-            lr, lr_t = _lr_args(g.lr, device)
-            lrs.append(lr)
-            lr_ts.append(lr_t)
-            b1s.append(float(g.beta1))
-            b2s.append(float(g.beta2))
-            epss.append(float(g.eps))
-            wds.append(float(g.weight_decay))
-        scalars = (gstate.step, gstate.gbar, gstate.coef, gstate.skipped, _scalar(cfg.grad_scale, device),
-                   _scalar(cfg.found_inf, device), float(cfg.rho), float(cfg.ema_beta), bool(cfg.adaptive_norm),
-                   float(cfg.sign), None if cfg.max_grad_norm is None else float(cfg.max_grad_norm),
-                   bool(cfg.perturbed), float(cfg.gbar_floor or 0.0))
-        if cfg.reduce_hook is None:  # one call: reduce -> scalar stage -> update
-            try:
-                _ops.step(params, grads, ms, vs, masters, master_index, steps, gidx, lrs, lr_ts, b1s, b2s, epss,
-                          wds, *scalars)
-            except RuntimeError:  # refused before anything changed; a gradient in another layout is fine
-                conformed = _conform_grads(params, grads)
-                if conformed is None:
-                    raise
-                _ops.step(params, conformed, ms, vs, masters, master_index, steps, gidx, lrs, lr_ts, b1s, b2s,
-                          epss, wds, *scalars)
+        plan = self._plans.build(groups, gstate, cfg)
+        if cfg.reduce_hook is None:  # one call: pass 1 -> scalar stage -> pass 2
+            _with_conformed_grads(_ops.step, plan)
             return
-        try:
-            _ops.check_step(params, grads, ms, vs, masters, master_index, steps)  # errors before any change
-        except RuntimeError:
-            conformed = _conform_grads(params, grads)
-            if conformed is None:
-                raise
-            grads = conformed
-            _ops.check_step(params, grads, ms, vs, masters, master_index, steps)
-        sums = _ops.reduce_sums(grads, ms, gidx, len(groups))
+        sums, plan = _with_conformed_grads(_ops.reduce_sums, plan)
         cfg.reduce_hook(sums)
-        steps_with_grad = [s for s, gr in zip(steps, grads) if gr is not None]
-        scal = _ops.scalar_stage(sums, b1s, *scalars[:4], steps_with_grad, *scalars[4:])
-        _ops.update(params, grads, ms, vs, masters, master_index, steps, scal, gidx, lrs, lr_ts, b1s, b2s, epss,
-                    wds)
+        _ops.finish_step(*plan, sums)
+
+
+def _with_conformed_grads(op, plan: StepPlan):
+    """op(*plan), retried once with the gradients copied into their parameters' layout when the op refused
+    (before anything changed) a gradient assigned in another layout; returns (result, the plan used)."""
+    try:
+        return op(*plan), plan
+    except RuntimeError:
+        conformed = _conform_grads(plan.params, plan.grads)
+        if conformed is None:
+            raise
+        plan = plan._replace(grads=conformed)
+        return op(*plan), plan
 
 
 BACKEND = CppBackend

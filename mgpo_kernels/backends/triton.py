@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .base import SUMS_PER_GROUP, Backend, GlobalState, GroupTensors, StepConfig
+from .plan import HYPER_OPTIONS, HYPER_PER_GROUP, PLAN_MUTATES, PlanCache, StepPlan, plan_schema
 
 try:
     import triton  # noqa: F401  (Triton itself, not this module)
@@ -155,10 +156,10 @@ class _Prepared:
         self.writeback = writeback
 
 
-def _prepare(tables: Tables, groups: List[GroupTensors], device: torch.device) -> _Prepared:
+def _prepare(tables: Tables, plan: StepPlan, device: torch.device) -> _Prepared:
     """The device tables in ``tables`` for these tensors, rebuilt only where an address, size or dtype changed."""
-    params = [p for g in groups for p in g.params]
-    sizes = tuple(len(g.params) for g in groups)
+    params = plan.params
+    sizes = tuple(plan.group_sizes)
     key = (tuple(map(_data_ptr, params)), tuple(map(_numel, params)), tuple(map(_dtype, params)), sizes, device)
     entry = tables.get(key)
     if entry is None:
@@ -173,66 +174,81 @@ def _prepare(tables: Tables, groups: List[GroupTensors], device: torch.device) -
     # the addresses that may change between steps (grads, state, lr tensors)
     # (and the layouts: a non-contiguous tensor is copied, so a view reusing a freed contiguous tensor's address
     # must not find that tensor's table)
-    addr_key = []
-    for g in groups:
-        addr_key += [0 if x is None else (x.data_ptr() if x.is_contiguous() else -1) for x in g.grads]
-        addr_key += map(_is_contiguous, g.params)
-        addr_key += map(_data_ptr, g.exp_avgs)
-        addr_key += map(_data_ptr, g.exp_avg_sqs)
-        addr_key += [0 if x is None else x.data_ptr() for x in g.masters]
-        addr_key += map(_data_ptr, g.steps)
-        addr_key.append(g.lr.data_ptr() if isinstance(g.lr, Tensor) else -1)
+    addr_key = [0 if x is None else (x.data_ptr() if x.is_contiguous() else -1) for x in plan.grads]
+    addr_key += map(_is_contiguous, params)
+    addr_key += map(_data_ptr, plan.exp_avgs)
+    addr_key += map(_data_ptr, plan.exp_avg_sqs)
+    addr_key += map(_data_ptr, plan.masters)
+    addr_key += plan.master_index
+    addr_key += map(_data_ptr, plan.steps)
+    addr_key += [-1 if lr is None else lr.data_ptr() for lr in plan.lr_tensors]
     writeback: List[Tuple[Optional[Tensor], Tensor]] = []
     if entry.needs_copy or addr_key != entry.addr_key:
         _refuse_in_capture(device, "new tensor addresses or non-contiguous tensors (a new tensor table)")
-        _build_tensor_table(entry, groups, writeback)
+        _build_tensor_table(entry, plan, writeback)
         entry.addr_key = addr_key
     # lr tensors that the kernel cannot read in place (another device or dtype): copied into a slot (no sync)
-    for k, g in enumerate(groups):
-        lr = g.lr
-        if isinstance(lr, Tensor) and not _direct_lr(lr, device):
+    for k, lr in enumerate(plan.lr_tensors):
+        if lr is not None and not _direct_lr(lr, device):
             if lr.device.type == "cpu":
                 _refuse_in_capture(device, "a CPU tensor lr (copied to the device every step)")
             entry.lr_slots[k].copy_(lr.reshape(()), non_blocking=True)
     return _Prepared(entry, writeback)
 
 
+def _masters_per_tensor(plan: StepPlan) -> List[Optional[Tensor]]:
+    return [None if j < 0 else plan.masters[j] for j in plan.master_index]
+
+
+def _group_of_tensor(plan: StepPlan) -> List[int]:
+    return [k for k, n in enumerate(plan.group_sizes) for _ in range(n)]
+
+
 def _direct_lr(lr: Tensor, device: torch.device) -> bool:
     return lr.device == device and lr.dtype == torch.float32 and lr.numel() == 1
 
 
-def _check_tensors(groups: List[GroupTensors], device: torch.device) -> None:
+def _check_tensors(plan: StepPlan, device: torch.device) -> None:
     """What the kernels assume of every address they are given (they dereference them as memory of ``device``
     in the types below); checked whenever the table is rebuilt, so the functional API and the custom ops get a
     clear error instead of an illegal address or garbage."""
-    i = 0
-    for g in groups:
-        for p, gr, m, v, ma, st in zip(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps):
-            where = f"MGPO triton backend, tensor {i}"
-            if p.dtype not in _DTYPE_CODE:
-                raise TypeError(f"{where}: parameter dtype {p.dtype} (float32, bfloat16 or float16 expected)")
-            for name, t in (("param", p), ("grad", gr), ("exp_avg", m), ("exp_avg_sq", v), ("master_param", ma),
-                            ("step", st)):
-                if t is not None and t.device != device:
-                    raise ValueError(f"{where}: {name} is on {t.device}, the kernels run on {device}")
-            for name, t in (("exp_avg", m), ("exp_avg_sq", v), ("master_param", ma)):
-                if t is not None and (t.dtype != torch.float32 or t.shape != p.shape):
-                    raise ValueError(f"{where}: {name} must be float32 of shape {tuple(p.shape)}, got {t.dtype} "
-                                     f"{tuple(t.shape)}")
-            if gr is not None:
-                if gr.layout != torch.strided:
-                    raise RuntimeError(f"{where}: sparse gradients are not supported")
-                if gr.dtype != p.dtype or gr.shape != p.shape:
-                    raise ValueError(f"{where}: grad {gr.dtype} {tuple(gr.shape)} does not match its parameter "
-                                     f"{p.dtype} {tuple(p.shape)}")
-            if st.dtype != torch.float32 or st.numel() != 1:
-                raise ValueError(f"{where}: step must be a one-element float32 tensor, got {st.dtype} "
-                                 f"{tuple(st.shape)}")
-            i += 1
+    n = len(plan.params)
+    if any(len(x) != n for x in (plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.steps)):
+        raise ValueError("MGPO triton backend: params, grads, exp_avgs, exp_avg_sqs and steps must have the same "
+                         "length")
+    if len(plan.lr_tensors) != len(plan.group_sizes):
+        raise ValueError("MGPO triton backend: one lr_tensors entry per group expected")
+    if len(plan.master_index) != n or any(j >= len(plan.masters) for j in plan.master_index):
+        raise ValueError("MGPO triton backend: master_index must give, for each tensor, -1 or a position in masters")
+    if sum(plan.group_sizes) != len(plan.params) or any(n < 0 for n in plan.group_sizes):
+        raise ValueError(f"MGPO triton backend: group_sizes {list(plan.group_sizes)} do not add up to the "
+                         f"{len(plan.params)} tensors given")
+    tensors = zip(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, _masters_per_tensor(plan), plan.steps)
+    for i, (p, gr, m, v, ma, st) in enumerate(tensors):
+        where = f"MGPO triton backend, tensor {i}"
+        if p.dtype not in _DTYPE_CODE:
+            raise TypeError(f"{where}: parameter dtype {p.dtype} (float32, bfloat16 or float16 expected)")
+        for name, t in (("param", p), ("grad", gr), ("exp_avg", m), ("exp_avg_sq", v), ("master_param", ma),
+                        ("step", st)):
+            if t is not None and t.device != device:
+                raise ValueError(f"{where}: {name} is on {t.device}, the kernels run on {device}")
+        for name, t in (("exp_avg", m), ("exp_avg_sq", v), ("master_param", ma)):
+            if t is not None and (t.dtype != torch.float32 or t.shape != p.shape):
+                raise ValueError(f"{where}: {name} must be float32 of shape {tuple(p.shape)}, got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+        if gr is not None:
+            if gr.layout != torch.strided:
+                raise RuntimeError(f"{where}: sparse gradients are not supported")
+            if gr.dtype != p.dtype or gr.shape != p.shape:
+                raise ValueError(f"{where}: grad {gr.dtype} {tuple(gr.shape)} does not match its parameter "
+                                 f"{p.dtype} {tuple(p.shape)}")
+        if st.dtype != torch.float32 or st.numel() != 1:
+            raise ValueError(f"{where}: step must be a one-element float32 tensor, got {st.dtype} "
+                             f"{tuple(st.shape)}")
 
 
-def _build_tensor_table(entry: _Entry, groups: List[GroupTensors], writeback: List[Tuple[Optional[Tensor], Tensor]]):
-    _check_tensors(groups, entry.device)
+def _build_tensor_table(entry: _Entry, plan: StepPlan, writeback: List[Tuple[Optional[Tensor], Tensor]]):
+    _check_tensors(plan, entry.device)
     rows = []
     needs_copy = False
 
@@ -245,45 +261,49 @@ def _build_tensor_table(entry: _Entry, groups: List[GroupTensors], writeback: Li
         writeback.append((t, c) if write else (None, c))  # also keeps the temporary alive until the update ran
         return c
 
-    for gi, g in enumerate(groups):
-        for p, gr, m, v, ma, st in zip(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps):
-            p, m, v = dense(p, True), dense(m, True), dense(v, True)
-            gr = None if gr is None else dense(gr, False)
-            ma = None if ma is None else dense(ma, True)
-            pa, ga, mpa, va = p.data_ptr(), 0 if gr is None else gr.data_ptr(), m.data_ptr(), v.data_ptr()
-            maa = 0 if ma is None else ma.data_ptr()
-            code = _DTYPE_CODE[p.dtype]
-            if code != 0 and ma is None:
-                raise RuntimeError("MGPO triton backend: a bf16/fp16 parameter needs its fp32 master copy")
-            aligned = _aligned(pa, ga, mpa, va, maa, entry.blk.data_ptr())  # blk_ptr: the kernels' base
-            meta = (gr is not None) | (code << 1) | (int(aligned) << 3) | (gi << 8)
-            rows.append((pa, ga, mpa, va, maa, st.data_ptr(), p.numel(), meta))
+    tensors = zip(_group_of_tensor(plan), plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs,
+                  _masters_per_tensor(plan), plan.steps)
+    for gi, p, gr, m, v, ma, st in tensors:
+        p, m, v = dense(p, True), dense(m, True), dense(v, True)
+        gr = None if gr is None else dense(gr, False)
+        ma = None if ma is None else dense(ma, True)
+        pa, ga, mpa, va = p.data_ptr(), 0 if gr is None else gr.data_ptr(), m.data_ptr(), v.data_ptr()
+        maa = 0 if ma is None else ma.data_ptr()
+        code = _DTYPE_CODE[p.dtype]
+        if code != 0 and ma is None:
+            raise RuntimeError("MGPO triton backend: a bf16/fp16 parameter needs its fp32 master copy")
+        aligned = _aligned(pa, ga, mpa, va, maa, entry.blk.data_ptr())  # blk_ptr: the kernels' base
+        meta = (gr is not None) | (code << 1) | (int(aligned) << 3) | (gi << 8)
+        rows.append((pa, ga, mpa, va, maa, st.data_ptr(), p.numel(), meta))
     tab = np.asarray(rows, dtype=np.int64).reshape(-1, _k.TAB_W)
     entry.tab = _h2d(np.ascontiguousarray(tab.reshape(-1)), entry.device)
-    grp_lr = np.zeros(max(len(groups), 1), dtype=np.int64)
+    grp_lr = np.zeros(max(len(plan.group_sizes), 1), dtype=np.int64)
     slot0 = entry.lr_slots.data_ptr()
-    for k, g in enumerate(groups):
-        lr = g.lr
-        if isinstance(lr, Tensor):
+    for k, lr in enumerate(plan.lr_tensors):
+        if lr is not None:
             grp_lr[k] = lr.data_ptr() if _direct_lr(lr, entry.device) else slot0 + 4 * k
     entry.grp_lr = _h2d(grp_lr, entry.device)
     entry.needs_copy = needs_copy
 
 
-def _set_hyper(entry: _Entry, groups: List[GroupTensors], cfg: StepConfig, has_scale: bool, has_found_inf: bool):
-    vals = [cfg.sign * cfg.rho, cfg.ema_beta, 1.0 - cfg.ema_beta,
-            0.0 if cfg.max_grad_norm is None else cfg.max_grad_norm, float(cfg.max_grad_norm is not None),
-            float(cfg.adaptive_norm), float(cfg.perturbed), float(has_scale), float(has_found_inf),
-            float(cfg.gbar_floor or 0.0), 0.0, 0.0]
-    for g in groups:
-        b1, b2 = g.beta1, g.beta2
-        lr = 0.0 if isinstance(g.lr, Tensor) else float(g.lr)
-        vals += [lr, b1, 1.0 - b1, b2, 1.0 - b2, g.eps, g.weight_decay, b1 * b1, 2.0 * b1 * (1.0 - b1),
-                 (1.0 - b1) ** 2, 0.0, 0.0]
-    key = tuple(vals)
+def _kernel_hyper(plan_hyper: List[float], has_scale: bool, has_found_inf: bool) -> List[float]:
+    """The plan's table as the update kernel reads it (triton_kernels.py: rows of HYP_W, derived values
+    precomputed in float64)."""
+    n_opt, n_grp = len(HYPER_OPTIONS), len(HYPER_PER_GROUP)
+    rho, ema_beta, adaptive, sign, has_clip, max_grad_norm, perturbed, gbar_floor = plan_hyper[:n_opt]
+    vals = [sign * rho, ema_beta, 1.0 - ema_beta, max_grad_norm, has_clip, adaptive, perturbed, float(has_scale),
+            float(has_found_inf), gbar_floor, 0.0, 0.0]
+    for at in range(n_opt, len(plan_hyper), n_grp):
+        lr, b1, b2, eps, wd = plan_hyper[at:at + n_grp]
+        vals += [lr, b1, 1.0 - b1, b2, 1.0 - b2, eps, wd, b1 * b1, 2.0 * b1 * (1.0 - b1), (1.0 - b1) ** 2, 0.0, 0.0]
+    return vals
+
+
+def _set_hyper(entry: _Entry, plan: StepPlan):
+    key = (tuple(plan.hyper.tolist()), plan.grad_scale is not None, plan.found_inf is not None)
     if key != entry.hyp_key:
         _refuse_in_capture(entry.device, "changed hyper-parameters (lr, betas, rho, ...)")
-        arr = np.asarray(vals, dtype=np.float64)
+        arr = np.asarray(_kernel_hyper(list(key[0]), key[1], key[2]), dtype=np.float64)
         if entry.hyp is not None and entry.hyp.numel() == arr.size:
             # in place: a CUDA graph captured earlier keeps reading this buffer (it sees the new values)
             src = torch.from_numpy(arr) if entry.device.type == "cpu" else _pinned(arr)
@@ -330,24 +350,19 @@ def _launch_update_here(entry: _Entry, sums: Tensor, gstate: GlobalState, scale:
     )
 
 
-def _device_scalar(t: Optional[Tensor], device: torch.device, fallback: Tensor) -> Tuple[Tensor, bool]:
-    if t is None:
-        return fallback, False
-    return t.to(device=device, dtype=torch.float32).reshape(1), True
-
-
-def _reduce(tables: Tables, groups: List[GroupTensors], device: torch.device) -> Tuple[Tensor, _Prepared]:
-    prep = _prepare(tables, groups, device)
-    sums = torch.empty(SUMS_PER_GROUP * len(groups), dtype=torch.float64, device=device)
+def _reduce(tables: Tables, plan: StepPlan) -> Tuple[Tensor, _Prepared]:
+    device = plan.params[0].device
+    prep = _prepare(tables, plan, device)
+    sums = torch.empty(SUMS_PER_GROUP * len(plan.group_sizes), dtype=torch.float64, device=device)
     _launch_reduce(prep.entry, sums)
     return sums, prep
 
 
-def _update(prep: _Prepared, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig, sums: Tensor):
-    device = gstate.step.device
-    scale, has_scale = _device_scalar(cfg.grad_scale, device, gstate.coef)
-    found_inf, has_found_inf = _device_scalar(cfg.found_inf, device, gstate.coef)
-    _set_hyper(prep.entry, groups, cfg, has_scale, has_found_inf)
+def _update(prep: _Prepared, plan: StepPlan, sums: Tensor):
+    gstate = GlobalState(*plan.gstate)
+    _set_hyper(prep.entry, plan)
+    scale = gstate.coef if plan.grad_scale is None else plan.grad_scale  # not read when absent
+    found_inf = gstate.coef if plan.found_inf is None else plan.found_inf
     _launch_update(prep.entry, sums, gstate, scale, found_inf)
     for dst, src in prep.writeback:
         if dst is not None:
@@ -372,108 +387,46 @@ def _tables_of(handle: int) -> Tables:
     return backend._tables
 
 
-def _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, tensor_of_master, steps, group_sizes,
-                      lr_tensors, lr_floats, beta1s, beta2s, epss, wds) -> List[GroupTensors]:
-    """Inverse of :func:`_flat_from_groups`; ``tensor_of_master[i]`` is the flat index of the parameter whose
-    fp32 master is ``masters[i]`` (only bf16/fp16 parameters have one)."""
-    full: List[Optional[Tensor]] = [None] * len(params)
-    for j, mst in zip(tensor_of_master, masters):
-        full[j] = mst
-    masters = full
-    out, i = [], 0
-    for k, n in enumerate(group_sizes):
-        sl = slice(i, i + n)
-        lr = lr_tensors[k] if lr_tensors[k] is not None else lr_floats[k]
-        out.append(GroupTensors(list(params[sl]), list(grads[sl]), list(exp_avgs[sl]), list(exp_avg_sqs[sl]),
-                                list(masters[sl]), list(steps[sl]), lr, beta1s[k], beta2s[k], epss[k], wds[k]))
-        i += n
-    return out
-
-
-def _flat_from_groups(groups: List[GroupTensors]) -> tuple:
-    """The groups as the custom ops' flat lists (op schemas take lists, not GroupTensors)."""
-    return (
-        [p for g in groups for p in g.params], [x for g in groups for x in g.grads],
-        [x for g in groups for x in g.exp_avgs], [x for g in groups for x in g.exp_avg_sqs],
-        [x for g in groups for x in g.masters if x is not None],
-        [j for j, x in enumerate(x for g in groups for x in g.masters) if x is not None],
-        [x for g in groups for x in g.steps],
-        [len(g.params) for g in groups],
-        [g.lr if isinstance(g.lr, Tensor) else None for g in groups],
-        [0.0 if isinstance(g.lr, Tensor) else float(g.lr) for g in groups],
-        [float(g.beta1) for g in groups], [float(g.beta2) for g in groups],
-        [float(g.eps) for g in groups], [float(g.weight_decay) for g in groups],
-    )
-
-
 _OPS_REGISTERED = False
 
 
 def _register_ops() -> None:
-    global _OPS_REGISTERED, _reduce_op, _update_op
+    """torch.ops.mgpo.triton_reduce / triton_update: the step plan's arguments (plan.py), after the handle."""
+    global _OPS_REGISTERED
     if _OPS_REGISTERED:
         return
 
-    @torch.library.custom_op("mgpo_kernels::triton_reduce", mutates_args=())
-    def _reduce_op(
-        handle: int,
-        params: List[Tensor], grads: List[Optional[Tensor]], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-        masters: List[Tensor], tensor_of_master: List[int], steps: List[Tensor], group_sizes: List[int],
-        lr_tensors: List[Optional[Tensor]], lr_floats: List[float], beta1s: List[float], beta2s: List[float],
-        epss: List[float], wds: List[float],
-    ) -> Tensor:
-        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, tensor_of_master, steps,
-                                   group_sizes, lr_tensors, lr_floats, beta1s, beta2s, epss, wds)
-        sums, _ = _reduce(_tables_of(handle), groups, params[0].device)
+    @torch.library.custom_op("mgpo::triton_reduce", mutates_args=(),
+                             schema=f"(int handle, {plan_schema(mutable=False)}) -> Tensor")
+    def _reduce_op(handle, *plan):
+        sums, _ = _reduce(_tables_of(handle), StepPlan(*plan))
         return sums
 
     @_reduce_op.register_fake
-    def _(handle, params, grads, exp_avgs, exp_avg_sqs, masters, tensor_of_master, steps, group_sizes, *rest):
-        return params[0].new_empty(SUMS_PER_GROUP * len(group_sizes), dtype=torch.float64)
+    def _(handle, *plan):
+        plan = StepPlan(*plan)
+        return plan.params[0].new_empty(SUMS_PER_GROUP * len(plan.group_sizes), dtype=torch.float64)
 
-    @torch.library.custom_op(
-        "mgpo_kernels::triton_update",
-        mutates_args=("params", "exp_avgs", "exp_avg_sqs", "masters", "steps", "g_step", "g_gbar", "g_coef",
-                      "g_skipped"),
-    )
-    def _update_op(
-        handle: int,
-        params: List[Tensor], grads: List[Optional[Tensor]], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-        masters: List[Tensor], tensor_of_master: List[int], steps: List[Tensor], group_sizes: List[int],
-        lr_tensors: List[Optional[Tensor]], lr_floats: List[float], beta1s: List[float], beta2s: List[float],
-        epss: List[float], wds: List[float],
-        sums: Tensor, g_step: Tensor, g_gbar: Tensor, g_coef: Tensor, g_skipped: Tensor,
-        grad_scale: Optional[Tensor], found_inf: Optional[Tensor], rho: float, ema_beta: float,
-        adaptive_norm: bool, sign: float, max_grad_norm: Optional[float], perturbed: bool, gbar_floor: float = 0.0,
-    ) -> None:
-        groups = _groups_from_flat(params, grads, exp_avgs, exp_avg_sqs, masters, tensor_of_master, steps,
-                                   group_sizes, lr_tensors, lr_floats, beta1s, beta2s, epss, wds)
-        cfg = StepConfig(rho=rho, ema_beta=ema_beta, adaptive_norm=adaptive_norm, sign=sign,
-                         max_grad_norm=max_grad_norm, perturbed=perturbed, grad_scale=grad_scale,
-                         found_inf=found_inf, gbar_floor=gbar_floor)
-        gstate = GlobalState(step=g_step, gbar=g_gbar, coef=g_coef, skipped=g_skipped)
-        _update(_prepare(_tables_of(handle), groups, g_step.device), groups, gstate, cfg, sums)
+    @torch.library.custom_op("mgpo::triton_update", mutates_args=PLAN_MUTATES,
+                             schema=f"(int handle, {plan_schema(mutable=True)}, Tensor sums) -> ()")
+    def _update_op(handle, *args):
+        plan, sums = StepPlan(*args[:-1]), args[-1]
+        _update(_prepare(_tables_of(handle), plan, plan.params[0].device), plan, sums)
 
     @_update_op.register_fake
-    def _(*args, **kwargs):
+    def _(*args):
         return None
 
     _OPS_REGISTERED = True
 
 
-def _step_via_ops(handle: int, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
+def _step_via_ops(handle: int, plan: StepPlan, reduce_hook) -> None:
     """The step as two custom ops (what a compiled graph records) on the tables of the backend ``handle``; the
     eager path calls the same code directly."""
-    flat = _flat_from_groups(groups)
-    sums = torch.ops.mgpo_kernels.triton_reduce(handle, *flat)
-    if cfg.reduce_hook is not None:
-        cfg.reduce_hook(sums)
-    torch.ops.mgpo_kernels.triton_update(
-        handle, *flat, sums, gstate.step, gstate.gbar, gstate.coef, gstate.skipped, cfg.grad_scale, cfg.found_inf,
-        float(cfg.rho), float(cfg.ema_beta), bool(cfg.adaptive_norm), float(cfg.sign),
-        None if cfg.max_grad_norm is None else float(cfg.max_grad_norm), bool(cfg.perturbed),
-        float(cfg.gbar_floor or 0.0),
-    )
+    sums = torch.ops.mgpo.triton_reduce(handle, *plan)
+    if reduce_hook is not None:
+        reduce_hook(sums)
+    torch.ops.mgpo.triton_update(handle, *plan, sums)
 
 
 if _k is not None:
@@ -487,6 +440,7 @@ class TritonBackend(Backend):
 
     def __init__(self):
         self._tables: Tables = collections.OrderedDict()
+        self._plans = PlanCache()
         self.handle = next(_HANDLES)
         _INSTANCES[self.handle] = self
 
@@ -519,17 +473,17 @@ class TritonBackend(Backend):
 
     @torch.no_grad()
     def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
-        device = gstate.step.device
         if sum(len(g.params) for g in groups) == 0:
             from .reference import ReferenceBackend
 
             return ReferenceBackend().step(groups, gstate, cfg)
+        plan = self._plans.build(groups, gstate, cfg)
         if torch.compiler.is_compiling():
-            return _step_via_ops(self.handle, groups, gstate, cfg)
-        sums, prep = _reduce(self._tables, groups, device)
+            return _step_via_ops(self.handle, plan, cfg.reduce_hook)
+        sums, prep = _reduce(self._tables, plan)
         if cfg.reduce_hook is not None:
             cfg.reduce_hook(sums)
-        _update(prep, groups, gstate, cfg, sums)
+        _update(prep, plan, sums)
 
 
 BACKEND = TritonBackend

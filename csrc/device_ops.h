@@ -1,0 +1,64 @@
+// The ops of torch.ops.mgpo.*, written once over a device's three stages.
+//
+// A device (cpu/ops_cpu.cpp, cuda/ops_cuda.cu) provides a struct with
+//   static at::Tensor reduce(const StepPlan&);                       pass 1 -> float64 sums
+//   static at::Tensor scalar(const StepPlan&, const at::Tensor& sums);  scalar stage -> scal, global state
+//   static void update(const StepPlan&, const at::Tensor& scal);      pass 2
+// and registers them with register_device_ops<Device>(m) in its TORCH_LIBRARY_IMPL block.  Every op builds
+// the plan first (make_plan checks all arguments), so nothing is modified by a call that is refused.
+#pragma once
+#include <torch/library.h>
+
+#include "step_plan.h"
+
+namespace mgpo {
+
+// The plan's arguments, in schema order (ops.cpp): one list for all four ops' C++ signatures.
+#define MGPO_PLAN_PARAMS                                                                                    \
+  at::TensorList params, const OptTensorList &grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,   \
+      at::TensorList masters, at::IntArrayRef master_index, at::TensorList steps, at::IntArrayRef group_sizes, \
+      const at::Tensor &hyper, const OptTensorList &lr_tensors, at::TensorList gstate,                       \
+      const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf
+#define MGPO_PLAN_ARGS                                                                                        \
+  params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_sizes, hyper, lr_tensors, gstate, \
+      grad_scale, found_inf
+
+template <typename Device>
+struct DeviceOps {
+  // The fused step: pass 1, scalar stage, pass 2. Returns the sums.
+  static at::Tensor step(MGPO_PLAN_PARAMS) {
+    const StepPlan plan = make_plan(MGPO_PLAN_ARGS);
+    at::Tensor sums = Device::reduce(plan);
+    Device::update(plan, Device::scalar(plan, sums));
+    return sums;
+  }
+  // Pass 1 alone (a reduce_hook then runs on the sums before finish_step).
+  static at::Tensor reduce_sums(MGPO_PLAN_PARAMS) { return Device::reduce(make_plan(MGPO_PLAN_ARGS)); }
+  // The scalar stage and pass 2 on sums from reduce_sums (after the hook).
+  static void finish_step(MGPO_PLAN_PARAMS, const at::Tensor& sums) {
+    const StepPlan plan = make_plan(MGPO_PLAN_ARGS);
+    check_sums(plan, sums);
+    Device::update(plan, Device::scalar(plan, sums));
+  }
+  // eval()/train(): pass 2 with no gradient and the scal of a move by coef, p = (p - restore*m) + apply*m.
+  static void perturb(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
+                      at::IntArrayRef master_index, const at::Tensor& coef, bool apply) {
+    const StepPlan plan = make_perturb_plan(params, exp_avgs, masters, master_index);
+    TORCH_CHECK(coef.numel() == 1 && coef.device() == plan.device, "mgpo: coef must be a one-element tensor on ",
+                plan.device, ", got ", coef.sizes(), " on ", coef.device());
+    at::Tensor scal = at::zeros({kScalSize}, at::TensorOptions().dtype(at::kFloat).device(plan.device));
+    scal.select(0, kScalC).fill_(1.0);
+    scal.select(0, apply ? kScalApply : kScalRestore).copy_(coef.reshape({}));  // on the device: no host sync
+    Device::update(plan, scal);
+  }
+};
+
+template <typename Device>
+void register_device_ops(torch::Library& m) {
+  m.impl("step", &DeviceOps<Device>::step);
+  m.impl("reduce_sums", &DeviceOps<Device>::reduce_sums);
+  m.impl("finish_step", &DeviceOps<Device>::finish_step);
+  m.impl("perturb", &DeviceOps<Device>::perturb);
+}
+
+}  // namespace mgpo

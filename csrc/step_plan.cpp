@@ -1,0 +1,218 @@
+// make_plan: every check of a step's arguments, in one place and once per step, for both devices.
+#include "step_plan.h"
+
+#include <string>
+
+namespace mgpo {
+namespace {
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return kF32;
+    case at::kBFloat16:
+      return kBF16;
+    case at::kHalf:
+      return kF16;
+    default:
+      TORCH_CHECK(false, "mgpo: parameters must be float32, bfloat16 or float16, got ", t);
+  }
+  return -1;
+}
+
+std::optional<at::Tensor> opt_at(const OptTensorList& l, size_t i) {
+  const std::optional<at::Tensor> t = l.get(i);
+  if (t.has_value() && t->defined()) return t;
+  return std::nullopt;
+}
+
+// The kernels walk every tensor as flat memory from data_ptr() (storage offsets and misaligned views are
+// fine). That needs dense non-overlapping tensors whose elements are in the same memory order as the
+// parameter's: same strides on every dimension of size > 1.
+void check_same_layout(const at::Tensor& t, const at::Tensor& ref, const char* what, size_t i) {
+  TORCH_CHECK(t.layout() == at::kStrided, "mgpo: ", what, " of tensor ", i, " has layout ", t.layout(),
+              ": sparse and other non-strided tensors are not supported");
+  TORCH_CHECK(t.sizes() == ref.sizes(), "mgpo: ", what, " of tensor ", i, " has shape ", t.sizes(),
+              ", expected ", ref.sizes());
+  TORCH_CHECK(t.device() == ref.device(), "mgpo: ", what, " of tensor ", i, " is on ", t.device(), ", expected ",
+              ref.device());
+  if (ref.numel() <= 1) return;
+  TORCH_CHECK(ref.is_non_overlapping_and_dense(), "mgpo: tensor ", i, " (shape ", ref.sizes(), ", strides ",
+              ref.strides(),
+              ") is not dense: the cpp backend processes parameters as flat memory; make the parameter "
+              "contiguous or use backend='reference'");
+  for (int64_t d = 0; d < ref.dim(); ++d) {
+    TORCH_CHECK(ref.size(d) == 1 || t.stride(d) == ref.stride(d), "mgpo: ", what, " of tensor ", i,
+                " has strides ", t.strides(), " but its parameter has strides ", ref.strides(),
+                ": they must share the memory layout (the cpp backend processes them as flat memory)");
+  }
+}
+
+float* state_ptr(const at::Tensor& t, const at::Tensor& ref, const char* what, size_t i) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "mgpo: ", what, " of tensor ", i, " must be float32, got ",
+              t.scalar_type());
+  check_same_layout(t, ref, what, i);
+  return t.data_ptr<float>();
+}
+
+// A one-element tensor the kernels read (or write) as a float32 on `dev`; `convert`: another dtype or device is
+// copied (into plan.keep_alive), otherwise refused.
+float* scalar_ptr(const at::Tensor& t, const at::Device& dev, const char* what, bool convert, StepPlan& plan) {
+  TORCH_CHECK(t.numel() == 1, "mgpo: ", what, " must have one element, got shape ", t.sizes());
+  if (t.device() == dev && t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+  TORCH_CHECK(convert, "mgpo: ", what, " must be a one-element float32 tensor on ", dev, ", got ", t.scalar_type(),
+              " ", t.sizes(), " on ", t.device());
+  plan.keep_alive.push_back(t.detach().to(dev, at::kFloat).reshape({1}));
+  return plan.keep_alive.back().data_ptr<float>();
+}
+
+ScalarConfig scalar_config(const double* h) {
+  ScalarConfig cfg;
+  cfg.rho = h[kHypRho];
+  cfg.ema_beta = h[kHypEmaBeta];
+  cfg.sign = h[kHypSign];
+  cfg.has_max_grad_norm = h[kHypHasMaxGradNorm] != 0.0 ? 1 : 0;
+  cfg.max_grad_norm = h[kHypMaxGradNorm];
+  cfg.adaptive_norm = h[kHypAdaptiveNorm] != 0.0 ? 1 : 0;
+  cfg.perturbed = h[kHypPerturbed] != 0.0 ? 1 : 0;
+  cfg.gbar_floor = h[kHypGbarFloor];
+  return cfg;
+}
+
+// params/exp_avgs/masters of tensor i, and the group index: what a step and perturb() both need.
+PlanTensor base_tensor(const at::Tensor& p, const at::Tensor& m, at::TensorList masters,
+                       at::IntArrayRef master_index, size_t i, const at::Device& dev) {
+  TORCH_CHECK(p.device() == dev, "mgpo: tensor ", i, " is on ", p.device(), ", tensor 0 on ", dev);
+  PlanTensor t{};
+  t.dtype = dtype_code(p.scalar_type());
+  check_same_layout(p, p, "param", i);
+  t.p = p.data_ptr();
+  t.m = state_ptr(m, p, "exp_avg", i);
+  t.numel = p.numel();
+  const int64_t mi = master_index[i];
+  if (mi >= 0) {
+    TORCH_CHECK(mi < (int64_t)masters.size(), "mgpo: master_index[", i, "] = ", mi,
+                " is outside the masters list (", masters.size(), " tensors)");
+    t.master = state_ptr(masters[mi], p, "master_param", i);
+  }
+  return t;
+}
+
+}  // namespace
+
+StepPlan make_plan(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index,
+                   at::TensorList steps, at::IntArrayRef group_sizes, const at::Tensor& hyper,
+                   const OptTensorList& lr_tensors, at::TensorList gstate, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  const size_t n = params.size();
+  TORCH_CHECK(n > 0, "mgpo: no tensors");
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && master_index.size() == n &&
+                  steps.size() == n,
+              "mgpo: params, grads, exp_avgs, exp_avg_sqs, master_index and steps must have the same length");
+  const int64_t G = (int64_t)group_sizes.size();
+  TORCH_CHECK((int64_t)lr_tensors.size() == G, "mgpo: ", lr_tensors.size(), " lr_tensors for ", G, " groups");
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.is_contiguous() &&
+                  hyper.numel() == kHyperOptions + kHyperPerGroup * G,
+              "mgpo: hyper must be a contiguous float64 CPU tensor of ", kHyperOptions, " + ", kHyperPerGroup, " * ",
+              G, " values, got ", hyper.scalar_type(), " ", hyper.sizes(), " on ", hyper.device());
+  TORCH_CHECK(gstate.size() == 4, "mgpo: gstate must be [step, gbar, coef, skipped], got ", gstate.size(),
+              " tensors");
+
+  StepPlan plan;
+  const at::Device dev = params[0].device();
+  plan.device = dev;
+  const double* h = hyper.data_ptr<double>();
+  plan.cfg = scalar_config(h);
+  plan.groups.resize(G);
+  plan.beta1s.resize(G);
+  int64_t listed = 0;
+  for (int64_t k = 0; k < G; ++k) {
+    TORCH_CHECK(group_sizes[k] >= 0, "mgpo: group_sizes[", k, "] = ", group_sizes[k], " is negative");
+    listed += group_sizes[k];
+    const double* row = h + kHyperOptions + kHyperPerGroup * k;
+    PlanGroup& gr = plan.groups[k];
+    gr.lr = (float)row[kHypLr];
+    gr.lr_ptr = nullptr;
+    gr.beta1 = row[kHypBeta1];
+    gr.beta2 = row[kHypBeta2];
+    gr.eps = row[kHypEps];
+    gr.weight_decay = row[kHypWeightDecay];
+    plan.beta1s[k] = gr.beta1;
+    if (auto lt = opt_at(lr_tensors, k)) {
+      TORCH_CHECK(lt->numel() == 1, "mgpo: the lr tensor of group ", k, " must have one element, got shape ",
+                  lt->sizes());
+      if (lt->device().is_cpu() && !dev.is_cpu())
+        gr.lr = lt->item<float>();  // a CPU tensor: reading it does not synchronise the device
+      else
+        gr.lr_ptr = scalar_ptr(*lt, dev, "lr", /*convert=*/true, plan);
+    }
+  }
+  TORCH_CHECK(listed == (int64_t)n, "mgpo: group_sizes add up to ", listed, " tensors, ", n, " are given");
+
+  plan.gstep = scalar_ptr(gstate[0], dev, "gstate.step", false, plan);
+  plan.gbar = scalar_ptr(gstate[1], dev, "gstate.gbar", false, plan);
+  plan.coef = scalar_ptr(gstate[2], dev, "gstate.coef", false, plan);
+  const at::Tensor& sk = gstate[3];
+  TORCH_CHECK(sk.device() == dev && sk.scalar_type() == at::kLong && sk.numel() == 1,
+              "mgpo: gstate.skipped must be a one-element int64 tensor on ", dev, ", got ", sk.scalar_type(), " ",
+              sk.sizes(), " on ", sk.device());
+  plan.skipped = sk.data_ptr<int64_t>();
+  if (grad_scale.has_value() && grad_scale->defined())
+    plan.grad_scale = scalar_ptr(*grad_scale, dev, "grad_scale", true, plan);
+  if (found_inf.has_value() && found_inf->defined())
+    plan.found_inf = scalar_ptr(*found_inf, dev, "found_inf", true, plan);
+
+  plan.tensors.reserve(n);
+  int32_t group = 0;
+  int64_t group_end = G > 0 ? group_sizes[0] : 0;
+  for (size_t i = 0; i < n; ++i) {
+    while ((int64_t)i >= group_end) group_end += group_sizes[++group];
+    const at::Tensor& p = params[i];
+    PlanTensor t = base_tensor(p, exp_avgs[i], masters, master_index, i, dev);
+    t.v = state_ptr(exp_avg_sqs[i], p, "exp_avg_sq", i);
+    t.group = group;
+    if (auto g = opt_at(grads, i)) {
+      TORCH_CHECK(g->scalar_type() == p.scalar_type(), "mgpo: grad of tensor ", i, " has dtype ", g->scalar_type(),
+                  ", its parameter ", p.scalar_type());
+      check_same_layout(*g, p, "grad", i);
+      t.g = g->data_ptr();
+      t.step = scalar_ptr(steps[i], dev, ("step of tensor " + std::to_string(i)).c_str(), false, plan);
+      plan.steps_with_grad.push_back(t.step);
+    }
+    plan.tensors.push_back(t);
+  }
+  return plan;
+}
+
+StepPlan make_perturb_plan(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
+                           at::IntArrayRef master_index) {
+  const size_t n = params.size();
+  TORCH_CHECK(n > 0, "mgpo: no tensors");
+  TORCH_CHECK(exp_avgs.size() == n && master_index.size() == n,
+              "mgpo: params, exp_avgs and master_index must have the same length");
+  StepPlan plan;
+  const at::Device dev = params[0].device();
+  plan.device = dev;
+  plan.groups.resize(1);  // no gradient: the hyper-parameters are not used
+  plan.groups[0] = PlanGroup{0.0f, nullptr, 0.9, 0.999, 1e-8, 0.0};
+  plan.beta1s.assign(1, 0.9);
+  plan.tensors.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    PlanTensor t = base_tensor(params[i], exp_avgs[i], masters, master_index, i, dev);
+    t.v = t.m;  // not read without a gradient
+    t.group = 0;
+    plan.tensors.push_back(t);
+  }
+  return plan;
+}
+
+void check_sums(const StepPlan& plan, const at::Tensor& sums) {
+  const int64_t G = (int64_t)plan.groups.size();
+  TORCH_CHECK(sums.device() == plan.device && sums.scalar_type() == at::kDouble && sums.is_contiguous() &&
+                  sums.numel() == kSumsPerGroup * G,
+              "mgpo: sums must be a contiguous float64 tensor of 4 * ", G, " elements on ", plan.device, ", got ",
+              sums.scalar_type(), " ", sums.sizes(), " on ", sums.device());
+}
+
+}  // namespace mgpo

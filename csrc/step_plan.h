@@ -1,0 +1,92 @@
+// The step plan: what every op of torch.ops.mgpo.* takes, checked once and turned into the raw pointers and
+// per-group values that the CPU and CUDA stages use (they check nothing of it again).
+//
+// The op arguments (schemas in ops.cpp; built in Python by mgpo_kernels/backends/plan.py):
+//   params, grads?, exp_avgs, exp_avg_sqs   the tensors of all groups, group by group
+//   masters, master_index                   fp32 master copies of bf16/fp16 params; master_index[i] is the
+//                                           position of tensor i's master in masters, or -1
+//   steps                                   per-tensor AdamW step counts (one float32 each, on the device)
+//   group_sizes                             tensors per group (the group of tensor i follows from it)
+//   hyper                                   float64 CPU table, layout below
+//   lr_tensors?                             per group: a tensor lr read on the device at every step, or None
+//   gstate                                  [step, gbar, coef (float32), skipped (int64)], on the device
+//   grad_scale?, found_inf?                 GradScaler's inputs
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <optional>
+#include <vector>
+
+#include "mgpo_math.h"
+
+namespace mgpo {
+
+using OptTensorList = c10::List<std::optional<at::Tensor>>;
+
+// Layout of `hyper`: kHyperOptions optimizer-wide values, then kHyperPerGroup values per group
+// (mgpo_kernels/backends/plan.py writes it; a test compares the two layouts).
+enum HyperOption {
+  kHypRho = 0,
+  kHypEmaBeta,
+  kHypAdaptiveNorm,    // 0 or 1
+  kHypSign,            // +1 "momentum", -1 "-momentum"
+  kHypHasMaxGradNorm,  // 0 or 1
+  kHypMaxGradNorm,
+  kHypPerturbed,       // 0 or 1: the parameters hold theta + coef*m (train mode)
+  kHypGbarFloor,       // 0: the paper's unbounded formula
+  kHyperOptions
+};
+enum HyperGroup { kHypLr = 0, kHypBeta1, kHypBeta2, kHypEps, kHypWeightDecay, kHyperPerGroup };
+
+struct PlanTensor {
+  void* p;
+  const void* g;   // nullptr: no gradient this step
+  float* m;
+  float* v;
+  float* master;   // fp32 master of a bf16/fp16 parameter, nullptr otherwise
+  float* step;     // the step count (tensors with a gradient only), nullptr otherwise
+  int64_t numel;
+  int32_t group;
+  int32_t dtype;   // DTypeCode of p (and g)
+};
+
+struct PlanGroup {
+  float lr;             // used when lr_ptr is nullptr
+  const float* lr_ptr;  // a tensor lr on the plan's device, read by the kernels at every step
+  double beta1, beta2, eps, weight_decay;
+};
+
+struct StepPlan {
+  at::Device device{at::kCPU};
+  std::vector<PlanTensor> tensors;  // every tensor, group by group
+  std::vector<PlanGroup> groups;
+  std::vector<double> beta1s;       // per group, as the scalar stage takes them
+  std::vector<float*> steps_with_grad;
+  ScalarConfig cfg;
+  float* gstep = nullptr;
+  float* gbar = nullptr;
+  float* coef = nullptr;
+  int64_t* skipped = nullptr;
+  const float* grad_scale = nullptr;  // nullptr when absent
+  const float* found_inf = nullptr;
+  std::vector<at::Tensor> keep_alive;  // float32 copies on the device that pointers above point into
+};
+
+// Checks everything the stages will touch (so that an error leaves parameters, state and the global state as
+// they were) and fills the plan.  `with_state` = false for perturb(): no gradients, exp_avg_sqs, steps or
+// global state are read (their lists may be empty).
+StepPlan make_plan(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index,
+                   at::TensorList steps, at::IntArrayRef group_sizes, const at::Tensor& hyper,
+                   const OptTensorList& lr_tensors, at::TensorList gstate, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf);
+
+// The plan of eval()/train(): p = (p - restore*m) + apply*m over params with no gradients.
+StepPlan make_perturb_plan(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
+                           at::IntArrayRef master_index);
+
+// `sums` as the reduce stage returns it: float64, contiguous, 4 per group, on the plan's device.
+void check_sums(const StepPlan& plan, const at::Tensor& sums);
+
+}  // namespace mgpo
