@@ -7,22 +7,16 @@ medians printed with each dtype's paired ratio to the fp32 step (median over rep
 ratio) and the CPU model.
 """
 import argparse
-import os
-import statistics
-import time
 
 import torch
 
-from cpu_kernel_check import cpu_model, git_commit, lora_shapes
 from mgpo_kernels import MGPO, _C
+from mgpo_kernels.bench.common import machine_line
+from mgpo_kernels.bench.shapes import lora_shapes, numel
+from mgpo_kernels.bench.tensors import params_with_grads
+from mgpo_kernels.bench.timing import paired_quantiles, percentile, time_interleaved
 
-
-def make(shapes, dtype):
-    g = torch.Generator().manual_seed(0)
-    ps = [torch.randn(s, generator=g).mul_(0.02).to(dtype).requires_grad_(True) for s in shapes]
-    for p in ps:
-        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3).to(dtype)
-    return ps
+WARMUP_ROUNDS = 3
 
 
 def main():
@@ -30,24 +24,18 @@ def main():
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--reps", type=int, default=25)
     args = ap.parse_args()
-    shapes = lora_shapes(8)[: 14 * args.layers]
-    n = sum(a * b for a, b in shapes)
+    shapes = lora_shapes(args.layers, rank=8)
+    n = numel(shapes)
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    opts = {d: MGPO(make(shapes, d), lr=1e-4, backend="cpp") for d in dtypes}
-    times = {d: [] for d in dtypes}
-    for rep in range(args.reps + 3):
-        order = dtypes[rep % 3:] + dtypes[:rep % 3]
-        for d in order:
-            t0 = time.perf_counter()
-            opts[d].step()
-            if rep >= 3:
-                times[d].append(time.perf_counter() - t0)
-    print(f"# CPU: {cpu_model()}; git {git_commit()}; load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    # the same draws (seed 0) in every dtype
+    opts = {d: MGPO(params_with_grads(shapes, seed=0, dtype=d), lr=1e-4, backend="cpp") for d in dtypes}
+    times = time_interleaved({d: opts[d].step for d in dtypes}, args.reps, warmup_rounds=WARMUP_ROUNDS,
+                             order="rotate")
+    print(machine_line())
     print(f"{len(shapes)} tensors, {n:,} params, {torch.get_num_threads()} threads, cpp CPU kernels: {_C.cpu_isa()}")
     for d in dtypes:
-        paired = statistics.median(a / b for a, b in zip(times[d], times[torch.float32]))
-        print(f"  {str(d):15s} {statistics.median(times[d]) * 1e3:7.2f} ms per step (median of {args.reps}),"
+        paired = paired_quantiles(times[d], times[torch.float32])["median"]
+        print(f"  {str(d):15s} {percentile(times[d], 50) * 1e3:7.2f} ms per step (median of {args.reps}),"
               f" {paired:.2f}x the fp32 step (paired)")
 
 

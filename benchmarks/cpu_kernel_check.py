@@ -20,52 +20,30 @@ the median of per-repetition (paired) ratios, which cancels slow changes of the 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
-import time
 
 import torch
 
 from mgpo_kernels import MGPO
-
-HIDDEN, MLP, LAYERS = 4096, 11008, 32
-
-
-def lora_shapes(r: int):
-    """q, k, v, o (4096x4096), gate, up (4096->11008), down (11008->4096): A is (r x in), B is (out x r)."""
-    shapes = []
-    for _ in range(LAYERS):
-        for fin, fout in [(HIDDEN, HIDDEN)] * 4 + [(HIDDEN, MLP), (HIDDEN, MLP), (MLP, HIDDEN)]:
-            shapes += [(r, fin), (fout, r)]
-    return shapes
+from mgpo_kernels.bench.common import machine_line
+from mgpo_kernels.bench.shapes import lora_shapes, numel
+from mgpo_kernels.bench.tensors import params_with_grads
+from mgpo_kernels.bench.timing import paired_quantiles, percentile, time_interleaved
 
 
-def make(shapes, seed):
-    g = torch.Generator().manual_seed(seed)
-    ps = [torch.randn(s, generator=g).mul_(0.02).requires_grad_(True) for s in shapes]
-    for p in ps:
-        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3)
-    return ps
+def run_pass1(grads, exp_avgs) -> None:
+    """Pass 1 alone (the reduce: reads g and m), every tensor in one group: the extension's op called directly,
+    here and nowhere else in this script."""
+    torch.ops.mgpo.reduce_sums(grads, exp_avgs, [0] * len(grads), 1)
 
 
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "?"
-
-
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc"], cwd=here, capture_output=True,
-                               text=True)
-        return rev.stdout.strip() + (" + uncommitted csrc changes" if dirty.stdout.strip() else "")
-    except OSError:
-        return "?"
+def run_pass2(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float = 1e-4) -> None:
+    """Pass 2 alone (restore, AdamW, re-perturb: reads p, g, m, v and writes p, m, v), every tensor in one group,
+    with clip factor 1 and nothing to restore or apply: the extension's op called directly, here and nowhere else
+    in this script."""
+    n = len(params)
+    scal = torch.tensor([1.0, 0.0, 0.0, 0.0])  # c=1, nothing to restore or apply, no skip
+    torch.ops.mgpo.update(params, grads, exp_avgs, exp_avg_sqs, [], [-1] * n, steps, scal, [0] * n, [lr], [None],
+                          [0.9], [0.999], [1e-8], [0.0])
 
 
 def main(argv=None):
@@ -81,14 +59,13 @@ def main(argv=None):
 
     from mgpo_kernels import _C
 
-    shapes = lora_shapes(args.rank)
-    n = sum(a * b for a, b in shapes)
-    print(f"# CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); git {git_commit()}; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    shapes = lora_shapes(rank=args.rank)
+    n = numel(shapes)
+    print(machine_line())
     print(f"LLaMA-2-7B LoRA r={args.rank}: {len(shapes)} tensors, {n:,} fp32 params; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, cpp CPU kernels: {_C.cpu_isa()}")
 
-    p_adam, p_clip, p_cpp, p_cppc = (make(shapes, s) for s in range(4))
+    p_adam, p_clip, p_cpp, p_cppc = (params_with_grads(shapes, seed=s) for s in range(4))
     adam = torch.optim.AdamW(p_adam, lr=1e-4, fused=True)
     adam_c = torch.optim.AdamW(p_clip, lr=1e-4, fused=True)
     mg = MGPO(p_cpp, lr=1e-4, rho=0.05, backend="cpp")
@@ -105,12 +82,9 @@ def main(argv=None):
     ms = [s["exp_avg"] for s in st]
     vs = [s["exp_avg_sq"] for s in st]
     steps = [s["step"] for s in st]
-    gidx = [0] * len(shapes)
-    ops = torch.ops.mgpo
-    scal = torch.tensor([1.0, 0.0, 0.0, 0.0])  # c=1, nothing to restore or apply, no skip
 
     def pass1():
-        ops.reduce_sums(grads, ms, gidx, 1)
+        run_pass1(grads, ms)
 
     # the same gradients and first moments in two flat buffers, and views of them in the tensors' shapes
     flat_g = torch.cat([g.reshape(-1) for g in grads])
@@ -120,7 +94,7 @@ def main(argv=None):
     view_m = [v.view(m.shape) for v, m in zip(torch.split(flat_m, sizes), ms)]
 
     def pass1_views():
-        ops.reduce_sums(view_g, view_m, gidx, 1)
+        run_pass1(view_g, view_m)
 
     def dot():  # MKL's sdot inside torch runs on one thread
         torch.dot(flat_g, flat_m)
@@ -131,8 +105,7 @@ def main(argv=None):
         flat_gm.sum()
 
     def pass2():
-        ops.update(p_cppc, grads, ms, vs, [], [-1] * len(shapes), steps, scal, gidx, [1e-4], [None], [0.9],
-                   [0.999], [1e-8], [0.0])
+        run_pass2(p_cppc, grads, ms, vs, steps)
 
     contenders = {  # each ratio's pair is adjacent in every rotation of this order, except at the wrap
         "adamw_fused": adam.step,
@@ -145,24 +118,20 @@ def main(argv=None):
         "pass1_flat_views": pass1_views,
         "pass2_update": pass2,
     }
-    times = {k: [] for k in contenders}
     names = list(contenders)
-    for rep in range(args.warmup + args.reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for k in order:
-            t0 = time.perf_counter()
-            contenders[k]()
-            dt = time.perf_counter() - t0
-            if rep >= args.warmup:
-                times[k].append(dt)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times = time_interleaved(contenders, args.reps, warmup_rounds=args.warmup, order="rotate")
+    med = {k: percentile(v, 50) for k, v in times.items()}
     lo = {k: min(v) for k, v in times.items()}
     print(f"\nmedian (min) over {args.reps} interleaved repetitions:")
     for k in names:
         print(f"  {k:20s} {med[k] * 1e3:8.2f} ms  ({lo[k] * 1e3:7.2f} ms)")
+
     # paired: the two contenders of a ratio ran back to back in the same repetition (same load on the machine)
-    p1 = statistics.median(a / b for a, b in zip(times["cpp"], times["adamw_fused"]))
-    p2 = statistics.median(a / b for a, b in zip(times["cpp_max_grad_norm"], times["clip+adamw_fused"]))
+    def paired(num, den):
+        return paired_quantiles(times[num], times[den])["median"]
+
+    p1 = paired("cpp", "adamw_fused")
+    p2 = paired("cpp_max_grad_norm", "clip+adamw_fused")
     r1 = med["cpp"] / med["adamw_fused"]
     r2 = med["cpp_max_grad_norm"] / med["clip+adamw_fused"]
     print("\n                                                  paired  ratio of  ratio of   target")
@@ -171,14 +140,14 @@ def main(argv=None):
           f"{lo['cpp'] / lo['adamw_fused']:5.2f}    <= 1.10")
     print(f"cpp+max_grad_norm / (clip_grad_norm_+AdamW)        {p2:5.2f}   {r2:5.2f}     "
           f"{lo['cpp_max_grad_norm'] / lo['clip+adamw_fused']:5.2f}    <= 0.70")
-    p3 = statistics.median(b / a for a, b in zip(times["pass1_reduce"], times["torch_dot_flat"]))
-    p4 = statistics.median(b / a for a, b in zip(times["pass1_flat_views"], times["torch_dot_flat"]))
+    p3 = paired("torch_dot_flat", "pass1_reduce")  # bandwidth ratios: the time ratio's inverse
+    p4 = paired("torch_dot_flat", "pass1_flat_views")
     print(f"pass 1 bandwidth / torch.dot's: own tensors        {p3:5.2f}   {med['torch_dot_flat'] / med['pass1_reduce']:5.2f}"
           f"     {lo['torch_dot_flat'] / lo['pass1_reduce']:5.2f}    >= 0.90")
     print(f"pass 1 bandwidth / torch.dot's: same flat bytes    {p4:5.2f}   "
           f"{med['torch_dot_flat'] / med['pass1_flat_views']:5.2f}     "
           f"{lo['torch_dot_flat'] / lo['pass1_flat_views']:5.2f}    >= 0.90")
-    p5 = statistics.median(b / a for a, b in zip(times["pass1_reduce"], times["torch_sum_flat"]))
+    p5 = paired("torch_sum_flat", "pass1_reduce")
     print(f"pass 1 bandwidth / torch.sum's of g and m           {p5:5.2f}   "
           f"{med['torch_sum_flat'] / med['pass1_reduce']:5.2f}     "
           f"{lo['torch_sum_flat'] / lo['pass1_reduce']:5.2f}")

@@ -4,22 +4,14 @@ tensor count of LLaMA-2-7B LoRA on all linear layers. Prints medians side by sid
     .venv/bin/python benchmarks/host_overhead.py [--backend cpp] [--tensors 448]
 """
 import argparse
-import time
 
 import torch
 
 from mgpo_kernels import MGPO
+from mgpo_kernels.bench.tensors import params_with_grads
+from mgpo_kernels.bench.timing import percentile, time_interleaved
 
-
-def median_ms(f, n=200):
-    f()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
+STEPS_PER_LINE, LINES = 200, 3
 
 
 def main():
@@ -29,14 +21,14 @@ def main():
     ap.add_argument("--numel", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    ps = [torch.nn.Parameter(torch.randn(args.numel)) for _ in range(args.tensors)]
-    for p in ps:
-        p.grad = torch.randn(args.numel)
+    ps = params_with_grads([(args.numel,)] * args.tensors, param_std=1.0, grad_std=1.0)
     opt = MGPO(ps, backend=args.backend)
     adam = torch.optim.AdamW(ps, fused=True)
-    for _ in range(3):  # interleaved repetitions
-        print(f"MGPO[{opt.backend}] step {median_ms(opt.step):.3f} ms | torch AdamW(fused) step "
-              f"{median_ms(adam.step):.3f} ms  ({args.tensors} tensors of {args.numel} elements, 1 thread)")
+    for _ in range(LINES):  # several lines: their spread is the noise of the machine
+        times = time_interleaved({"mgpo": opt.step, "adamw": adam.step}, STEPS_PER_LINE, warmup_rounds=1)
+        print(f"MGPO[{opt.backend}] step {percentile(times['mgpo'], 50) * 1e3:.3f} ms | torch AdamW(fused) step "
+              f"{percentile(times['adamw'], 50) * 1e3:.3f} ms  ({args.tensors} tensors of {args.numel} elements, "
+              "1 thread)")
 
 
 if __name__ == "__main__":

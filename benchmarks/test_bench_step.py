@@ -17,12 +17,15 @@ import torch
 
 from mgpo_kernels.bench import common as C
 from mgpo_kernels.bench import step as S
+from mgpo_kernels.bench.backend_choice import backend_lists, default_backends
+from mgpo_kernels.bench.shapes import lora_shapes, numel
+from mgpo_kernels.bench.tensors import params_sharing_grads, refill
 
 DEVICE = torch.device(os.environ.get("MGPO_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 LAYERS = int(os.environ.get("MGPO_BENCH_LAYERS", "1"))
 RANKS = [int(r) for r in os.environ.get("MGPO_BENCH_RANKS", "8").split(",") if r.strip()]
 ROUNDS = int(os.environ.get("MGPO_BENCH_ROUNDS", "30" if DEVICE.type == "cuda" else "10"))
-BACKENDS = C.default_backends(C.backend_lists(DEVICE)[0], DEVICE)
+BACKENDS = default_backends(backend_lists(DEVICE)[0], DEVICE)
 KEYS = list(S.method_factories(BACKENDS))
 if DEVICE.type == "cpu":  # one thread: a busy shared machine cannot stall OpenMP barriers (see mgpo-bench --help)
     torch.set_num_threads(int(os.environ.get("MGPO_BENCH_THREADS", "1")))
@@ -31,18 +34,18 @@ if DEVICE.type == "cpu":  # one thread: a busy shared machine cannot stall OpenM
 @pytest.fixture(scope="module", params=RANKS, ids=lambda r: f"r{r}")
 def shape_set(request):
     rank = request.param
-    shapes = S.lora_shapes(LAYERS, rank)
+    shapes = lora_shapes(LAYERS, rank)
     gen = torch.Generator(device=DEVICE).manual_seed(rank)
     grads = [torch.empty(s, device=DEVICE) for s in shapes]
-    S.refill(grads, gen)
+    refill(grads, gen)
     flush = torch.empty((64 << 20) // 4, device=DEVICE)
-    return {"rank": rank, "shapes": shapes, "grads": grads, "gen": gen, "flush": flush, "n": S.numel(shapes)}
+    return {"rank": rank, "shapes": shapes, "grads": grads, "gen": gen, "flush": flush, "n": numel(shapes)}
 
 
 @pytest.mark.parametrize("key", KEYS)
 def test_step(benchmark, shape_set, key):
     ss = shape_set
-    params = S.make_params(ss["shapes"], DEVICE, torch.Generator().manual_seed(1), ss["grads"])
+    params = params_sharing_grads(ss["shapes"], DEVICE, torch.Generator(device=DEVICE).manual_seed(1), ss["grads"])
     m = S.method_factories(BACKENDS)[key](params)
     benchmark.group = f"LLaMA-2-7B LoRA, {LAYERS} layer(s), r={ss['rank']}, {ss['n'] / 1e6:.2f}M params, {DEVICE.type}"
     benchmark.name = m.name
@@ -50,7 +53,7 @@ def test_step(benchmark, shape_set, key):
                                 passes=m.passes, bytes=m.passes * 4 * ss["n"], device=str(DEVICE))
 
     def setup():
-        S.refill(ss["grads"], ss["gen"])  # fresh random gradients, untimed
+        refill(ss["grads"], ss["gen"])  # fresh random gradients, untimed
         ss["flush"].fill_(1.0)
         C.sync(DEVICE)
 

@@ -1,11 +1,10 @@
-"""Shared helpers of the benchmarks: machine/version info, statistics, memory probes, result files, charts."""
+"""What every benchmark's record shares: the packages it needs, the device, the machine and versions it ran on
+(the CPU model and the commit included, also as the one header line of the scripts in benchmarks/), the run's
+common JSON fields, its result files and their markdown heading and tables."""
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import gc
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -14,34 +13,10 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
-
-# ----------------------------------------------------------------------------------------------- statistics
-
-
-def percentile(xs: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]) of a non-empty sequence."""
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def summarize(times_s: Sequence[float]) -> Dict[str, float]:
-    """median and p20/p80 of a list of seconds, in milliseconds."""
-    return {
-        "median_ms": 1e3 * percentile(times_s, 50),
-        "p20_ms": 1e3 * percentile(times_s, 20),
-        "p80_ms": 1e3 * percentile(times_s, 80),
-        "n": len(times_s),
-    }
-
 
 # ----------------------------------------------------------------------------------------------- packages
 
@@ -97,132 +72,10 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
 
 
-# ----------------------------------------------------------------------------------------------- memory
-
-
-def live_tensor_bytes(device_type: str = "cpu") -> int:
-    """Bytes of the distinct storages of every tensor reachable by Python's gc on ``device_type``.
-
-    Used as the baseline at an optimizer-step boundary (parameters, buffers, optimizer state, anything a
-    procedure keeps); the profiler's allocation events give the changes from there.
-    """
-    gc.collect()
-    seen = set()
-    total = 0
-    for o in gc.get_objects():
-        try:
-            if not isinstance(o, torch.Tensor) or o.device.type != device_type or o.is_meta:
-                continue
-            st = o.untyped_storage()
-            key = st.data_ptr()
-            if key == 0 or key in seen:
-                continue
-            seen.add(key)
-            total += st.nbytes()
-        except Exception:  # sparse/nested/odd tensor subclasses: not ours
-            continue
-    return total
-
-
-#: What torch's profiler writes to stderr from C++ on every use, whatever Python's warning filters say:
-#: kineto's start/stop markers (their log level, USDT, is 5, which KINETO_LOG_LEVEL=5 still shows; 6 would hide
-#: kineto's errors too) and c10's note that a block allocated before the profiler started was freed while it ran
-#: (that free is not among the events, so CpuAllocPeak's running sum counts only what the block itself allocated).
-_PROFILER_NOISE = (
-    re.compile(r"^USDT:.*\] profiler_(start|stop)\s*$"),
-    re.compile(r"^\[W\d{4} [\d:.]+ CPUAllocator\.cpp:\d+\] Memory block of unknown size was allocated "
-               r"before the profiling started, profiler results will not include the deallocation event\s*$"),
-)
-
-
-def is_profiler_noise(line: str) -> bool:
-    return any(p.match(line) for p in _PROFILER_NOISE)
-
-
-@contextlib.contextmanager
-def profiler_noise_filtered():
-    """Capture file descriptor 2 inside the block and write back to it, at the end, every line except the
-    profiler's known noise (``_PROFILER_NOISE``): those lines come from C++ straight to the descriptor, so only a
-    redirect there can keep them off a user's terminal.  Anything else written meanwhile (a warning, a traceback
-    printed by a callee) still appears, only later."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as buf:
-        os.dup2(buf.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            buf.seek(0)
-            text = buf.read().decode("utf-8", errors="replace")
-            kept = [ln for ln in text.splitlines(keepends=True) if not is_profiler_noise(ln)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
-
-
-class CpuAllocPeak:
-    """Peak of the bytes allocated (net of frees) by the CPU allocator inside a ``with`` block.
-
-    Uses ``torch.profiler`` with ``profile_memory=True``: every allocation and free of c10's CPU allocator (torch
-    ops, autograd, C++ extension ops alike) is an event with a signed byte count; their running sum in time order,
-    relative to the start of the block, peaks at ``peak_delta``.  ``final_delta`` is the net change.
-    """
-
-    def __enter__(self):
-        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-        from torch.profiler import ProfilerActivity, profile
-
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(profiler_noise_filtered())
-            self._prof = stack.enter_context(profile(activities=[ProfilerActivity.CPU], profile_memory=True))
-            self._stack = stack.pop_all()
-        return self
-
-    def __exit__(self, *exc):
-        self._stack.__exit__(*exc)  # the profiler stops first, then stderr is restored
-        evs = self._prof.profiler.kineto_results.events()
-        mem = []
-        for e in evs:
-            if e.name() != "[memory]":
-                continue
-            try:
-                if e.device_type() != torch.autograd.DeviceType.CPU:
-                    continue
-            except Exception:
-                pass
-            mem.append((e.start_ns(), e.nbytes()))
-        mem.sort()
-        cum = list(itertools.accumulate(n for _, n in mem))
-        self.peak_delta = max([0] + cum)
-        self.final_delta = cum[-1] if cum else 0
-        self.events = len(mem)
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss)."""
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r) * (1 if sys.platform == "darwin" else 1024)
-
-
-def current_rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except Exception:
-        return 0
-
-
 # ----------------------------------------------------------------------------------------------- machine info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -261,15 +114,36 @@ def _version(mod: str) -> Optional[str]:
         return None
 
 
+def load_average() -> Optional[List[float]]:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def git_commit_line(watched: str = "csrc") -> str:
+    """The short commit, and whether ``watched`` (the kernels' sources) differs from it: a timing of the built
+    extension is that commit's only if nothing under csrc/ was changed."""
+    rev = _git("rev-parse", "--short", "HEAD")
+    if rev is None:
+        return "?"
+    dirty = _git("status", "--porcelain", "--", watched)
+    return rev + (f" + uncommitted {watched} changes" if dirty else "")
+
+
+def machine_line() -> str:
+    """The header line of the scripts in benchmarks/: CPU model, commit and load (figures of a shared machine
+    mean little without the load they were taken at)."""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"# CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); git {git_commit_line()}; load average {load}"
+
+
 def machine_info(device: torch.device) -> Dict[str, Any]:
     info: Dict[str, Any] = {
         "host": platform.node(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "mem_total_gib": round((_mem_total() or 0) / 2**30, 1),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "loadavg_at_start": load_average(),
         "device": str(device),
     }
     if device.type == "cuda":
@@ -361,6 +235,24 @@ def md_table(headers: List[str], rows: Iterable[List[Any]], align: Optional[str]
     return "\n".join(lines) + "\n"
 
 
+def run_record(kind: str, device: torch.device, backends: List[str], usable: List[str],
+               unusable: Dict[str, str]) -> Dict[str, Any]:
+    """The fields every ``mgpo-bench`` result's JSON starts with (``header_md`` reads them)."""
+    return {
+        "kind": kind, "date": now_iso(), "command": command_line(), "device": str(device),
+        "machine": machine_info(device), "versions": versions(), "backends": backends,
+        "unusable_backends": unusable, "skipped_backends": [b for b in usable if b not in backends],
+    }
+
+
+def report_heading(title: str, payload: Dict[str, Any]) -> str:
+    """``header_md``, and a line saying the results are partial when the run was interrupted."""
+    md = header_md(title, payload)
+    if payload.get("interrupted"):
+        md += f"**Partial results: {payload['interrupted']}.**\n\n"
+    return md
+
+
 def header_md(title: str, payload: Dict[str, Any]) -> str:
     m, v = payload["machine"], payload["versions"]
     dev = m.get("gpu") or f"CPU ({m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads)"
@@ -442,21 +334,6 @@ def tqdm(*a, **k):
 
 def now_iso() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")
-
-
-def backend_lists(device: torch.device):
-    from mgpo_kernels import available_backends, backend_reasons
-
-    usable = available_backends(device)
-    reasons = {k: r for k, r in backend_reasons(device).items() if r is not None}
-    return usable, reasons
-
-
-def default_backends(usable: List[str], device: torch.device) -> List[str]:
-    """The backends benchmarked when --backends is not given: every usable one, except Triton on a CPU (usable
-    there only under TRITON_INTERPRET=1, an interpreter for tests, not a kernel to time)."""
-    out = [b for b in usable if not (b == "triton" and device.type == "cpu")]
-    return sorted(out, key=lambda b: b == "reference")  # the slow fallback last (an interrupted run keeps the rest)
 
 
 def publish(out_dir, device, name, payload, md, chart_fn=None):

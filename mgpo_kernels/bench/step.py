@@ -1,53 +1,31 @@
 """Optimizer-step benchmark on the LoRA tensors of LLaMA-2-7B (``mgpo-bench step``).
 
-Every LoRA tensor of LLaMA-2-7B with adapters on all linear layers (q/k/v/o 4096x4096, gate/up 4096->11008,
-down 11008->4096; 32 layers; A is r x in, B is out x r: 448 tensors, 2,498,560*r parameters, 320M at r=128),
-fp32, one step of each method on fresh random gradients.  Methods are interleaved round-robin (a fresh random
-order each round) so drift of a shared machine hits all of them alike, and the copy bandwidth of the same device is
-measured inside the same rounds.
+Every LoRA tensor of LLaMA-2-7B with adapters on all linear layers (shapes.py), fp32, one step of each method
+on fresh random gradients.  Methods are interleaved round-robin (a fresh random order each round, timing.py) so
+drift of a shared machine hits all of them alike, and the copy bandwidth of the same device is measured inside
+the same rounds.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import random
-import time
+import sys
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
+from . import charts
 from . import common as C
-
-HIDDEN, INTERMEDIATE, N_LAYERS = 4096, 11008, 32
-#: (name, in_features, out_features) of LLaMA-2-7B's linear layers in one decoder layer
-PROJECTIONS = (
-    ("q_proj", HIDDEN, HIDDEN),
-    ("k_proj", HIDDEN, HIDDEN),
-    ("v_proj", HIDDEN, HIDDEN),
-    ("o_proj", HIDDEN, HIDDEN),
-    ("gate_proj", HIDDEN, INTERMEDIATE),
-    ("up_proj", HIDDEN, INTERMEDIATE),
-    ("down_proj", INTERMEDIATE, HIDDEN),
-)
+from .backend_choice import choose_backends
+from .memory import CpuAllocPeak
+from .shapes import N_LAYERS, lora_shapes, numel
+from .tensors import GRAD_STD, params_sharing_grads, refill
+from .timing import paired_quantiles, percentile, summarize, time_interleaved
 
 # hyper-parameters of the benchmarked step (the values do not change the work done)
-LR, BETAS, RHO, EMA_BETA, MAX_GRAD_NORM, GRAD_STD = 1e-4, (0.9, 0.999), 0.05, 0.9, 1.0, 1e-3
-
-
-def lora_shapes(layers: int = N_LAYERS, rank: int = 8) -> List[Tuple[int, int]]:
-    """Shapes of the LoRA A (r x in) and B (out x r) tensors of the first ``layers`` layers of LLaMA-2-7B."""
-    shapes = []
-    for _ in range(layers):
-        for _, fin, fout in PROJECTIONS:
-            shapes.append((rank, fin))
-            shapes.append((fout, rank))
-    return shapes
-
-
-def numel(shapes) -> int:
-    return sum(math.prod(s) for s in shapes)
+LR, BETAS, RHO, EMA_BETA, MAX_GRAD_NORM = 1e-4, (0.9, 0.999), 0.05, 0.9, 1.0
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -171,16 +149,6 @@ def method_factories(backends: List[str]) -> Dict[str, Callable[[List[Tensor]], 
     return f
 
 
-def make_params(shapes, device, gen: torch.Generator, grads: List[Tensor]) -> List[Tensor]:
-    """Random fp32 LoRA tensors (never zeros) on ``device`` (``gen``'s device) whose ``.grad`` are ``grads``."""
-    params = []
-    for s, g in zip(shapes, grads):
-        p = torch.randn(s, generator=gen, device=device).mul_(0.02).requires_grad_(True)
-        p.grad = g  # shared, refilled before every step
-        params.append(p)
-    return params
-
-
 def build_methods(shapes, device, backends: List[str], include: Optional[List[str]], seed: int,
                   grads: List[Tensor]) -> List[Method]:
     factories = method_factories(backends)
@@ -191,45 +159,10 @@ def build_methods(shapes, device, backends: List[str], include: Optional[List[st
             raise SystemExit(f"--methods: unknown {unknown}; valid here: {keys}")
         keys = [k for k in keys if k in include or k == "adamw-fused"]
     gen = torch.Generator(device=device).manual_seed(seed + 12345)
-    return [factories[k](make_params(shapes, device, gen, grads)) for k in keys]
+    return [factories[k](params_sharing_grads(shapes, device, gen, grads)) for k in keys]
 
 
-# ----------------------------------------------------------------------------------------------- timing
-
-
-class Timer:
-    """Times one call: CUDA events (after a synchronise, so launch overhead counts) or perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.pending: List[Tuple[str, object, object]] = []
-        self.times: Dict[str, List[float]] = {}
-
-    def time(self, key: str, fn: Callable[[], None]) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            self.pending.append((key, a, b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            self.times.setdefault(key, []).append(time.perf_counter() - t0)
-
-    def flush(self) -> None:
-        if self.pending:
-            torch.cuda.synchronize(self.device)
-            for key, a, b in self.pending:
-                self.times.setdefault(key, []).append(a.elapsed_time(b) / 1e3)
-            self.pending.clear()
-
-
-def refill(grads: List[Tensor], gen: torch.Generator) -> None:
-    """Fresh random gradients (never zeros), untimed."""
-    for g in grads:
-        g.normal_(0.0, GRAD_STD, generator=gen)
+# ----------------------------------------------------------------------------------------------- probes
 
 
 def measure_memory(m: Method, device, n: int, grads, gen) -> Dict[str, float]:
@@ -246,7 +179,7 @@ def measure_memory(m: Method, device, n: int, grads, gen) -> Dict[str, float]:
         temp = torch.cuda.max_memory_allocated(device) - base
         how = "torch.cuda.max_memory_allocated"
     else:
-        with C.CpuAllocPeak() as probe:
+        with CpuAllocPeak() as probe:
             m.step()
         temp = probe.peak_delta
         how = "torch.profiler CPU allocator events"
@@ -319,67 +252,60 @@ def run_rank(rank: int, layers: int, device: torch.device, backends: List[str], 
         dst.copy_(src)
     C.sync(device)
 
-    timer = Timer(device)
-    order = list(range(len(methods))) + [-1]
-    rng = random.Random(seed)
-    bar = C.tqdm(total=reps * len(order), desc=f"step r={rank} L={layers}", disable=not progress)
-    for _ in range(reps):
-        rng.shuffle(order)
-        for i in order:
-            if i < 0:
-                flush_buf.fill_(1.0)
-                timer.time("copy", lambda: dst.copy_(src))
-                flush_buf.fill_(1.0)
-                timer.time("inplace", lambda: dst.mul_(1.0))
-                if dot_a is not None:
-                    flush_buf.fill_(1.0)
-                    timer.time("dot", lambda: torch.dot(dot_a, dot_b))
-            else:
-                refill(grads, gen)
-                flush_buf.fill_(1.0)
-                timer.time(methods[i].key, methods[i].step)
-            bar.update(1)
-        timer.flush()
+    # the methods, and in the same rounds the device's copy and in-place bandwidth (and on a CPU torch.dot)
+    contenders: Dict[str, Callable[[], object]] = {m.key: m.step for m in methods}
+    contenders["copy"] = lambda: dst.copy_(src)
+    contenders["inplace"] = lambda: dst.mul_(1.0)
+    if dot_a is not None:
+        contenders["dot"] = lambda: torch.dot(dot_a, dot_b)
+    method_keys = set(contenders) - {"copy", "inplace", "dot"}
+
+    def before(key: str) -> None:
+        if key in method_keys:
+            refill(grads, gen)
+        flush_buf.fill_(1.0)
+
+    bar = C.tqdm(total=reps * len(contenders), desc=f"step r={rank} L={layers}", disable=not progress)
+    times = time_interleaved(contenders, reps, order="shuffle", seed=seed, device=device, before=before,
+                             after=lambda key: bar.update(1))
     bar.close()
 
-    copy_t = C.percentile(timer.times["copy"], 50)
+    copy_t = percentile(times["copy"], 50)
     copy_gbs = 2 * 4 * copy_elems / copy_t / 1e9
-    inplace_gbs = 2 * 4 * copy_elems / C.percentile(timer.times["inplace"], 50) / 1e9
+    inplace_gbs = 2 * 4 * copy_elems / percentile(times["inplace"], 50) / 1e9
     ref_key = "adamw-fused"
-    ref_ms = C.summarize(timer.times[ref_key])["median_ms"]
+    ref_ms = summarize(times[ref_key])["median_ms"]
     rows = []
     for m in methods:
-        s = C.summarize(timer.times[m.key])
+        s = summarize(times[m.key])
         bytes_moved = m.passes * 4 * n
         gbs = bytes_moved / (s["median_ms"] / 1e3) / 1e9
         mem = measure_memory(m, device, n, grads, gen)
-        # methods ran round by round: the ratio within each round cancels the machine's drift
-        paired = [a / b for a, b in zip(timer.times[m.key], timer.times[ref_key])]
+        paired = paired_quantiles(times[m.key], times[ref_key])  # same rounds: the machine's drift cancels
         rows.append({
             "key": m.key, "method": m.name, "rank": rank, "layers": layers, "params": n, "tensors": len(shapes),
-            **s, "ratio_to_fused_adamw": C.percentile(paired, 50), "ratio_p20": C.percentile(paired, 20),
-            "ratio_p80": C.percentile(paired, 80), "ratio_of_medians": s["median_ms"] / ref_ms,
+            **s, "ratio_to_fused_adamw": paired["median"], "ratio_p20": paired["p20"],
+            "ratio_p80": paired["p80"], "ratio_of_medians": s["median_ms"] / ref_ms,
             "passes": m.passes, "bytes": bytes_moved,
             "GBps": gbs, "frac_copy_bw": gbs / copy_gbs, **mem,
             "launches_per_step": count_launches(m, device, grads, gen),
             "host_syncs_per_step": count_syncs(m, device, grads, gen),
-            "times_ms": [1e3 * t for t in timer.times[m.key]],
+            "times_ms": [1e3 * t for t in times[m.key]],
         })
     # sanity: the benchmarked steps produced finite parameters
     bad = [m.name for m in methods if not all(torch.isfinite(p).all() for p in m.params)]
     if bad:
         warnings.warn(f"non-finite parameters after the benchmark: {bad}")
     dot = None
-    if "dot" in timer.times:  # a reference row, not a method: kept out of "rows"
-        ds = C.summarize(timer.times["dot"])
-        paired = [a / b for a, b in zip(timer.times["dot"], timer.times[ref_key])]
+    if "dot" in times:  # a reference row, not a method: kept out of "rows"
+        ds = summarize(times["dot"])
         dot_gbs = 8 * n / (ds["median_ms"] / 1e3) / 1e9
-        dot = {**ds, "ratio_to_fused_adamw": C.percentile(paired, 50), "bytes": 8 * n, "GBps": dot_gbs,
-               "frac_copy_bw": dot_gbs / copy_gbs}
+        dot = {**ds, "ratio_to_fused_adamw": paired_quantiles(times["dot"], times[ref_key])["median"],
+               "bytes": 8 * n, "GBps": dot_gbs, "frac_copy_bw": dot_gbs / copy_gbs}
     res = {"rank": rank, "layers": layers, "params": n, "tensors": len(shapes), "copy_GBps": copy_gbs,
            "inplace_GBps": inplace_gbs,
            "copy_bytes": 2 * 4 * copy_elems, "copy_median_ms": 1e3 * copy_t, "rows": rows, "dot": dot}
-    del methods, grads, src, dst, flush_buf, dot_a, dot_b
+    del contenders, methods, grads, src, dst, flush_buf, dot_a, dot_b
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
@@ -433,26 +359,14 @@ to evict caches, and methods run round-robin in a fresh random order each round.
 
 
 def chart(payload: Dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = charts.pyplot()
     ranks = payload["ranks"]
     per_rank = payload["results"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     ax = axes[0]
     keys = [r["key"] for r in per_rank[0]["rows"]]
     names = {r["key"]: r["method"] for r in per_rank[0]["rows"]}
-    width = 0.8 / max(1, len(per_rank))
-    for j, res in enumerate(per_rank):
-        ratios = {r["key"]: r["ratio_to_fused_adamw"] for r in res["rows"]}
-        ys = [ratios.get(k, float("nan")) for k in keys]
-        ax.barh([i + j * width for i in range(len(keys))], ys, height=width, label=f"r={res['rank']}")
-    ax.set_yticks([i + width * (len(per_rank) - 1) / 2 for i in range(len(keys))])
-    ax.set_yticklabels([names[k] for k in keys], fontsize=8)
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.invert_yaxis()
+    charts.ratio_bars(ax, per_rank, keys, names, "ratio_to_fused_adamw", fontsize=8)
     ax.set_xlabel("step time / torch fused AdamW (median)")
     ax.set_xscale("log")
     ax.legend(fontsize=8)
@@ -474,9 +388,7 @@ def chart(payload: Dict, path) -> None:
     ax.set_ylabel("median step time (ms)")
     ax.set_title(f"step time vs rank ({per_rank[0]['layers']} of 32 layers, {payload['device']})")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    charts.save(fig, plt, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -502,16 +414,10 @@ def run(args) -> Dict:
     layers = args.layers or (N_LAYERS if device.type == "cuda" else 4)
     reps = args.reps or (50 if device.type == "cuda" else 15)
     flush_mb = args.flush_mb or (256 if device.type == "cuda" else 128)
-    usable, reasons = C.backend_lists(device)
-    backends = C.default_backends(usable, device) if args.backends is None else args.backends
-    for b in backends:
-        if b not in usable:
-            raise SystemExit(f"--backends: {b!r} is not usable on {device}: {reasons.get(b, 'unknown backend')}")
+    backends, usable, reasons = choose_backends(device, args.backends)
     payload = {
-        "kind": "step", "date": C.now_iso(), "command": C.command_line(), "device": str(device),
-        "machine": C.machine_info(device), "versions": C.versions(), "backends": backends,
-        "unusable_backends": reasons,
-        "skipped_backends": [b for b in usable if b not in backends], "ranks": args.ranks, "layers": layers, "reps": reps, "warmup": args.warmup,
+        **C.run_record("step", device, backends, usable, reasons),
+        "ranks": args.ranks, "layers": layers, "reps": reps, "warmup": args.warmup,
         "flush_mb": flush_mb, "hparams": {"lr": LR, "betas": BETAS, "rho": RHO, "ema_beta": EMA_BETA,
                                           "max_grad_norm": MAX_GRAD_NORM, "grad_std": GRAD_STD},
         "results": [],
@@ -522,15 +428,13 @@ def run(args) -> Dict:
                                                args.seed, flush_mb, progress=not args.no_progress))
         except KeyboardInterrupt:  # e.g. a time limit: keep the ranks already measured
             payload["interrupted"] = f"interrupted during r={r}"
-            print(f"\n[mgpo-bench] interrupted during r={r}; writing the ranks done", file=C.sys.stderr)
+            print(f"\n[mgpo-bench] interrupted during r={r}; writing the ranks done", file=sys.stderr)
             break
     if not payload["results"]:
         raise SystemExit("no rank finished")
-    payload["loadavg_at_end"] = [round(x, 2) for x in C.os.getloadavg()]
+    payload["loadavg_at_end"] = C.load_average()
     mem_how = payload["results"][0]["rows"][0]["memory_method"]
-    md = C.header_md(f"MGPO optimizer-step benchmark ({device})", payload)
-    if payload.get("interrupted"):
-        md += f"**Partial results: {payload['interrupted']}.**\n\n"
+    md = C.report_heading(f"MGPO optimizer-step benchmark ({device})", payload)
     md += "\n".join(markdown_rank(res, device) for res in payload["results"])
     md += NOTES.format(mem=mem_how, std=GRAD_STD, flush=flush_mb)
     name = args.name or ("step-r" + "-".join(map(str, args.ranks)) + ("" if layers == N_LAYERS else f"-L{layers}"))

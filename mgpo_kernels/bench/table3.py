@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from . import charts
 from . import common as C
+from .backend_choice import choose_backends
+from .memory import CpuAllocPeak, current_rss_bytes, live_tensor_bytes, peak_rss_bytes
+from .timing import paired_quantiles, percentile, shuffled_orders, summarize
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # a scaled-down Llama that runs on a 2-core CPU in a few minutes for every row
@@ -77,7 +80,7 @@ class _Worker:
     def __init__(self, spec: Dict[str, Any]):
         self.spec = spec
         self.device = torch.device(spec["device"])
-        self.rss_after_import = C.current_rss_bytes()
+        self.rss_after_import = current_rss_bytes()
         t0 = time.perf_counter()
         self._build()
         self.setup_s = time.perf_counter() - t0
@@ -172,7 +175,7 @@ class _Worker:
 
     def memory(self) -> Dict[str, Any]:
         dev = self.device
-        out: Dict[str, Any] = {"peak_rss": C.peak_rss_bytes(), "rss_after_import": self.rss_after_import}
+        out: Dict[str, Any] = {"peak_rss": peak_rss_bytes(), "rss_after_import": self.rss_after_import}
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             out.update(peak_allocated=torch.cuda.max_memory_allocated(dev),
@@ -181,10 +184,10 @@ class _Worker:
 
     def measure_live(self) -> Dict[str, Any]:
         """Peak live tensor bytes over one more training step (CPU)."""
-        base = C.live_tensor_bytes("cpu")
-        with C.CpuAllocPeak() as probe:
+        base = live_tensor_bytes("cpu")
+        with CpuAllocPeak() as probe:
             r = self.train_step()
-        after = C.live_tensor_bytes("cpu")
+        after = live_tensor_bytes("cpu")
         return {"live_base": base, "peak_live": base + probe.peak_delta, "live_after": after,
                 "live_after_from_events": base + probe.final_delta, "alloc_events": probe.events,
                 "instrumented_step_s": r["t"]}
@@ -340,10 +343,7 @@ def run_rank(rank: int, cfg: Dict[str, Any], rows: List[Dict[str, str]], device:
                 except Exception as e:
                     fail(p, e)
                 bar.update(1)
-            rng = random.Random(args.seed)
-            for _ in range(steps):
-                order = list(live)
-                rng.shuffle(order)
+            for order in shuffled_orders(live, steps, args.seed):
                 for p in order:
                     if p.error is None:
                         try:
@@ -395,10 +395,10 @@ def run_rank(rank: int, cfg: Dict[str, Any], rows: List[Dict[str, str]], device:
     for r in rows:
         res = results[r["key"]]
         if res["times"]:
-            res.update(C.summarize(res["times"]))
-            res["fwd_bwd_median_ms"] = 1e3 * C.percentile(res["t_fwd_bwd"], 50)
-            res["opt_median_ms"] = 1e3 * C.percentile(res["t_opt"], 50)
-            res["host_syncs_per_step"] = C.percentile(res["host_syncs"], 50)
+            res.update(summarize(res["times"]))
+            res["fwd_bwd_median_ms"] = 1e3 * percentile(res["t_fwd_bwd"], 50)
+            res["opt_median_ms"] = 1e3 * percentile(res["t_opt"], 50)
+            res["host_syncs_per_step"] = percentile(res["host_syncs"], 50)
         out.append(res)
     return out
 
@@ -417,9 +417,9 @@ def add_ratios(rows: List[Dict[str, Any]], device: torch.device, preset: str, cf
         r["time_ratio"] = r["time_ratio_of_medians"]
         if device.type == "cpu" and len(r["times"]) == len(base["times"]):
             # steps were interleaved round by round: the ratio within each round cancels the machine's drift
-            paired = [a / b for a, b in zip(r["times"], base["times"])]
-            r["time_ratio"] = C.percentile(paired, 50)
-            r["time_ratio_p20"], r["time_ratio_p80"] = C.percentile(paired, 20), C.percentile(paired, 80)
+            paired = paired_quantiles(r["times"], base["times"])
+            r["time_ratio"] = paired["median"]
+            r["time_ratio_p20"], r["time_ratio_p80"] = paired["p20"], paired["p80"]
         if r.get(mk) and base.get(mk):
             r["mem_ratio"] = r[mk] / base[mk]
         if r.get("peak_rss") and base.get("peak_rss"):
@@ -489,29 +489,14 @@ procedure (2 per LoRA layer per micro-batch); MGPO's step itself has none. {inte
 
 
 def chart(payload: Dict[str, Any], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = charts.pyplot()
     per_rank = payload["results"]
     keys = [r["key"] for r in per_rank[0]["rows"]]
     names = {r["key"]: r.get("short", r["method"]) for r in per_rank[0]["rows"]}
     fig, axes = plt.subplots(1, 2, figsize=(12, 1.8 + 0.7 * len(keys) * len(per_rank)))
-    width = 0.8 / max(1, len(per_rank))
     for ax, field, title in ((axes[0], "time_ratio", "time per optimizer step / LoRA"),
                              (axes[1], "mem_ratio", "peak memory / LoRA")):
-        for j, res in enumerate(per_rank):
-            vals = {r["key"]: r.get(field, float("nan")) for r in res["rows"]}
-            ys = [vals.get(k, float("nan")) for k in keys]
-            bars = ax.barh([i + j * width for i in range(len(keys))], ys, height=width, label=f"r={res['rank']}")
-            for b, y in zip(bars, ys):
-                if y == y:
-                    ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {y:.3f}", va="center", fontsize=7)
-        ax.set_yticks([i + width * (len(per_rank) - 1) / 2 for i in range(len(keys))])
-        ax.set_yticklabels([names[k] for k in keys], fontsize=7)
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.invert_yaxis()
+        charts.ratio_bars(ax, per_rank, keys, names, field, fontsize=7, value_labels=True)
         ax.set_title(title)
         ax.legend(fontsize=7, loc="lower right")
     if payload["preset"] == "llama2-7b" or payload["device"].startswith("cuda"):
@@ -520,9 +505,7 @@ def chart(payload: Dict[str, Any], path) -> None:
                         label="paper's LoRA-MGPO")
         axes[1].axvline(p["LoRA-MGPO"]["memory_gb"] / p["LoRA"]["memory_gb"], color="r", ls="--", lw=0.8)
     fig.suptitle(f"Table 3 side by side: {payload['preset']} preset on {payload['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    charts.save(fig, plt, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -560,11 +543,7 @@ def run(args) -> Dict[str, Any]:
             cfg[k] = v
     if cfg["base_dtype"] == "auto":
         cfg["base_dtype"] = "bfloat16" if device.type == "cuda" else "float32"
-    usable, reasons = C.backend_lists(device)
-    backends = C.default_backends(usable, device) if args.backends is None else args.backends
-    for b in backends:
-        if b not in usable:
-            raise SystemExit(f"--backends: {b!r} is not usable on {device}: {reasons.get(b, 'unknown backend')}")
+    backends, usable, reasons = choose_backends(device, args.backends)
     rows = row_specs(backends)
     if args.rows:
         valid = [r["key"] for r in rows]
@@ -573,10 +552,7 @@ def run(args) -> Dict[str, Any]:
             raise SystemExit(f"--rows: unknown {bad}; valid here: {valid}")
         rows = [r for r in rows if r["key"] in args.rows or r["key"] == "lora"]
     payload: Dict[str, Any] = {
-        "kind": "table3", "date": C.now_iso(), "command": C.command_line(), "device": str(device),
-        "machine": C.machine_info(device), "versions": C.versions(), "backends": backends,
-        "unusable_backends": reasons,
-        "skipped_backends": [b for b in usable if b not in backends], "preset": args.preset, "config": cfg,
+        **C.run_record("table3", device, backends, usable, reasons), "preset": args.preset, "config": cfg,
         "hparams": {"lr": LR, "warmup_ratio": WARMUP_RATIO, "rho": RHO, "beta1_mgpo": BETA1_MGPO,
                     "ema_beta": EMA_BETA, "lora_alpha": args.lora_alpha, "max_grad_norm": args.max_grad_norm,
                     "grad_ckpt": args.grad_ckpt},
@@ -595,7 +571,7 @@ def run(args) -> Dict[str, Any]:
             break
     if not payload["results"]:
         raise SystemExit("no rank finished")
-    payload["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    payload["loadavg_at_end"] = C.load_average()
 
     shape = (f"hidden {cfg['hidden']}, MLP {cfg['intermediate']}, {cfg['layers']} layers, {cfg['heads']} heads, "
              f"vocab {cfg['vocab']}, {cfg['base_dtype']} base, random weights")
@@ -615,9 +591,7 @@ def run(args) -> Dict[str, Any]:
                     "step in the same round.")
         inter = ("All rows' processes are alive together and their steps are interleaved round-robin, one "
                  "process running at a time, so drift of the shared machine hits all rows alike.")
-    md = C.header_md(f"LoRA vs LoRA-MGPO end to end ({args.preset} preset, {device})", payload)
-    if payload.get("interrupted"):
-        md += f"**Partial results: {payload['interrupted']}.**\n\n"
+    md = C.report_heading(f"LoRA vs LoRA-MGPO end to end ({args.preset} preset, {device})", payload)
     md += "\n".join(markdown_rank(r["rank"], r["rows"], device) for r in payload["results"])
     md += NOTES.format(shape=shape, alpha=args.lora_alpha, mb=cfg["micro_batch"], accum=cfg["accum"],
                        seq=cfg["seq"], wr=WARMUP_RATIO, mgn=args.max_grad_norm, steps=cfg["steps"],
