@@ -1,11 +1,17 @@
-"""The triton backend's kernels against the reference backend, step by step (on a CUDA device if there is one,
-else on the CPU under the Triton interpreter, which conftest.py turns on).
+"""What is particular to the triton backend (on a CUDA device if there is one, else on the CPU under the Triton
+interpreter, which conftest.py turns on): its launch geometry, its device tables (cached per optimizer, rebuilt
+when an address changes, updated in place), its custom ops under torch.compile, compilation for sm_90, its
+availability, and the checks of the functional API's inputs.
 
-Shapes are small: under TRITON_INTERPRET=1 every program of a launch runs in numpy, one after the other.
+Its agreement with the reference backend on every configuration is test_backends_vs_reference.py's (the cases
+of backend_cases.py).  Shapes are small: under TRITON_INTERPRET=1 every program of a launch runs in numpy, one
+after the other.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -13,8 +19,8 @@ import sys
 import pytest
 import torch
 
+from backend_cases import CASES, run_case, same
 from mgpo_kernels import MGPO, available_backends
-from mgpo_kernels.backends import reference as ref_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() and "triton" in available_backends("cuda") else "cpu"
 pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
@@ -84,113 +90,23 @@ def _assert_same_state(pa, pb, oa, ob, tol=1e-6, param_tol=None, skipped=True):
         assert _close(y, x, tol) if k in ("gbar", "coef") else float(x) == float(y), k
 
 
-CONFIGS = {
-    "defaults": dict(lr=1e-2, rho=0.5),
-    "wd_clip_minus": dict(lr=2e-2, rho=0.3, weight_decay=0.1, max_grad_norm=0.5, direction="-momentum"),
-    "no_adaptive": dict(lr=1e-2, rho=0.05, adaptive_norm=False, betas=(0.8, 0.99), ema_beta=0.8),
-}
+def test_several_blocks_per_program_match_reference(monkeypatch):
+    """Several inner iterations per program, full and ragged ones, 2 programs a tensor."""
+    monkeypatch.setattr(tb, "_TARGET_PROGRAMS", 1)
+    shapes = RAGGED + [(4100,)]
+    assert tb._Entry([math.prod(s) for s in shapes], [len(shapes)], torch.device(DEVICE)).iters == 4
+    case = CASES["weight_decay_clip_minus_momentum_missing_grads_eval_step"]
+    run_case(dataclasses.replace(case, name="several_blocks_per_program", shapes=same(shapes)), "triton", DEVICE,
+             interpreted=DEVICE == "cpu")
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS) + ["multi_block"])
-def test_fp32_matches_reference_every_step(name, monkeypatch):
-    shapes = RAGGED
-    if name == "multi_block":  # several inner iterations per program, full and ragged ones, 2 programs a tensor
-        monkeypatch.setattr(tb, "_TARGET_PROGRAMS", 1)
-        shapes = RAGGED + [(4100,)]
-    kw = CONFIGS.get(name, CONFIGS["wd_clip_minus"])
-    pa, pb, oa, ob = _pair(shapes, **kw)
-    if name == "multi_block":
-        assert tb._Entry([p.numel() for p in pb], [len(pb)], torch.device(DEVICE)).iters == 4
-    gen = torch.Generator().manual_seed(1)
-    for t in range(5):
-        # some tensors without a gradient in some steps: they keep their share of the perturbation
-        active = [not (t in (2, 3) and i % 3 == 1) for i in range(len(shapes))]
-        _set_grads([pa, pb], shapes, torch.float32, gen, active)
-        if t == 3:
-            oa.eval(), ob.eval()  # a step in eval mode
-        oa.step(), ob.step()
-        if t == 3:
-            oa.train(), ob.train()
-        _assert_same_state(pa, pb, oa, ob)
-
-
-def test_param_groups_lr_tensor_and_hook():
-    shapes = [(5,), (7, 3), (1,), (40,)]
-    groups = [([0, 1], dict(lr=torch.tensor(3e-2), weight_decay=0.05)), ([2, 3], dict(lr=1e-2, betas=(0.5, 0.9)))]
-    pa, pb, oa, ob = _pair(shapes, groups=groups, rho=0.2)
-    seen = []
-
-    def hook(sums):  # FSDP would all-reduce; here: check the layout and scale it like 2 identical ranks
-        seen.append(sums.clone())
-        sums.mul_(2.0)
-
-    gen = torch.Generator().manual_seed(2)
-    for t in range(3):
-        _set_grads([pa, pb], shapes, torch.float32, gen)
-        want = ref_mod.reduce_sums(oa._groups(with_grads=True), torch.device(DEVICE))
-        oa._reduce_hook = ob._reduce_hook = lambda: hook
-        oa.step()
-        ob.step()
-        assert seen[-1].shape == (8,) and seen[-1].dtype == torch.float64
-        torch.testing.assert_close(seen[-1], want, rtol=1e-12, atol=0)
-        _assert_same_state(pa, pb, oa, ob)
-    oa.param_groups[0]["lr"].fill_(1e-3)  # an lr tensor changed in place is seen by the kernel
-    ob.param_groups[0]["lr"].fill_(1e-3)
-    _set_grads([pa, pb], shapes, torch.float32, gen)
-    oa.step(), ob.step()
-    _assert_same_state(pa, pb, oa, ob)
-
-
-def test_views_with_storage_offsets_and_non_contiguous():
-    # parameters and gradients are views at odd offsets into larger buffers (unaligned addresses) and a
-    # transposed (non-contiguous) parameter
-    def make():
-        gen = torch.Generator().manual_seed(3)
-        buf = torch.randn(2000, generator=gen).to(DEVICE)
-        views = [buf[1:2], buf[3:20], buf[21:261].view(8, 30), buf[300:1325]]
-        t = torch.randn(9, 4, generator=gen).to(DEVICE).t()
-        return [torch.nn.Parameter(v) for v in views] + [torch.nn.Parameter(t)]
-
-    pa, pb = make(), make()
-    assert pa[1].data_ptr() % 16 != 0 and not pa[4].is_contiguous()
-    oa, ob = MGPO(pa, lr=1e-2, rho=0.4, backend="reference"), MGPO(pb, lr=1e-2, rho=0.4, backend="triton")
-    gen = torch.Generator().manual_seed(4)
-    for _ in range(3):
-        gbuf = torch.randn(2100, generator=gen).to(DEVICE)
-        grads = [gbuf[5:6], gbuf[7:24], gbuf[31:271].view(8, 30), gbuf[1001:2026],
-                 torch.randn(9, 4, generator=gen).to(DEVICE).t()]
-        for ps in (pa, pb):
-            for p, g in zip(ps, grads):
-                p.grad = g.clone() if g.is_contiguous() else g.clone().t().contiguous().t()
-        oa.step(), ob.step()
-        _assert_same_state(pa, pb, oa, ob)
-
-
-def test_many_tiny_tensors():
+def test_tiny_tensors_get_one_block_each():
+    """More tensors and blocks than one iteration of the kernels' table loops (256 rows); a tensor bigger than
+    a block is split (3000 and 2049 elements: 3 blocks each)."""
     gen = torch.Generator().manual_seed(5)
     shapes = [(int(n),) for n in torch.randint(1, 6, (600,), generator=gen)] + [(3000,), (1,), (2049,)]
-    pa, pb, oa, ob = _pair(shapes, lr=1e-2, rho=0.3)
-    for t in range(2):
-        _set_grads([pa, pb], shapes, torch.float32, gen, [i % 7 != 3 or t == 0 for i in range(len(shapes))])
-        oa.step(), ob.step()
-        _assert_same_state(pa, pb, oa, ob)
-    entry = _entry(ob)
+    entry = tb._Entry([math.prod(s) for s in shapes], [len(shapes)], torch.device(DEVICE))
     assert entry.n_tensors == len(shapes) and entry.n_blocks == len(shapes) + 4
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_params_with_master(dtype):
-    pa, pb, oa, ob = _pair(RAGGED, dtype=dtype, lr=1e-2, rho=0.5, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(6)
-    for t in range(4):
-        _set_grads([pa, pb], RAGGED, dtype, gen, [not (t == 2 and i == 3) for i in range(len(RAGGED))])
-        oa.step(), ob.step()
-        # masters and moments to fp32 precision; the parameter is the rounded master + eps (1 ulp of dtype)
-        _assert_same_state(pa, pb, oa, ob, tol=1e-6, param_tol=1e-2)
-        for b in pb:
-            st = ob.state[b]
-            want = (st["master_param"] + ob.global_state["coef"] * st["exp_avg"]).to(dtype)
-            assert torch.equal(b.detach(), want)
 
 
 def test_mixed_dtypes_in_one_launch_per_pass(monkeypatch):
@@ -224,50 +140,6 @@ def test_mixed_dtypes_in_one_launch_per_pass(monkeypatch):
         if DEVICE == "cpu":
             assert launches == ["mgpo_reduce_kernel", "mgpo_update_kernel"]
         _assert_same_state(pa, pb, oa, ob, param_tol=1e-2)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_skips_everything(bad):
-    pa, pb, oa, ob = _pair(RAGGED, lr=1e-2, rho=0.5)
-    gen = torch.Generator().manual_seed(8)
-    for _ in range(2):
-        _set_grads([pa, pb], RAGGED, torch.float32, gen)
-        oa.step(), ob.step()
-    before = [p.detach().clone() for p in pb]
-    st_before = {id(p): {k: v.clone() for k, v in ob.state[p].items()} for p in pb}
-    g_before = ob.global_state
-    _set_grads([pa, pb], RAGGED, torch.float32, gen)
-    pb[3].grad[2, 5] = bad
-    ob.step()
-    assert ob.skipped_steps == 1
-    for p, b in zip(pb, before):
-        assert torch.equal(p.detach(), b)
-        for k, v in ob.state[p].items():
-            assert torch.equal(v, st_before[id(p)][k]), k
-    for k, v in ob.global_state.items():
-        if k != "skipped":
-            assert torch.equal(v, g_before[k]), k
-    # the next good step continues exactly like the reference, which never saw the bad step
-    _set_grads([pa, pb], RAGGED, torch.float32, gen)
-    oa.step(), ob.step()
-    assert ob.skipped_steps == 1
-    _assert_same_state(pa, pb, oa, ob, skipped=False)
-
-
-def test_grad_scale_and_found_inf():
-    pa, pb, oa, ob = _pair(RAGGED, lr=1e-2, rho=0.5, max_grad_norm=2.0)
-    for t in range(4):
-        _set_grads([pa], RAGGED, torch.float32, torch.Generator().manual_seed(100 + t))
-        _set_grads([pb], RAGGED, torch.float32, torch.Generator().manual_seed(100 + t), scale=1024.0)
-        ob.grad_scale = torch.tensor(1024.0, device=DEVICE)
-        ob.found_inf = torch.tensor(1.0 if t == 2 else 0.0, device=DEVICE)
-        if t != 2:
-            oa.step()
-        ob.step()
-        del ob.grad_scale, ob.found_inf
-        assert ob.skipped_steps == (1 if t >= 2 else 0)
-        if t != 2:
-            _assert_same_state(pa, pb, oa, ob, tol=2e-6, skipped=False)
 
 
 def test_tables_cached_and_rebuilt_when_grads_are_recreated():
