@@ -24,26 +24,33 @@ import argparse
 import torch
 
 from mgpo_kernels import MGPO
+from mgpo_kernels.backends.base import GlobalState, GroupTensors, StepConfig
+from mgpo_kernels.backends.plan import PlanCache, StepPlan
 from mgpo_kernels.bench.common import machine_line
 from mgpo_kernels.bench.shapes import lora_shapes, numel
 from mgpo_kernels.bench.tensors import params_with_grads
 from mgpo_kernels.bench.timing import paired_quantiles, percentile, time_interleaved
 
 
-def run_pass1(grads, exp_avgs) -> None:
-    """Pass 1 alone (the reduce: reads g and m), every tensor in one group: the extension's op called directly,
-    here and nowhere else in this script."""
-    torch.ops.mgpo.reduce_sums(grads, exp_avgs, [0] * len(grads), 1)
+def pass_plan(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float = 1e-4) -> StepPlan:
+    """The step plan of the extension's ops for these tensors, every tensor in one group, with rho = 0 and no
+    clipping: pass 2 then runs with clip factor 1 and nothing to restore or apply."""
+    group = GroupTensors(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [None] * len(params),
+                         list(steps), lr, 0.9, 0.999, 1e-8, 0.0)
+    cfg = StepConfig(rho=0.0, ema_beta=0.9, adaptive_norm=True, sign=1.0, max_grad_norm=None, perturbed=True)
+    return PlanCache().build([group], GlobalState.zeros(torch.device("cpu")), cfg)
 
 
-def run_pass2(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float = 1e-4) -> None:
-    """Pass 2 alone (restore, AdamW, re-perturb: reads p, g, m, v and writes p, m, v), every tensor in one group,
-    with clip factor 1 and nothing to restore or apply: the extension's op called directly, here and nowhere else
-    in this script."""
-    n = len(params)
-    scal = torch.tensor([1.0, 0.0, 0.0, 0.0])  # c=1, nothing to restore or apply, no skip
-    torch.ops.mgpo.update(params, grads, exp_avgs, exp_avg_sqs, [], [-1] * n, steps, scal, [0] * n, [lr], [None],
-                          [0.9], [0.999], [1e-8], [0.0])
+def run_pass1(plan: StepPlan) -> torch.Tensor:
+    """Pass 1 alone (the reduce: reads g and m): the extension's op called directly, here and nowhere else in
+    this script."""
+    return torch.ops.mgpo.reduce_sums(*plan)
+
+
+def run_pass2(plan: StepPlan, sums: torch.Tensor) -> None:
+    """Pass 2 alone (restore, AdamW, re-perturb: reads p, g, m, v and writes p, m, v) after the scalar stage (a
+    few float64 operations): the extension's op called directly, here and nowhere else in this script."""
+    torch.ops.mgpo.finish_step(*plan, sums)
 
 
 def main(argv=None):
@@ -83,8 +90,11 @@ def main(argv=None):
     vs = [s["exp_avg_sq"] for s in st]
     steps = [s["step"] for s in st]
 
+    plan = pass_plan(p_cppc, grads, ms, vs, steps)
+    sums = run_pass1(plan)
+
     def pass1():
-        run_pass1(grads, ms)
+        run_pass1(plan)
 
     # the same gradients and first moments in two flat buffers, and views of them in the tensors' shapes
     flat_g = torch.cat([g.reshape(-1) for g in grads])
@@ -93,8 +103,10 @@ def main(argv=None):
     view_g = [v.view(g.shape) for v, g in zip(torch.split(flat_g, sizes), grads)]
     view_m = [v.view(m.shape) for v, m in zip(torch.split(flat_m, sizes), ms)]
 
+    plan_views = plan._replace(grads=view_g, exp_avgs=view_m)
+
     def pass1_views():
-        run_pass1(view_g, view_m)
+        run_pass1(plan_views)
 
     def dot():  # MKL's sdot inside torch runs on one thread
         torch.dot(flat_g, flat_m)
@@ -105,7 +117,7 @@ def main(argv=None):
         flat_gm.sum()
 
     def pass2():
-        run_pass2(p_cppc, grads, ms, vs, steps)
+        run_pass2(plan, sums)
 
     contenders = {  # each ratio's pair is adjacent in every rotation of this order, except at the wrap
         "adamw_fused": adam.step,

@@ -132,8 +132,8 @@ StepPlan make_plan(at::TensorList params, const OptTensorList& grads, at::Tensor
     listed += group_sizes[k];
     const double* row = h + kHyperOptions + kHyperPerGroup * k;
     PlanGroup& gr = plan.groups[k];
+    gr = PlanGroup{};
     gr.lr = (float)row[kHypLr];
-    gr.lr_ptr = nullptr;
     gr.beta1 = row[kHypBeta1];
     gr.beta2 = row[kHypBeta2];
     gr.eps = row[kHypEps];
@@ -195,7 +195,7 @@ StepPlan make_perturb_plan(at::TensorList params, at::TensorList exp_avgs, at::T
   const at::Device dev = params[0].device();
   plan.device = dev;
   plan.groups.resize(1);  // no gradient: the hyper-parameters are not used
-  plan.groups[0] = PlanGroup{0.0f, nullptr, 0.9, 0.999, 1e-8, 0.0};
+  plan.groups[0] = PlanGroup{nullptr, 0.9, 0.999, 1e-8, 0.0, 0.0f, 0.0f};
   plan.beta1s.assign(1, 0.9);
   plan.tensors.reserve(n);
   for (size_t i = 0; i < n; ++i) {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "mgpo_math.h"
+#include "plan_tensor.h"
 
 namespace mgpo {
 
@@ -39,22 +40,12 @@ enum HyperOption {
 };
 enum HyperGroup { kHypLr = 0, kHypBeta1, kHypBeta2, kHypEps, kHypWeightDecay, kHyperPerGroup };
 
-struct PlanTensor {
-  void* p;
-  const void* g;   // nullptr: no gradient this step
-  float* m;
-  float* v;
-  float* master;   // fp32 master of a bf16/fp16 parameter, nullptr otherwise
-  float* step;     // the step count (tensors with a gradient only), nullptr otherwise
-  int64_t numel;
-  int32_t group;
-  int32_t dtype;   // DTypeCode of p (and g)
-};
-
+// Plain data: the CUDA update kernel takes a table of these by value.
 struct PlanGroup {
-  float lr;             // used when lr_ptr is nullptr
   const float* lr_ptr;  // a tensor lr on the plan's device, read by the kernels at every step
   double beta1, beta2, eps, weight_decay;
+  float lr;             // used when lr_ptr is nullptr
+  float pad;
 };
 
 struct StepPlan {

@@ -46,6 +46,33 @@ def cpu_isa(request):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def op_plan(params, grads, ms, vs, masters, steps, gstate, group_sizes=None, lr=1e-2, rho=0.5, max_grad_norm=None,
+            perturbed=True):
+    """The step plan (the ops' arguments) for these tensors, built by the backend's own PlanCache."""
+    from mgpo_kernels.backends.base import GlobalState, GroupTensors, StepConfig
+    from mgpo_kernels.backends.plan import PlanCache
+
+    sizes = group_sizes or [len(params)]
+    groups, at = [], 0
+    for n in sizes:
+        sl = slice(at, at + n)
+        groups.append(GroupTensors(params[sl], grads[sl], ms[sl], vs[sl], masters[sl], steps[sl], lr, 0.9, 0.999,
+                                   1e-8, 0.01))
+        at += n
+    cfg = StepConfig(rho=rho, ema_beta=0.9, adaptive_norm=True, sign=1.0, max_grad_norm=max_grad_norm,
+                     perturbed=perturbed)
+    return PlanCache().build(groups, GlobalState(*gstate), cfg)
+
+
+def reduce_plan(grads, ms, group_sizes=None):
+    """A plan whose pass 1 reads these gradients and moments (params, v and steps are placeholders)."""
+    params = [torch.zeros(m.shape, dtype=torch.float32 if g is None else g.dtype) for g, m in zip(grads, ms)]
+    n = len(ms)
+    gstate = [torch.zeros(()), torch.zeros(()), torch.zeros(()), torch.zeros((), dtype=torch.int64)]
+    return op_plan(params, list(grads), list(ms), [torch.zeros_like(m) for m in ms], [None] * n,
+                   [torch.zeros(()) for _ in ms], gstate, group_sizes)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -123,15 +150,14 @@ def test_every_cpu_isa_gives_the_same_bits(dtype):
             opt.eval()
             theta = [p.detach().clone() for p in ps]
             opt.train()
-            # pass 2 alone, no master copies: p is read, restored, updated and re-perturbed in its own dtype
+            # the op alone, no master copies: p is read, restored, updated and re-perturbed in its own dtype
             st = [opt.state[p] for p in ps]
             q = [p.detach().clone() for p in ps]
             ms = [s["exp_avg"].clone() for s in st]
             vs = [s["exp_avg_sq"].clone() for s in st]
-            scal = torch.tensor([0.5, 0.25, 0.75, 0.0])
-            torch.ops.mgpo.update(q, rand_grads(shapes, dtype, "cpu", gen), ms, vs, [], [-1] * len(q),
-                                  [s["step"] for s in st], scal, [0] * len(q), [1e-2], [None], [0.9], [0.999],
-                                  [1e-8], [0.0])
+            gstate = [torch.tensor(3.0), torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0)]
+            torch.ops.mgpo.step(*op_plan(q, rand_grads(shapes, dtype, "cpu", gen), ms, vs, [None] * len(q),
+                                         [s["step"].clone() for s in st], gstate, rho=2.0, max_grad_norm=0.5))
             results[isa] = ([p.detach().clone() for p in ps], theta, q, ms, vs,
                             [s["exp_avg"] for s in st] + [s["exp_avg_sq"] for s in st]
                             + [s.get("master_param", s["exp_avg"]) for s in st])
@@ -171,9 +197,8 @@ def _trajectory(device, threads=None):
         for _ in range(3):
             grads = rand_grads(shapes, torch.float32, device, gen)
             set_grads(pa, grads)
-            sums.append(torch.ops.mgpo.reduce_sums(grads, [opt.state[p]["exp_avg"] for p in pa] if opt.state
-                                                   else [torch.zeros_like(g) for g in grads],
-                                                   [0] * len(grads), 1))
+            ms = [opt.state[p]["exp_avg"] for p in pa] if opt.state else [torch.zeros_like(g) for g in grads]
+            sums.append(torch.ops.mgpo.reduce_sums(*reduce_plan(grads, ms)))
             opt.step()
         out = [p.detach().clone() for p in pa] + [opt.state[p][k].clone() for p in pa for k in ("exp_avg", "exp_avg_sq")]
         return out + sums + [opt.global_state["gbar"].clone(), opt.global_state["coef"].clone()]
@@ -228,7 +253,7 @@ def test_reduce_sums_same_bits_on_every_isa_and_thread_count_and_near_exact(dtyp
             _C.set_cpu_isa(isa)
             for t in (1, 2, 3):
                 torch.set_num_threads(t)
-                got[isa, t] = torch.ops.mgpo.reduce_sums(grads, ms, group_index, 2)
+                got[isa, t] = torch.ops.mgpo.reduce_sums(*reduce_plan(grads, ms, [4, 5]))
     finally:
         _C.set_cpu_isa(before)
         torch.set_num_threads(threads)
@@ -339,46 +364,79 @@ def test_opcheck_custom_ops():
 
 
 def _opcheck_all(params, grads, ms, vs, masters, steps, gs):
-    gstep, gbar, coef, skipped = gs
-    sums = torch.ops.mgpo.reduce_sums(grads, ms, [0, 0], 1)
-    torch.library.opcheck(torch.ops.mgpo.reduce_sums.default, (grads, ms, [0, 0], 1))
-    torch.library.opcheck(torch.ops.mgpo.scalar_stage.default,
-                          (sums, [0.9], gstep, gbar, coef, skipped, steps[:1], None, None, 0.5, 0.9, True, 1.0,
-                           1.0, True))
-    scal = torch.ops.mgpo.scalar_stage(sums, [0.9], gstep, gbar, coef, skipped, steps[:1], None, None, 0.5, 0.9,
-                                       True, 1.0, None, True)
-    mi = [0, 1] if masters else [-1, -1]
-    torch.library.opcheck(torch.ops.mgpo.update.default,
-                          (params, grads, ms, vs, masters, mi, steps, scal, [0, 0], [1e-2], [None], [0.9], [0.999],
-                           [1e-8], [0.0]))
-    torch.library.opcheck(torch.ops.mgpo.check_step.default, (params, grads, ms, vs, masters, mi, steps))
-    torch.library.opcheck(torch.ops.mgpo.step.default,
-                          (params, grads, ms, vs, masters, mi, steps, [0, 0], [1e-2], [None], [0.9], [0.999], [1e-8],
-                           [0.0], gstep, gbar, coef, skipped, None, None, 0.5, 0.9, True, 1.0, 1.0, True))
+    full = [None] * len(params) if not masters else masters
+    plan = tuple(op_plan(params, grads, ms, vs, full, steps, gs, max_grad_norm=1.0))
+    sums = torch.ops.mgpo.reduce_sums(*plan)
+    torch.library.opcheck(torch.ops.mgpo.reduce_sums.default, plan)
+    torch.library.opcheck(torch.ops.mgpo.finish_step.default, plan + (sums,))
+    torch.library.opcheck(torch.ops.mgpo.step.default, plan)
+    mi = list(plan[5])
+    torch.library.opcheck(torch.ops.mgpo.perturb.default, (params, ms, plan[4], mi, gs[2], True))
 
 
 def test_ops_trace_under_torch_compile():
-    params, grads, ms, vs, masters, steps, (gstep, gbar, coef, skipped) = _op_args()
+    params, grads, ms, vs, masters, steps, gstate = _op_args()
+    hyper = op_plan(params, grads, ms, vs, [None, None], steps, gstate).hyper
 
-    def step(params, grads, ms, vs, steps, gstep, gbar, coef, skipped):
-        sums = torch.ops.mgpo.reduce_sums(grads, ms, [0, 0], 1)
-        scal = torch.ops.mgpo.scalar_stage(sums, [0.9], gstep, gbar, coef, skipped, steps[:1], None, None, 0.5,
-                                           0.9, True, 1.0, None, True)
-        torch.ops.mgpo.update(params, grads, ms, vs, [], [-1, -1], steps, scal, [0, 0], [1e-2], [None], [0.9],
-                              [0.999], [1e-8], [0.0])
-        return sums
+    def step(params, grads, ms, vs, steps, gstate, hyper):
+        plan = (params, grads, ms, vs, [], [-1, -1], steps, [2], hyper, [None], gstate, None, None)
+        sums = torch.ops.mgpo.reduce_sums(*plan)
+        torch.ops.mgpo.finish_step(*plan, sums)
+        return sums + torch.ops.mgpo.step(*plan)
 
     clone = lambda xs: [None if x is None else x.clone() for x in xs]  # noqa: E731
-    a = (clone(params), grads, clone(ms), clone(vs), clone(steps), gstep.clone(), gbar.clone(), coef.clone(),
-         skipped.clone())
-    b = (clone(params), grads, clone(ms), clone(vs), clone(steps), gstep.clone(), gbar.clone(), coef.clone(),
-         skipped.clone())
+    a = (clone(params), grads, clone(ms), clone(vs), clone(steps), clone(gstate), hyper)
+    b = (clone(params), grads, clone(ms), clone(vs), clone(steps), clone(gstate), hyper)
     torch._dynamo.reset()
     sa = step(*a)
     sb = torch.compile(step, backend="aot_eager", fullgraph=True)(*b)
     assert torch.equal(sa, sb)
-    for x, y in zip(a[0] + a[2] + a[3] + a[4] + list(a[5:]), b[0] + b[2] + b[3] + b[4] + list(b[5:])):
+    for x, y in zip(a[0] + a[2] + a[3] + a[4] + a[5], b[0] + b[2] + b[3] + b[4] + b[5]):
         assert torch.equal(x, y)
+    assert float(a[5][0]) == 3.0  # two steps taken on the global step count of 1
+
+
+def test_plan_layout_and_schemas_agree_with_the_extension():
+    """One argument list for every fused op: the extension's schemas and table layout are plan.py's."""
+    from mgpo_kernels.backends import plan as plan_mod
+
+    assert (_C.HYPER_OPTIONS, _C.HYPER_PER_GROUP) == (len(plan_mod.HYPER_OPTIONS), len(plan_mod.HYPER_PER_GROUP))
+    assert str(torch.ops.mgpo.step.default._schema) == f"mgpo::step({plan_mod.plan_schema(True)}) -> Tensor"
+    assert str(torch.ops.mgpo.reduce_sums.default._schema) == (
+        f"mgpo::reduce_sums({plan_mod.plan_schema(False)}) -> Tensor")
+    assert str(torch.ops.mgpo.finish_step.default._schema) == (
+        f"mgpo::finish_step({plan_mod.plan_schema(True)}, Tensor sums) -> ()")
+    assert list(plan_mod.StepPlan._fields) == [a.name for a in torch.ops.mgpo.step.default._schema.arguments]
+
+
+def _bad(plan, field, value):
+    return plan._replace(**{field: value})
+
+
+@pytest.mark.parametrize("what,make,match", [
+    ("hyper of the wrong size", lambda p: _bad(p, "hyper", p.hyper[:-1].clone()), "hyper must be"),
+    ("hyper in float32", lambda p: _bad(p, "hyper", p.hyper.float()), "hyper must be"),
+    ("group sizes that do not add up", lambda p: _bad(p, "group_sizes", [1]), "group_sizes add up to 1"),
+    ("a negative group size", lambda p: p._replace(group_sizes=[3, -1], lr_tensors=[None, None],
+                                                   hyper=torch.cat([p.hyper, p.hyper[-5:]])), "is negative"),
+    ("lr_tensors of another length", lambda p: _bad(p, "lr_tensors", [None, None]), "lr_tensors for 1 groups"),
+    ("a global state of three tensors", lambda p: _bad(p, "gstate", p.gstate[:3]), "gstate must be"),
+    ("skipped in float32", lambda p: _bad(p, "gstate", p.gstate[:3] + [torch.zeros(())]), "skipped must be"),
+    ("master_index out of range", lambda p: _bad(p, "master_index", [0, -1]), "outside the masters list"),
+    ("a list of another length", lambda p: _bad(p, "steps", p.steps[:1]), "must have the same length"),
+    ("a step count in float64", lambda p: _bad(p, "steps", [torch.zeros((), dtype=torch.float64)] + p.steps[1:]),
+     "step of tensor 0"),
+])
+@pytest.mark.parametrize("op", ["step", "reduce_sums", "finish_step"])
+def test_bad_plan_is_refused_by_name_before_anything_changes(op, what, make, match):
+    params, grads, ms, vs, _, steps, gstate = _op_args()
+    plan = make(op_plan(params, grads, ms, vs, [None, None], steps, gstate))
+    watched = params + ms + vs + steps + gstate
+    before = [t.clone() for t in watched]
+    extra = (torch.zeros(4, dtype=torch.float64),) if op == "finish_step" else ()
+    with pytest.raises(RuntimeError, match=match):
+        getattr(torch.ops.mgpo, op)(*plan, *extra)
+    assert all(torch.equal(a, b) for a, b in zip(watched, before)), what
 
 
 # ---------------------------------------------------------------------------------------------- CUDA only

@@ -21,6 +21,7 @@ import torch
 
 from backend_cases import CASES, run_case, same
 from mgpo_kernels import MGPO, available_backends
+from mgpo_kernels.backends.plan import PlanCache, plan_schema
 
 DEVICE = "cuda" if torch.cuda.is_available() and "triton" in available_backends("cuda") else "cpu"
 pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
@@ -265,9 +266,18 @@ def test_compiled_steps_run_on_their_own_optimizers_tables():
     gone = tb.TritonBackend()
     handle = gone.handle
     del gone
-    flat = tb._flat_from_groups(opts[0]._groups(with_grads=True))
+    o = opts[0]
+    plan = PlanCache().build(o._groups(with_grads=True), o._gstate, o._config(cached=False))
     with pytest.raises(RuntimeError, match="no longer exists"):
-        torch.ops.mgpo_kernels.triton_reduce(handle, *flat)
+        torch.ops.mgpo.triton_reduce(handle, *plan)
+
+
+def test_ops_take_the_step_plan_of_the_cpp_ops():
+    """One argument list for both fused backends: the Triton ops' schemas are the plan's, after the handle."""
+    assert str(torch.ops.mgpo.triton_reduce.default._schema) == (
+        f"mgpo::triton_reduce(int handle, {plan_schema(False)}) -> Tensor")
+    assert str(torch.ops.mgpo.triton_update.default._schema) == (
+        f"mgpo::triton_update(int handle, {plan_schema(True)}, Tensor sums) -> ()")
 
 
 def test_availability_and_priority():

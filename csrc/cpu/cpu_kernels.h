@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "../mgpo_math.h"
+#include "../plan_tensor.h"
 
 namespace mgpo {
 namespace cpu {
@@ -19,26 +20,16 @@ struct Chunk {
   int32_t tensor;
 };
 
-struct RedTensor {
-  const void* g;  // nullptr: no gradient this step (only |m|^2 into the no-grad slot)
-  const float* m;
-  int32_t dtype;  // DTypeCode of g
-};
-
-struct UpdTensor {
-  void* p;
-  const void* g;   // nullptr: no gradient (restore with the old coefficient, re-perturb with the new one)
-  float* m;
-  float* v;
-  float* master;   // fp32 master for bf16/fp16 params, nullptr otherwise
-  int32_t dtype;   // DTypeCode of p (and g)
+// Pass 2's view of a tensor: the plan's pointers and its coefficients.
+struct UpdTensor : PlanTensor {
   AdamCoefs k;
 };
 
 struct IsaKernels {
   const char* name;
   // partials[4*c .. 4*c+3] for every chunk c in [b, e): {gg, mg, mm, mm_nograd} in float64.
-  void (*reduce)(const RedTensor* ts, const Chunk* chunks, int64_t b, int64_t e, double* partials);
+  // Pass 1 reads a tensor's m, and its g when it has one (then dtype is g's).
+  void (*reduce)(const PlanTensor* ts, const Chunk* chunks, int64_t b, int64_t e, double* partials);
   // pass 2 for the chunks in [b, e), visited from e-1 down to b (ops_cpu.cpp: cache reuse after pass 1).
   void (*update)(const UpdTensor* ts, const Chunk* chunks, int64_t b, int64_t e);
 };

@@ -107,9 +107,20 @@ static inline void f2h(const float* __restrict__ src, uint16_t* __restrict__ dst
 // (multiply, then add): the vector builds use FMA, the base build multiplies and adds, with the same bits.
 constexpr int kLanes = 16;
 
-// Lanes -> the chunk's partial sums, the same way in every build.
-static inline void finish_sums(const double* gg, const double* mg, const double* mm, double sgg, double smg,
-                               double smm, double* __restrict__ out) {
+// The tail [i, n) in order into a scalar, then the lanes 0..kLanes-1 added to it: a chunk's partial sums, the
+// same way in every build.
+template <typename Tag>
+static inline void finish_sums(const double* gg, const double* mg, const double* mm,
+                               const typename Storage<Tag>::type* __restrict__ g, const float* __restrict__ m,
+                               int64_t i, int64_t n, double* __restrict__ out) {
+  double sgg = 0.0, smg = 0.0, smm = 0.0;
+  for (; i < n; ++i) {
+    const double gi = (double)Conv<Tag>::load(g[i]);
+    const double mi = (double)m[i];
+    sgg += gi * gi;
+    smg += mi * gi;
+    smm += mi * mi;
+  }
   for (int l = 0; l < kLanes; ++l) {
     sgg += gg[l];
     smg += mg[l];
@@ -119,6 +130,21 @@ static inline void finish_sums(const double* gg, const double* mg, const double*
   out[kSumMG] = smg;
   out[kSumMM] = smm;
   out[kSumMMNoGrad] = 0.0;
+}
+
+// The same for a tensor without a gradient: |m|^2 into the no-grad slot.
+static inline void finish_nograd(const double* lanes, const float* __restrict__ m, int64_t i, int64_t n,
+                                 double* __restrict__ out) {
+  double mm = 0.0;
+  for (; i < n; ++i) {
+    const double mi = (double)m[i];
+    mm += mi * mi;
+  }
+  for (int l = 0; l < kLanes; ++l) mm += lanes[l];
+  out[kSumGG] = 0.0;
+  out[kSumMG] = 0.0;
+  out[kSumMM] = 0.0;
+  out[kSumMMNoGrad] = mm;
 }
 
 #if defined(MGPO_ISA_F16C)
@@ -192,15 +218,7 @@ static void reduce_grad(const typename Storage<Tag>::type* __restrict__ g, const
     vstore(lmg + kVecLanes * k, mg[k]);
     vstore(lm + kVecLanes * k, mm[k]);
   }
-  double sgg = 0.0, smg = 0.0, smm = 0.0;
-  for (; i < n; ++i) {
-    const double gi = (double)Conv<Tag>::load(g[i]);
-    const double mi = (double)m[i];
-    sgg += gi * gi;
-    smg += mi * gi;
-    smm += mi * mi;
-  }
-  finish_sums(lg, lmg, lm, sgg, smg, smm, out);
+  finish_sums<Tag>(lg, lmg, lm, g, m, i, n, out);
 }
 
 static void reduce_nograd(const float* __restrict__ m, int64_t n, double* __restrict__ out) {
@@ -216,16 +234,7 @@ static void reduce_nograd(const float* __restrict__ m, int64_t n, double* __rest
   }
   alignas(64) double lanes[kLanes];
   for (int k = 0; k < kVecs; ++k) vstore(lanes + kVecLanes * k, acc[k]);
-  double mm = 0.0;
-  for (; i < n; ++i) {
-    const double mi = (double)m[i];
-    mm += mi * mi;
-  }
-  for (int l = 0; l < kLanes; ++l) mm += lanes[l];
-  out[kSumGG] = 0.0;
-  out[kSumMG] = 0.0;
-  out[kSumMM] = 0.0;
-  out[kSumMMNoGrad] = mm;
+  finish_nograd(lanes, m, i, n, out);
 }
 
 #else  // base build: the same lanes, auto-vectorized (multiply, then add)
@@ -245,15 +254,7 @@ static void reduce_grad(const typename Storage<Tag>::type* __restrict__ g, const
       mm[l] += mi * mi;
     }
   }
-  double sgg = 0.0, smg = 0.0, smm = 0.0;
-  for (; i < n; ++i) {
-    const double gi = (double)Conv<Tag>::load(g[i]);
-    const double mi = (double)m[i];
-    sgg += gi * gi;
-    smg += mi * gi;
-    smm += mi * mi;
-  }
-  finish_sums(gg, mg, mm, sgg, smg, smm, out);
+  finish_sums<Tag>(gg, mg, mm, g, m, i, n, out);
 }
 
 // fp16 gradients: GCC turns a fused half->double conversion into a libgcc call per element inside the lane loop,
@@ -281,15 +282,7 @@ void reduce_grad<f16_tag>(const typename Storage<f16_tag>::type* __restrict__ g,
       }
     }
   }
-  double sgg = 0.0, smg = 0.0, smm = 0.0;
-  for (int64_t i = nfull; i < n; ++i) {
-    const double gi = (double)Conv<f16_tag>::load(g[i]);
-    const double mi = (double)m[i];
-    sgg += gi * gi;
-    smg += mi * gi;
-    smm += mi * mi;
-  }
-  finish_sums(gg, mg, mm, sgg, smg, smm, out);
+  finish_sums<f16_tag>(gg, mg, mm, g, m, nfull, n, out);
 }
 
 static void reduce_nograd(const float* __restrict__ m, int64_t n, double* __restrict__ out) {
@@ -302,23 +295,14 @@ static void reduce_nograd(const float* __restrict__ m, int64_t n, double* __rest
       acc[l] += mi * mi;
     }
   }
-  double mm = 0.0;
-  for (; i < n; ++i) {
-    const double mi = (double)m[i];
-    mm += mi * mi;
-  }
-  for (int l = 0; l < kLanes; ++l) mm += acc[l];
-  out[kSumGG] = 0.0;
-  out[kSumMG] = 0.0;
-  out[kSumMM] = 0.0;
-  out[kSumMMNoGrad] = mm;
+  finish_nograd(acc, m, i, n, out);
 }
 #endif
 
-static void reduce(const RedTensor* ts, const Chunk* chunks, int64_t b, int64_t e, double* partials) {
+static void reduce(const PlanTensor* ts, const Chunk* chunks, int64_t b, int64_t e, double* partials) {
   for (int64_t c = b; c < e; ++c) {
     const Chunk ch = chunks[c];
-    const RedTensor& t = ts[ch.tensor];
+    const PlanTensor& t = ts[ch.tensor];
     const float* m = t.m + ch.start;
     double* out = partials + kSumsPerGroup * c;
     if (t.g == nullptr) {

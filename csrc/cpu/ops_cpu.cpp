@@ -117,18 +117,14 @@ struct CpuStages {
   // thread count.
   static at::Tensor reduce(const StepPlan& plan) {
     const size_t n = plan.tensors.size();
-    std::vector<RedTensor> ts(n);
     std::vector<Chunk> chunks;
-    for (size_t i = 0; i < n; ++i) {
-      const PlanTensor& t = plan.tensors[i];
-      ts[i] = RedTensor{t.g, t.m, t.g != nullptr ? t.dtype : (int32_t)kF32};
-      add_chunks(chunks, t.numel, (int32_t)i);
-    }
+    for (size_t i = 0; i < n; ++i) add_chunks(chunks, plan.tensors[i].numel, (int32_t)i);
+    const PlanTensor* ts = plan.tensors.data();
     const int64_t nchunks = (int64_t)chunks.size();
     std::vector<double> partials((size_t)nchunks * kSumsPerGroup);
     const IsaKernels* isa = current_isa();
     parallel_chunks(nchunks, /*descending=*/false,
-                    [&](int64_t b, int64_t e) { isa->reduce(ts.data(), chunks.data(), b, e, partials.data()); });
+                    [&](int64_t b, int64_t e) { isa->reduce(ts, chunks.data(), b, e, partials.data()); });
     const int64_t G = (int64_t)plan.groups.size();
     at::Tensor sums = at::zeros({kSumsPerGroup * G}, at::TensorOptions().dtype(at::kDouble));
     double* s = sums.data_ptr<double>();
@@ -180,12 +176,7 @@ struct CpuStages {
     for (size_t i = 0; i < n; ++i) {
       const PlanTensor& pt = plan.tensors[i];
       UpdTensor& t = ts[i];
-      t.p = pt.p;
-      t.g = pt.g;
-      t.m = pt.m;
-      t.v = pt.v;
-      t.master = pt.master;
-      t.dtype = pt.dtype;
+      static_cast<PlanTensor&>(t) = pt;
       const float step = pt.g != nullptr ? *pt.step : 1.0f;
       if (pt.group != memo_group || step != memo_step) {  // tensors of a group usually share their step count
         const PlanGroup& gr = plan.groups[pt.group];

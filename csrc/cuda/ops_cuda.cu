@@ -308,12 +308,7 @@ struct UpdTensorArg {
   int8_t dtype;
   int8_t pad;
 };
-struct GroupArg {
-  const float* lr_ptr;  // a tensor lr (read on the device), or nullptr: use lr
-  double beta1, beta2, eps, weight_decay;
-  float lr;
-  float pad;
-};
+using GroupArg = PlanGroup;  // the plan's per-group values travel to the kernel as they are
 constexpr int kUpdMaxGroups = 16;
 struct UpdHeader {
   const float* scal;
@@ -551,18 +546,6 @@ struct CudaStages {
   static void update(const StepPlan& plan, const at::Tensor& scal) {
     c10::cuda::CUDAGuard guard(plan.device);
     const int64_t G = (int64_t)plan.groups.size();
-    std::vector<GroupArg> groups(G);
-    for (int64_t k = 0; k < G; ++k) {
-      const PlanGroup& pg = plan.groups[k];
-      GroupArg& gr = groups[k];
-      gr = GroupArg{};
-      gr.lr_ptr = pg.lr_ptr;
-      gr.lr = pg.lr;
-      gr.beta1 = pg.beta1;
-      gr.beta2 = pg.beta2;
-      gr.eps = pg.eps;
-      gr.weight_decay = pg.weight_decay;
-    }
     std::vector<UpdTensorArg> ts;
     std::vector<int> tgroup;
     ts.reserve(plan.tensors.size());
@@ -593,7 +576,7 @@ struct CudaStages {
       }
       const int64_t blocks = assign_blocks(args.t, count);
       const int ng = (int)std::min<int64_t>(kUpdMaxGroups, G - g0);
-      for (int k = 0; k < ng; ++k) args.h.grp[k] = groups[g0 + k];
+      std::copy(plan.groups.begin() + g0, plan.groups.begin() + g0 + ng, args.h.grp);
       args.h.ntensors = (int)count;
       update_kernel<<<(unsigned)blocks, kThreads, 0, stream>>>(args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
