@@ -13,16 +13,6 @@
 
 namespace mgpo {
 
-// The plan's arguments, in schema order (ops.cpp): one list for all four ops' C++ signatures.
-#define MGPO_PLAN_PARAMS                                                                                    \
-  at::TensorList params, const OptTensorList &grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,   \
-      at::TensorList masters, at::IntArrayRef master_index, at::TensorList steps, at::IntArrayRef group_sizes, \
-      const at::Tensor &hyper, const OptTensorList &lr_tensors, at::TensorList gstate,                       \
-      const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf
-#define MGPO_PLAN_ARGS                                                                                        \
-  params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_sizes, hyper, lr_tensors, gstate, \
-      grad_scale, found_inf
-
 template <typename Device>
 struct DeviceOps {
   // The fused step: pass 1, scalar stage, pass 2. Returns the sums.
@@ -33,7 +23,9 @@ struct DeviceOps {
     return sums;
   }
   // Pass 1 alone (a reduce_hook then runs on the sums before finish_step).
-  static at::Tensor reduce_sums(MGPO_PLAN_PARAMS) { return Device::reduce(make_plan(MGPO_PLAN_ARGS)); }
+  static at::Tensor reduce_sums(MGPO_PLAN_PARAMS) {
+    return Device::reduce(make_plan(MGPO_PLAN_ARGS, PlanUse::kReduce));
+  }
   // The scalar stage and pass 2 on sums from reduce_sums (after the hook).
   static void finish_step(MGPO_PLAN_PARAMS, const at::Tensor& sums) {
     const StepPlan plan = make_plan(MGPO_PLAN_ARGS);

@@ -1,6 +1,6 @@
 // Per-element and scalar-stage math of one MGPO step, shared by the CPU and the CUDA kernels.
 //
-// The semantics are mgpo_kernels/backends/reference.py (reduce_sums -> reduce_hook -> scalar_stage -> update):
+// The semantics are mgpo_kernels/backends/reference.py (pass 1 sums -> reduce_hook -> scalar_stage -> pass 2):
 //   pass 1  sums[4k:4k+4] = [|g|^2, <m,g>, |m|^2 (with grad), |m|^2 (without grad)]   (raw grads, m = m_{t-1})
 //   scalar  c (unscale*clip), skip, gbar_t, coef_t; restore = coef_{t-1}, apply = coef_t (0 both in eval mode)
 //   pass 2  theta = p - restore*m (or the fp32 master); AdamW; p = theta + apply*m_t

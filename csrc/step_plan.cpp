@@ -29,6 +29,16 @@ std::optional<at::Tensor> opt_at(const OptTensorList& l, size_t i) {
 // The kernels walk every tensor as flat memory from data_ptr() (storage offsets and misaligned views are
 // fine). That needs dense non-overlapping tensors whose elements are in the same memory order as the
 // parameter's: same strides on every dimension of size > 1.
+void check_dense_param(const at::Tensor& p, size_t i) {
+  TORCH_CHECK(p.layout() == at::kStrided, "mgpo: param of tensor ", i, " has layout ", p.layout(),
+              ": sparse and other non-strided tensors are not supported");
+  TORCH_CHECK(p.numel() <= 1 || p.is_non_overlapping_and_dense(), "mgpo: tensor ", i, " (shape ", p.sizes(),
+              ", strides ", p.strides(),
+              ") is not dense: the cpp backend processes parameters as flat memory; make the parameter "
+              "contiguous or use backend='reference'");
+}
+
+// (of a dense parameter `ref`, checked first)
 void check_same_layout(const at::Tensor& t, const at::Tensor& ref, const char* what, size_t i) {
   TORCH_CHECK(t.layout() == at::kStrided, "mgpo: ", what, " of tensor ", i, " has layout ", t.layout(),
               ": sparse and other non-strided tensors are not supported");
@@ -37,10 +47,6 @@ void check_same_layout(const at::Tensor& t, const at::Tensor& ref, const char* w
   TORCH_CHECK(t.device() == ref.device(), "mgpo: ", what, " of tensor ", i, " is on ", t.device(), ", expected ",
               ref.device());
   if (ref.numel() <= 1) return;
-  TORCH_CHECK(ref.is_non_overlapping_and_dense(), "mgpo: tensor ", i, " (shape ", ref.sizes(), ", strides ",
-              ref.strides(),
-              ") is not dense: the cpp backend processes parameters as flat memory; make the parameter "
-              "contiguous or use backend='reference'");
   for (int64_t d = 0; d < ref.dim(); ++d) {
     TORCH_CHECK(ref.size(d) == 1 || t.stride(d) == ref.stride(d), "mgpo: ", what, " of tensor ", i,
                 " has strides ", t.strides(), " but its parameter has strides ", ref.strides(),
@@ -56,12 +62,15 @@ float* state_ptr(const at::Tensor& t, const at::Tensor& ref, const char* what, s
 }
 
 // A one-element tensor the kernels read (or write) as a float32 on `dev`; `convert`: another dtype or device is
-// copied (into plan.keep_alive), otherwise refused.
-float* scalar_ptr(const at::Tensor& t, const at::Device& dev, const char* what, bool convert, StepPlan& plan) {
-  TORCH_CHECK(t.numel() == 1, "mgpo: ", what, " must have one element, got shape ", t.sizes());
+// copied (into plan.keep_alive), otherwise refused. `of` names the tensor it belongs to in a message ("" if none).
+float* scalar_ptr(const at::Tensor& t, const at::Device& dev, const char* what, const char* of, int64_t i,
+                  bool convert, StepPlan& plan) {
+  TORCH_CHECK(t.numel() == 1, "mgpo: ", what, of, (i >= 0 ? std::to_string(i) : std::string()),
+              " must have one element, got shape ", t.sizes());
   if (t.device() == dev && t.scalar_type() == at::kFloat) return t.data_ptr<float>();
-  TORCH_CHECK(convert, "mgpo: ", what, " must be a one-element float32 tensor on ", dev, ", got ", t.scalar_type(),
-              " ", t.sizes(), " on ", t.device());
+  TORCH_CHECK(convert, "mgpo: ", what, of, (i >= 0 ? std::to_string(i) : std::string()),
+              " must be a one-element float32 tensor on ", dev, ", got ", t.scalar_type(), " ", t.sizes(), " on ",
+              t.device());
   plan.keep_alive.push_back(t.detach().to(dev, at::kFloat).reshape({1}));
   return plan.keep_alive.back().data_ptr<float>();
 }
@@ -85,7 +94,7 @@ PlanTensor base_tensor(const at::Tensor& p, const at::Tensor& m, at::TensorList 
   TORCH_CHECK(p.device() == dev, "mgpo: tensor ", i, " is on ", p.device(), ", tensor 0 on ", dev);
   PlanTensor t{};
   t.dtype = dtype_code(p.scalar_type());
-  check_same_layout(p, p, "param", i);
+  check_dense_param(p, i);
   t.p = p.data_ptr();
   t.m = state_ptr(m, p, "exp_avg", i);
   t.numel = p.numel();
@@ -98,13 +107,30 @@ PlanTensor base_tensor(const at::Tensor& p, const at::Tensor& m, at::TensorList 
   return t;
 }
 
+// Pass 1's view of tensor i: m dense (float32), g (if any) in m's layout; nothing it does not read.
+PlanTensor reduce_tensor(const at::Tensor& p, const std::optional<at::Tensor>& g, const at::Tensor& m, size_t i,
+                         const at::Device& dev) {
+  TORCH_CHECK(m.device() == dev, "mgpo: exp_avg of tensor ", i, " is on ", m.device(), ", tensor 0 on ", dev);
+  TORCH_CHECK(m.scalar_type() == at::kFloat, "mgpo: exp_avg of tensor ", i, " must be float32, got ",
+              m.scalar_type());
+  check_dense_param(m, i);
+  PlanTensor t{};
+  t.m = m.data_ptr<float>();
+  t.numel = m.numel();
+  t.dtype = kF32;
+  if (g) {
+    t.dtype = dtype_code(g->scalar_type());
+    TORCH_CHECK(g->scalar_type() == p.scalar_type(), "mgpo: grad of tensor ", i, " has dtype ", g->scalar_type(),
+                ", its parameter ", p.scalar_type());
+    check_same_layout(*g, m, "grad", i);
+    t.g = g->data_ptr();
+  }
+  return t;
+}
+
 }  // namespace
 
-StepPlan make_plan(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index,
-                   at::TensorList steps, at::IntArrayRef group_sizes, const at::Tensor& hyper,
-                   const OptTensorList& lr_tensors, at::TensorList gstate, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+StepPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, "mgpo: no tensors");
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && master_index.size() == n &&
@@ -145,23 +171,23 @@ StepPlan make_plan(at::TensorList params, const OptTensorList& grads, at::Tensor
       if (lt->device().is_cpu() && !dev.is_cpu())
         gr.lr = lt->item<float>();  // a CPU tensor: reading it does not synchronise the device
       else
-        gr.lr_ptr = scalar_ptr(*lt, dev, "lr", /*convert=*/true, plan);
+        gr.lr_ptr = scalar_ptr(*lt, dev, "the lr tensor", " of group ", k, /*convert=*/true, plan);
     }
   }
   TORCH_CHECK(listed == (int64_t)n, "mgpo: group_sizes add up to ", listed, " tensors, ", n, " are given");
 
-  plan.gstep = scalar_ptr(gstate[0], dev, "gstate.step", false, plan);
-  plan.gbar = scalar_ptr(gstate[1], dev, "gstate.gbar", false, plan);
-  plan.coef = scalar_ptr(gstate[2], dev, "gstate.coef", false, plan);
+  plan.gstep = scalar_ptr(gstate[0], dev, "gstate.step", "", -1, false, plan);
+  plan.gbar = scalar_ptr(gstate[1], dev, "gstate.gbar", "", -1, false, plan);
+  plan.coef = scalar_ptr(gstate[2], dev, "gstate.coef", "", -1, false, plan);
   const at::Tensor& sk = gstate[3];
   TORCH_CHECK(sk.device() == dev && sk.scalar_type() == at::kLong && sk.numel() == 1,
               "mgpo: gstate.skipped must be a one-element int64 tensor on ", dev, ", got ", sk.scalar_type(), " ",
               sk.sizes(), " on ", sk.device());
   plan.skipped = sk.data_ptr<int64_t>();
   if (grad_scale.has_value() && grad_scale->defined())
-    plan.grad_scale = scalar_ptr(*grad_scale, dev, "grad_scale", true, plan);
+    plan.grad_scale = scalar_ptr(*grad_scale, dev, "grad_scale", "", -1, true, plan);
   if (found_inf.has_value() && found_inf->defined())
-    plan.found_inf = scalar_ptr(*found_inf, dev, "found_inf", true, plan);
+    plan.found_inf = scalar_ptr(*found_inf, dev, "found_inf", "", -1, true, plan);
 
   plan.tensors.reserve(n);
   int32_t group = 0;
@@ -169,6 +195,11 @@ StepPlan make_plan(at::TensorList params, const OptTensorList& grads, at::Tensor
   for (size_t i = 0; i < n; ++i) {
     while ((int64_t)i >= group_end) group_end += group_sizes[++group];
     const at::Tensor& p = params[i];
+    if (use == PlanUse::kReduce) {
+      plan.tensors.push_back(reduce_tensor(p, opt_at(grads, i), exp_avgs[i], i, dev));
+      plan.tensors.back().group = group;
+      continue;
+    }
     PlanTensor t = base_tensor(p, exp_avgs[i], masters, master_index, i, dev);
     t.v = state_ptr(exp_avg_sqs[i], p, "exp_avg_sq", i);
     t.group = group;
@@ -177,7 +208,7 @@ StepPlan make_plan(at::TensorList params, const OptTensorList& grads, at::Tensor
                   ", its parameter ", p.scalar_type());
       check_same_layout(*g, p, "grad", i);
       t.g = g->data_ptr();
-      t.step = scalar_ptr(steps[i], dev, ("step of tensor " + std::to_string(i)).c_str(), false, plan);
+      t.step = scalar_ptr(steps[i], dev, "step", " of tensor ", (int64_t)i, false, plan);
       plan.steps_with_grad.push_back(t.step);
     }
     plan.tensors.push_back(t);

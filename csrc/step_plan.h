@@ -64,14 +64,24 @@ struct StepPlan {
   std::vector<at::Tensor> keep_alive;  // float32 copies on the device that pointers above point into
 };
 
-// Checks everything the stages will touch (so that an error leaves parameters, state and the global state as
-// they were) and fills the plan.  `with_state` = false for perturb(): no gradients, exp_avg_sqs, steps or
-// global state are read (their lists may be empty).
-StepPlan make_plan(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList masters, at::IntArrayRef master_index,
-                   at::TensorList steps, at::IntArrayRef group_sizes, const at::Tensor& hyper,
-                   const OptTensorList& lr_tensors, at::TensorList gstate, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf);
+// The op arguments above, in schema order: one list for make_plan and every op's C++ signature (device_ops.h).
+#define MGPO_PLAN_PARAMS                                                                                    \
+  at::TensorList params, const OptTensorList &grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,   \
+      at::TensorList masters, at::IntArrayRef master_index, at::TensorList steps, at::IntArrayRef group_sizes, \
+      const at::Tensor &hyper, const OptTensorList &lr_tensors, at::TensorList gstate,                       \
+      const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf
+#define MGPO_PLAN_ARGS                                                                                        \
+  params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_sizes, hyper, lr_tensors, gstate, \
+      grad_scale, found_inf
+
+// What a plan is for: the whole step (every tensor the three stages touch is checked and in the plan), or pass 1
+// alone (reduce_sums, which modifies nothing: only the gradients and first moments it reads are checked; the
+// finish_step that follows checks everything before it writes).
+enum class PlanUse { kStep, kReduce };
+
+// Checks everything the stages of `use` will touch (so that an error leaves parameters, state and the global
+// state as they were) and fills the plan.
+StepPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use = PlanUse::kStep);
 
 // The plan of eval()/train(): p = (p - restore*m) + apply*m over params with no gradients.
 StepPlan make_perturb_plan(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,

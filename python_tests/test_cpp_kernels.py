@@ -409,6 +409,9 @@ def test_plan_layout_and_schemas_agree_with_the_extension():
     assert list(plan_mod.StepPlan._fields) == [a.name for a in torch.ops.mgpo.step.default._schema.arguments]
 
 
+NOT_READ_BY_PASS_1 = ("master_index out of range", "a step count in float64")
+
+
 def _bad(plan, field, value):
     return plan._replace(**{field: value})
 
@@ -434,8 +437,11 @@ def test_bad_plan_is_refused_by_name_before_anything_changes(op, what, make, mat
     watched = params + ms + vs + steps + gstate
     before = [t.clone() for t in watched]
     extra = (torch.zeros(4, dtype=torch.float64),) if op == "finish_step" else ()
-    with pytest.raises(RuntimeError, match=match):
+    if op == "reduce_sums" and what in NOT_READ_BY_PASS_1:  # checked by the finish_step that must follow
         getattr(torch.ops.mgpo, op)(*plan, *extra)
+    else:
+        with pytest.raises(RuntimeError, match=match):
+            getattr(torch.ops.mgpo, op)(*plan, *extra)
     assert all(torch.equal(a, b) for a, b in zip(watched, before)), what
 
 

@@ -580,7 +580,7 @@ def test_error_inputs(err, backend):
             params = _fresh_params(inp.params)
             try:
                 opt = MGPO(params, backend=backend, rho=0.0, **copy.deepcopy(kwargs))
-            except (ValueError, TypeError) as exc:  # the issue allows refusing duplicates, clearly
+            except (ValueError, TypeError) as exc:  # duplicates may be refused, with a message that says so
                 assert "duplicate" in str(exc), f"{type(exc).__name__}: {exc}"
                 return
         assert any(issubclass(w.category, err.error_type) and re.search(err.error_regex, str(w.message))

@@ -567,8 +567,10 @@ struct CudaStages {
     UpdArgs args;
     args.h.scal = scal.data_ptr<float>();
     args.h.pad = 0;
-    const auto same_table = [&](size_t first, size_t i) { return tgroup[i] - tgroup[first] < kUpdMaxGroups; };
-    for_each_launch(ts.size(), kUpdMaxTensors, same_table, [&](size_t first, size_t count) {
+    const auto within_group_table = [&](size_t first, size_t i) {
+      return tgroup[i] - tgroup[first] < kUpdMaxGroups;
+    };
+    for_each_launch(ts.size(), kUpdMaxTensors, within_group_table, [&](size_t first, size_t count) {
       const int g0 = tgroup[first];
       for (size_t j = 0; j < count; ++j) {
         args.t[j] = ts[first + j];

@@ -34,12 +34,8 @@ _ops = torch.ops.mgpo
 
 # ---------------------------------------------------------------------------------------------- fake kernels
 @torch.library.register_fake("mgpo::step")
-def _step_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_sizes, *rest):
-    return exp_avgs[0].new_empty((SUMS_PER_GROUP * len(group_sizes),), dtype=torch.float64)
-
-
 @torch.library.register_fake("mgpo::reduce_sums")
-def _reduce_sums_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_sizes, *rest):
+def _sums_fake(params, grads, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_sizes, *rest):
     return exp_avgs[0].new_empty((SUMS_PER_GROUP * len(group_sizes),), dtype=torch.float64)
 
 
@@ -123,8 +119,10 @@ class CppBackend(Backend):
 
     @torch.no_grad()
     def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
-        if not any(g.params for g in groups):
-            return
+        if not any(g.params for g in groups):  # nothing to launch; a reduce_hook (an all-reduce) must still run
+            from .reference import ReferenceBackend
+
+            return ReferenceBackend().step(groups, gstate, cfg)
         plan = self._plans.build(groups, gstate, cfg)
         if cfg.reduce_hook is None:  # one call: pass 1 -> scalar stage -> pass 2
             _with_conformed_grads(_ops.step, plan)
