@@ -1,9 +1,9 @@
 // The ops of torch.ops.mgpo.*, written once over a device's three stages.
 //
 // A device (cpu/ops_cpu.cpp, cuda/ops_cuda.cu) provides a struct with
-//   static at::Tensor reduce(const StepPlan&);                       pass 1 -> float64 sums
-//   static at::Tensor scalar(const StepPlan&, const at::Tensor& sums);  scalar stage -> scal, global state
-//   static void update(const StepPlan&, const at::Tensor& scal);      pass 2
+//   static at::Tensor reduce(const CheckedPlan&);                       pass 1 -> float64 sums
+//   static at::Tensor scalar(const CheckedPlan&, const at::Tensor& sums);  scalar stage -> scal, global state
+//   static void update(const CheckedPlan&, const at::Tensor& scal);      pass 2
 // and registers them with register_device_ops<Device>(m) in its TORCH_LIBRARY_IMPL block.  Every op builds
 // the plan first (make_plan checks all arguments), so nothing is modified by a call that is refused.
 #pragma once
@@ -17,7 +17,7 @@ template <typename Device>
 struct DeviceOps {
   // The fused step: pass 1, scalar stage, pass 2. Returns the sums.
   static at::Tensor step(MGPO_PLAN_PARAMS) {
-    const StepPlan plan = make_plan(MGPO_PLAN_ARGS);
+    const CheckedPlan plan = make_plan(MGPO_PLAN_ARGS);
     at::Tensor sums = Device::reduce(plan);
     Device::update(plan, Device::scalar(plan, sums));
     return sums;
@@ -28,14 +28,14 @@ struct DeviceOps {
   }
   // The scalar stage and pass 2 on sums from reduce_sums (after the hook).
   static void finish_step(MGPO_PLAN_PARAMS, const at::Tensor& sums) {
-    const StepPlan plan = make_plan(MGPO_PLAN_ARGS);
+    const CheckedPlan plan = make_plan(MGPO_PLAN_ARGS);
     check_sums(plan, sums);
     Device::update(plan, Device::scalar(plan, sums));
   }
   // eval()/train(): pass 2 with no gradient and the scal of a move by coef, p = (p - restore*m) + apply*m.
   static void perturb(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
                       at::IntArrayRef master_index, const at::Tensor& coef, bool apply) {
-    const StepPlan plan = make_perturb_plan(params, exp_avgs, masters, master_index);
+    const CheckedPlan plan = make_perturb_plan(params, exp_avgs, masters, master_index);
     TORCH_CHECK(coef.numel() == 1 && coef.device() == plan.device, "mgpo: coef must be a one-element tensor on ",
                 plan.device, ", got ", coef.sizes(), " on ", coef.device());
     at::Tensor scal = at::zeros({kScalSize}, at::TensorOptions().dtype(at::kFloat).device(plan.device));

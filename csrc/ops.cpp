@@ -56,6 +56,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set of the CPU kernels in use (MGPO_CPU_ISA=base|avx2|avx512 picks one at load time)");
   m.def("available_cpu_isas", &mgpo::cpu::available_isas, "Instruction sets this CPU can run");
   m.def("set_cpu_isa", &mgpo::cpu::set_isa, "Switch the CPU kernels' instruction set (tests and benchmarks)");
-  m.attr("HYPER_OPTIONS") = (int)mgpo::kHyperOptions;
-  m.attr("HYPER_PER_GROUP") = (int)mgpo::kHyperPerGroup;
+  m.attr("HYPER_OPTION_COUNT") = (int)mgpo::kHyperOptions;
+  m.attr("HYPER_GROUP_COUNT") = (int)mgpo::kHyperPerGroup;
 }

@@ -64,7 +64,7 @@ float* state_ptr(const at::Tensor& t, const at::Tensor& ref, const char* what, s
 // A one-element tensor the kernels read (or write) as a float32 on `dev`; `convert`: another dtype or device is
 // copied (into plan.keep_alive), otherwise refused. `of` names the tensor it belongs to in a message ("" if none).
 float* scalar_ptr(const at::Tensor& t, const at::Device& dev, const char* what, const char* of, int64_t i,
-                  bool convert, StepPlan& plan) {
+                  bool convert, CheckedPlan& plan) {
   TORCH_CHECK(t.numel() == 1, "mgpo: ", what, of, (i >= 0 ? std::to_string(i) : std::string()),
               " must have one element, got shape ", t.sizes());
   if (t.device() == dev && t.scalar_type() == at::kFloat) return t.data_ptr<float>();
@@ -130,7 +130,7 @@ PlanTensor reduce_tensor(const at::Tensor& p, const std::optional<at::Tensor>& g
 
 }  // namespace
 
-StepPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use) {
+CheckedPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, "mgpo: no tensors");
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && master_index.size() == n &&
@@ -145,7 +145,7 @@ StepPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use) {
   TORCH_CHECK(gstate.size() == 4, "mgpo: gstate must be [step, gbar, coef, skipped], got ", gstate.size(),
               " tensors");
 
-  StepPlan plan;
+  CheckedPlan plan;
   const at::Device dev = params[0].device();
   plan.device = dev;
   const double* h = hyper.data_ptr<double>();
@@ -216,13 +216,13 @@ StepPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use) {
   return plan;
 }
 
-StepPlan make_perturb_plan(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
+CheckedPlan make_perturb_plan(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
                            at::IntArrayRef master_index) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, "mgpo: no tensors");
   TORCH_CHECK(exp_avgs.size() == n && master_index.size() == n,
               "mgpo: params, exp_avgs and master_index must have the same length");
-  StepPlan plan;
+  CheckedPlan plan;
   const at::Device dev = params[0].device();
   plan.device = dev;
   plan.groups.resize(1);  // no gradient: the hyper-parameters are not used
@@ -238,7 +238,7 @@ StepPlan make_perturb_plan(at::TensorList params, at::TensorList exp_avgs, at::T
   return plan;
 }
 
-void check_sums(const StepPlan& plan, const at::Tensor& sums) {
+void check_sums(const CheckedPlan& plan, const at::Tensor& sums) {
   const int64_t G = (int64_t)plan.groups.size();
   TORCH_CHECK(sums.device() == plan.device && sums.scalar_type() == at::kDouble && sums.is_contiguous() &&
                   sums.numel() == kSumsPerGroup * G,

@@ -1,5 +1,5 @@
 // The step plan: what every op of torch.ops.mgpo.* takes, checked once and turned into the raw pointers and
-// per-group values that the CPU and CUDA stages use (they check nothing of it again).
+// per-group values that the CPU and CUDA stages use (a CheckedPlan: they check nothing of it again).
 //
 // The op arguments (schemas in ops.cpp; built in Python by mgpo_kernels/backends/plan.py):
 //   params, grads?, exp_avgs, exp_avg_sqs   the tensors of all groups, group by group
@@ -48,7 +48,8 @@ struct PlanGroup {
   float pad;
 };
 
-struct StepPlan {
+// The step plan after make_plan's checks: raw pointers and per-group values, what the stages run on.
+struct CheckedPlan {
   at::Device device{at::kCPU};
   std::vector<PlanTensor> tensors;  // every tensor, group by group
   std::vector<PlanGroup> groups;
@@ -81,13 +82,13 @@ enum class PlanUse { kStep, kReduce };
 
 // Checks everything the stages of `use` will touch (so that an error leaves parameters, state and the global
 // state as they were) and fills the plan.
-StepPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use = PlanUse::kStep);
+CheckedPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use = PlanUse::kStep);
 
 // The plan of eval()/train(): p = (p - restore*m) + apply*m over params with no gradients.
-StepPlan make_perturb_plan(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
+CheckedPlan make_perturb_plan(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
                            at::IntArrayRef master_index);
 
 // `sums` as the reduce stage returns it: float64, contiguous, 4 per group, on the plan's device.
-void check_sums(const StepPlan& plan, const at::Tensor& sums);
+void check_sums(const CheckedPlan& plan, const at::Tensor& sums);
 
 }  // namespace mgpo

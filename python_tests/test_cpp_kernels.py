@@ -400,7 +400,7 @@ def test_plan_layout_and_schemas_agree_with_the_extension():
     """One argument list for every fused op: the extension's schemas and table layout are plan.py's."""
     from mgpo_kernels.backends import plan as plan_mod
 
-    assert (_C.HYPER_OPTIONS, _C.HYPER_PER_GROUP) == (len(plan_mod.HYPER_OPTIONS), len(plan_mod.HYPER_PER_GROUP))
+    assert (_C.HYPER_OPTION_COUNT, _C.HYPER_GROUP_COUNT) == (len(plan_mod.HYPER_OPTIONS), len(plan_mod.HYPER_PER_GROUP))
     assert str(torch.ops.mgpo.step.default._schema) == f"mgpo::step({plan_mod.plan_schema(True)}) -> Tensor"
     assert str(torch.ops.mgpo.reduce_sums.default._schema) == (
         f"mgpo::reduce_sums({plan_mod.plan_schema(False)}) -> Tensor")

@@ -115,7 +115,7 @@ static void add_chunks(std::vector<Chunk>& chunks, int64_t numel, int32_t tensor
 struct CpuStages {
   // Pass 1: partial sums per chunk (any thread), then added per group in chunk order: deterministic whatever the
   // thread count.
-  static at::Tensor reduce(const StepPlan& plan) {
+  static at::Tensor reduce(const CheckedPlan& plan) {
     const size_t n = plan.tensors.size();
     std::vector<Chunk> chunks;
     for (size_t i = 0; i < n; ++i) add_chunks(chunks, plan.tensors[i].numel, (int32_t)i);
@@ -138,7 +138,7 @@ struct CpuStages {
 
   // The scalar stage of mgpo_math.h; unless the step is skipped, the global state and the step counts of the
   // tensors with a gradient move on (a skipped step counts only in gstate.skipped).
-  static at::Tensor scalar(const StepPlan& plan, const at::Tensor& sums) {
+  static at::Tensor scalar(const CheckedPlan& plan, const at::Tensor& sums) {
     const ScalarResult r = mgpo_scalar_stage(sums.data_ptr<double>(), plan.beta1s.data(), (int)plan.beta1s.size(),
                                              plan.cfg, *plan.gstep, *plan.gbar, *plan.coef, plan.grad_scale,
                                              plan.found_inf);
@@ -161,7 +161,7 @@ struct CpuStages {
 
   // Pass 2: restore, AdamW, re-perturb, in chunks claimed in descending order (the last chunks pass 1 read are
   // still in cache).
-  static void update(const StepPlan& plan, const at::Tensor& scal) {
+  static void update(const CheckedPlan& plan, const at::Tensor& scal) {
     const float* sc = scal.data_ptr<float>();
     if (sc[kScalSkip] != 0.0f) return;  // non-finite gradients: nothing changes
     const size_t n = plan.tensors.size();

@@ -454,7 +454,7 @@ static int64_t assign_blocks(TensorArg* t, size_t count) {
 // The three stages over a checked plan (device_ops.h). All pointers are memory of plan.device.
 struct CudaStages {
   // Pass 1 in launches of kRedMaxTensors tensors; the last block of the last launch adds up the partials.
-  static at::Tensor reduce(const StepPlan& plan) {
+  static at::Tensor reduce(const CheckedPlan& plan) {
     const int64_t G = (int64_t)plan.groups.size();
     TORCH_CHECK(G < 32768, "mgpo: at most 32767 param groups");
     c10::cuda::CUDAGuard guard(plan.device);
@@ -506,7 +506,7 @@ struct CudaStages {
   }
 
   // One block: the scalar stage and the first kScalarMaxSteps step increments; steps_kernel launches the rest.
-  static at::Tensor scalar(const StepPlan& plan, const at::Tensor& sums) {
+  static at::Tensor scalar(const CheckedPlan& plan, const at::Tensor& sums) {
     const int64_t G = (int64_t)plan.groups.size();
     TORCH_CHECK(G <= kScalarMaxGroups, "mgpo (cuda kernels): at most ", kScalarMaxGroups, " param groups, got ", G);
     c10::cuda::CUDAGuard guard(plan.device);
@@ -543,7 +543,7 @@ struct CudaStages {
 
   // Pass 2 in launches of kUpdMaxTensors tensors spanning at most kUpdMaxGroups groups (their hyper-parameters
   // travel with the launch).
-  static void update(const StepPlan& plan, const at::Tensor& scal) {
+  static void update(const CheckedPlan& plan, const at::Tensor& scal) {
     c10::cuda::CUDAGuard guard(plan.device);
     const int64_t G = (int64_t)plan.groups.size();
     std::vector<UpdTensorArg> ts;

@@ -96,7 +96,7 @@ class _Entry:
         self.n_groups = len(group_sizes)
         self.blk = _h2d(np.ascontiguousarray(np.stack([t_idx, starts], axis=1).reshape(-1)), device)
         self.grp_blk = _h2d(grp_blk, device)
-        self.partials = torch.zeros(self.n_blocks * 4, dtype=torch.float64, device=device)
+        self.partials = torch.zeros(self.n_blocks * SUMS_PER_GROUP, dtype=torch.float64, device=device)
         self.counters = torch.zeros(2, dtype=torch.int32, device=device)
         self.counter_reduce = self.counters[0:1]
         self.counter_update = self.counters[1:2]
@@ -281,7 +281,7 @@ def _build_tensor_table(entry: _Entry, plan: StepPlan, writeback: List[Tuple[Opt
     slot0 = entry.lr_slots.data_ptr()
     for k, lr in enumerate(plan.lr_tensors):
         if lr is not None:
-            grp_lr[k] = lr.data_ptr() if _direct_lr(lr, entry.device) else slot0 + 4 * k
+            grp_lr[k] = lr.data_ptr() if _direct_lr(lr, entry.device) else slot0 + k * entry.lr_slots.element_size()
     entry.grp_lr = _h2d(grp_lr, entry.device)
     entry.needs_copy = needs_copy
 
