@@ -119,6 +119,16 @@ def main(argv=None):
     def pass2():
         run_pass2(plan, sums)
 
+    # the same op on as many one-element tensors: its host part (the argument lists crossing into C++, the
+    # checks), which the pass-1 rows above include
+    tiny = params_with_grads([(1,)] * len(shapes), seed=9)
+    z = [torch.zeros(1) for _ in tiny]
+    plan_tiny = pass_plan(tiny, [p.grad for p in tiny], z, [torch.zeros(1) for _ in tiny],
+                          [torch.ones(()) for _ in tiny])
+
+    def pass1_host():
+        run_pass1(plan_tiny)
+
     contenders = {  # each ratio's pair is adjacent in every rotation of this order, except at the wrap
         "adamw_fused": adam.step,
         "cpp": mg.step,
@@ -129,6 +139,7 @@ def main(argv=None):
         "torch_sum_flat": flat_sum,
         "pass1_flat_views": pass1_views,
         "pass2_update": pass2,
+        "pass1_host_part": pass1_host,
     }
     names = list(contenders)
     times = time_interleaved(contenders, args.reps, warmup_rounds=args.warmup, order="rotate")
@@ -171,6 +182,11 @@ def main(argv=None):
     print(f"\npass 1 (reduce, 8 B/elem)   {gb1:6.1f} GB/s on the optimizer's tensors, {gb1v:6.1f} GB/s on views of "
           f"flat buffers;  torch.dot(g, m) on the flat buffers {gbd:6.1f} GB/s (one thread: MKL's sdot), "
           f"torch.sum of both {8 * n / med['torch_sum_flat'] / 1e9:6.1f} GB/s ({torch.get_num_threads()} threads)")
+    host = med["pass1_host_part"]
+    print(f"pass 1 without its host part ({host * 1e3:.2f} ms: the same op on {len(shapes)} one-element tensors) "
+          f"{8 * n / (med['pass1_reduce'] - host) / 1e9:6.1f} GB/s, "
+          f"{(med['pass1_reduce'] - host) and med['torch_dot_flat'] / (med['pass1_reduce'] - host):.2f}x torch.dot's "
+          "(an estimate: the two were not timed as a pair)")
     print(f"pass 2 (update, 28 B/elem)  {gb2:6.1f} GB/s")
     print(f"whole cpp step (36 B/elem)  {36 * n / med['cpp'] / 1e9:6.1f} GB/s;  AdamW(fused) (28 B/elem) {gba:6.1f} GB/s")
 
