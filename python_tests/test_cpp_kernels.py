@@ -538,3 +538,23 @@ def test_errors_leave_everything_unchanged():
             CppBackend().step([grp], gs, cfg)
         assert all(torch.equal(a, b) for a, b in zip(params, before))
         assert float(gs.step) == 0.0 and float(steps[0]) == 0.0 and int(gs.skipped) == 0
+
+
+def test_step_without_tensors_still_runs_the_reduce_hook():
+    """A rank whose shard holds no tensor must still take part in the all-reduce: with nothing to launch, the cpp
+    backend runs the reference step (hook included), so its global state ends as the reference backend's."""
+    from mgpo_kernels import functional
+
+    def run(backend):
+        gs = functional.init_global_state(torch.device("cpu"))
+        seen = []
+        group = dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], state_steps=[], lr=1e-2)
+        for _ in range(2):
+            functional.mgpo([group], gs, rho=0.5, reduce_hook=lambda s: (seen.append(s.clone()), s.add_(1.0)),
+                            backend=backend)
+        return seen, {k: v.clone() for k, v in gs.items()}
+
+    seen_cpp, gs_cpp = run("cpp")
+    seen_ref, gs_ref = run("reference")
+    assert len(seen_cpp) == 2 and all(torch.equal(a, b) for a, b in zip(seen_cpp, seen_ref))
+    assert all(torch.equal(gs_cpp[k], gs_ref[k]) for k in gs_ref), (gs_cpp, gs_ref)
