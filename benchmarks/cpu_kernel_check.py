@@ -7,10 +7,12 @@ Prints, from one run, the two step ratios side by side:
     cpp MGPO step with max_grad_norm  / clip_grad_norm_ + AdamW(fused=True).step()    (target <= 0.7)
 and the bandwidth of each pass (pass 1 reads g, m: 8 B/elem; pass 2 reads p, g, m, v and writes p, m, v:
 28 B/elem; fp32), with pass 1 set beside `torch.dot(g, m)`, which reads the same 8 B/elem: the dot runs on two
-flat fp32 buffers of all the gradients' and first moments' elements, and pass 1 runs twice, on the optimizer's
-own 448 separately allocated tensors and on 448 views of those two flat buffers (the very bytes the dot reads).
-torch.dot runs on one thread (MKL's sdot as torch calls it; its CPU time equals its wall time with 2 threads
-set), so a `torch.sum` over one buffer holding both (all threads) is timed as well.
+flat fp32 buffers of all the gradients' and first moments' elements, and pass 1 runs on the optimizer's own 448
+separately allocated tensors and on 448 views of those two flat buffers (the very bytes the dot reads).  Pass 1
+runs as a steady step runs it, through a ``_C.KeptPlan``; the row ``pass1_op`` is the same pass through the op
+``torch.ops.mgpo.reduce_sums``, whose call converts all seven tensor lists.  torch.dot is MKL's sdot (with torch
+2.14.1 it runs on torch's threads: CPU time about twice the wall time with 2 threads); a `torch.sum` over one
+buffer holding both is timed as well.
 The header records the CPU model, the git commit and the load average.
 
 The machine's cores may be shared with other work: every repetition runs all contenders back to back
@@ -41,16 +43,33 @@ def pass_plan(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float = 1e-4) -> 
     return PlanCache().build([group], GlobalState.zeros(torch.device("cpu")), cfg)
 
 
-def run_pass1(plan: StepPlan) -> torch.Tensor:
-    """Pass 1 alone (the reduce: reads g and m): the extension's op called directly, here and nowhere else in
-    this script."""
-    return torch.ops.mgpo.reduce_sums(*plan)
+def keep(plan: StepPlan):
+    """The plan's persistent lists held in C++ (``_C.KeptPlan``), as the cpp backend holds them in a steady loop."""
+    from mgpo_kernels import _C
+
+    return _C.KeptPlan(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.masters, plan.master_index, plan.steps,
+                       plan.group_sizes, plan.gstate)
 
 
-def run_pass2(plan: StepPlan, sums: torch.Tensor) -> None:
+def run_pass1(plan: StepPlan, kept=None) -> torch.Tensor:
+    """Pass 1 alone (the reduce: reads g and m) as a step runs it: through ``kept`` (a KeptPlan of ``plan``), or
+    the extension's op, which takes every list at every call.  Under no_grad, as MGPO.step runs it (with grad mode
+    on, torch's autograd fallback would also look at every input of the op for one that requires grad).  The
+    extension is called here and in run_pass2, nowhere else in this script."""
+    with torch.no_grad():
+        if kept is None:
+            return torch.ops.mgpo.reduce_sums(*plan)
+        return kept.reduce_sums(plan.grads, plan.hyper, plan.lr_tensors, plan.grad_scale, plan.found_inf)
+
+
+def run_pass2(plan: StepPlan, sums: torch.Tensor, kept=None) -> None:
     """Pass 2 alone (restore, AdamW, re-perturb: reads p, g, m, v and writes p, m, v) after the scalar stage (a
-    few float64 operations): the extension's op called directly, here and nowhere else in this script."""
-    torch.ops.mgpo.finish_step(*plan, sums)
+    few float64 operations), through ``kept`` or the op."""
+    with torch.no_grad():
+        if kept is None:
+            torch.ops.mgpo.finish_step(*plan, sums)
+        else:
+            kept.finish_step(plan.grads, plan.hyper, plan.lr_tensors, plan.grad_scale, plan.found_inf, sums)
 
 
 def main(argv=None):
@@ -91,9 +110,13 @@ def main(argv=None):
     steps = [s["step"] for s in st]
 
     plan = pass_plan(p_cppc, grads, ms, vs, steps)
-    sums = run_pass1(plan)
+    kept = keep(plan)
+    sums = run_pass1(plan, kept)
 
     def pass1():
+        run_pass1(plan, kept)
+
+    def pass1_op():
         run_pass1(plan)
 
     # the same gradients and first moments in two flat buffers, and views of them in the tensors' shapes
@@ -104,11 +127,12 @@ def main(argv=None):
     view_m = [v.view(m.shape) for v, m in zip(torch.split(flat_m, sizes), ms)]
 
     plan_views = plan._replace(grads=view_g, exp_avgs=view_m)
+    kept_views = keep(plan_views)
 
     def pass1_views():
-        run_pass1(plan_views)
+        run_pass1(plan_views, kept_views)
 
-    def dot():  # MKL's sdot inside torch runs on one thread
+    def dot():  # MKL's sdot
         torch.dot(flat_g, flat_m)
 
     flat_gm = torch.cat([flat_g, flat_m])
@@ -117,17 +141,18 @@ def main(argv=None):
         flat_gm.sum()
 
     def pass2():
-        run_pass2(plan, sums)
+        run_pass2(plan, sums, kept)
 
-    # the same op on as many one-element tensors: its host part (the argument lists crossing into C++, the
-    # checks), which the pass-1 rows above include
+    # pass 1 on as many one-element tensors: its host part (the arguments crossing into C++, the checks, the
+    # parallel region), which the pass-1 rows above include
     tiny = params_with_grads([(1,)] * len(shapes), seed=9)
     z = [torch.zeros(1) for _ in tiny]
     plan_tiny = pass_plan(tiny, [p.grad for p in tiny], z, [torch.zeros(1) for _ in tiny],
                           [torch.ones(()) for _ in tiny])
+    kept_tiny = keep(plan_tiny)
 
     def pass1_host():
-        run_pass1(plan_tiny)
+        run_pass1(plan_tiny, kept_tiny)
 
     contenders = {  # each ratio's pair is adjacent in every rotation of this order, except at the wrap
         "adamw_fused": adam.step,
@@ -136,6 +161,7 @@ def main(argv=None):
         "cpp_max_grad_norm": mgc.step,
         "pass1_reduce": pass1,
         "torch_dot_flat": dot,
+        "pass1_op": pass1_op,
         "torch_sum_flat": flat_sum,
         "pass1_flat_views": pass1_views,
         "pass2_update": pass2,
@@ -167,6 +193,9 @@ def main(argv=None):
     p4 = paired("torch_dot_flat", "pass1_flat_views")
     print(f"pass 1 bandwidth / torch.dot's: own tensors        {p3:5.2f}   {med['torch_dot_flat'] / med['pass1_reduce']:5.2f}"
           f"     {lo['torch_dot_flat'] / lo['pass1_reduce']:5.2f}    >= 0.90")
+    p6 = paired("torch_dot_flat", "pass1_op")
+    print(f"pass 1 bandwidth / torch.dot's: the op's call       {p6:5.2f}   "
+          f"{med['torch_dot_flat'] / med['pass1_op']:5.2f}     {lo['torch_dot_flat'] / lo['pass1_op']:5.2f}")
     print(f"pass 1 bandwidth / torch.dot's: same flat bytes    {p4:5.2f}   "
           f"{med['torch_dot_flat'] / med['pass1_flat_views']:5.2f}     "
           f"{lo['torch_dot_flat'] / lo['pass1_flat_views']:5.2f}    >= 0.90")
@@ -180,7 +209,7 @@ def main(argv=None):
     gb2 = 28 * n / med["pass2_update"] / 1e9
     gba = 28 * n / med["adamw_fused"] / 1e9
     print(f"\npass 1 (reduce, 8 B/elem)   {gb1:6.1f} GB/s on the optimizer's tensors, {gb1v:6.1f} GB/s on views of "
-          f"flat buffers;  torch.dot(g, m) on the flat buffers {gbd:6.1f} GB/s (one thread: MKL's sdot), "
+          f"flat buffers;  torch.dot(g, m) on the flat buffers {gbd:6.1f} GB/s, "
           f"torch.sum of both {8 * n / med['torch_sum_flat'] / 1e9:6.1f} GB/s ({torch.get_num_threads()} threads)")
     host = med["pass1_host_part"]
     print(f"pass 1 without its host part ({host * 1e3:.2f} ms: the same op on {len(shapes)} one-element tensors) "

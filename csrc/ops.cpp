@@ -1,6 +1,7 @@
 // torch.ops.mgpo.*: schemas (the kernels register in cpu/ops_cpu.cpp and cuda/ops_cuda.cu through
 // device_ops.h; the fake implementations are registered from Python in mgpo_kernels/backends/cpp.py), plus a
-// small Python module mgpo_kernels._C with build information and the hyper-parameter table's layout.
+// small Python module mgpo_kernels._C with build information, the hyper-parameter table's layout and KeptPlan
+// (kept_plan.cpp).
 //
 // One MGPO step = pass 1 -> (reduce_hook on the float64 sums) -> scalar stage -> pass 2.
 #include <torch/extension.h>
@@ -17,6 +18,7 @@ const char* current_isa_name();
 std::vector<std::string> available_isas();
 void set_isa(const std::string& name);
 }  // namespace cpu
+void bind_kept_plan(pybind11::module_& m);  // kept_plan.cpp
 }  // namespace mgpo
 
 // The step plan's arguments (csrc/step_plan.h; mgpo_kernels/backends/plan.py builds them), with the alias
@@ -58,4 +60,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &mgpo::cpu::set_isa, "Switch the CPU kernels' instruction set (tests and benchmarks)");
   m.attr("HYPER_OPTION_COUNT") = (int)mgpo::kHyperOptions;
   m.attr("HYPER_GROUP_COUNT") = (int)mgpo::kHyperPerGroup;
+  mgpo::bind_kept_plan(m);
 }

@@ -119,9 +119,9 @@ PlanTensor reduce_tensor(const at::Tensor& p, const std::optional<at::Tensor>& g
   t.numel = m.numel();
   t.dtype = kF32;
   if (g) {
-    t.dtype = dtype_code(g->scalar_type());
     TORCH_CHECK(g->scalar_type() == p.scalar_type(), "mgpo: grad of tensor ", i, " has dtype ", g->scalar_type(),
                 ", its parameter ", p.scalar_type());
+    t.dtype = dtype_code(g->scalar_type());
     check_same_layout(*g, m, "grad", i);
     t.g = g->data_ptr();
   }

@@ -558,3 +558,92 @@ def test_step_without_tensors_still_runs_the_reduce_hook():
     seen_ref, gs_ref = run("reference")
     assert len(seen_cpp) == 2 and all(torch.equal(a, b) for a, b in zip(seen_cpp, seen_ref))
     assert all(torch.equal(gs_cpp[k], gs_ref[k]) for k in gs_ref), (gs_cpp, gs_ref)
+
+
+# ---------------------------------------------------------------------------------------------- KeptPlan
+def _no_kept_plan(monkeypatch):
+    from mgpo_kernels.backends.plan import PlanCache
+
+    monkeypatch.setattr(PlanCache, "kept", lambda self, plan, make: None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kept_plan_steps_are_the_ops_steps_bit_for_bit(dtype, monkeypatch):
+    """From the second step with the same tensors the cpp backend runs through a _C.KeptPlan (the persistent lists
+    held in C++); the run is bitwise the run through the ops alone, across missing gradients, a tensor lr changed
+    in place, GradScaler's unscale, ``p.data`` reassigned and a new param group."""
+    shapes = [(5,), (3, 40), (16385,), (8, 33)]
+    init = make_params(shapes, dtype, "cpu", seed=4)
+    extra_init = make_params([(7, 3)], dtype, "cpu", seed=5)
+    runs = []
+    for kept in (True, False):
+        with monkeypatch.context() as mp:
+            if not kept:
+                _no_kept_plan(mp)
+            params = [p.detach().clone().requires_grad_(True) for p in init]
+            extra = extra_init[0].detach().clone().requires_grad_(True)
+            lr = torch.tensor(1e-2)
+            opt = MGPO([{"params": params[:2]}, {"params": params[2:], "lr": lr}], lr=2e-2, rho=0.5,
+                       max_grad_norm=3.0, weight_decay=0.01, backend="cpp")
+            gen = torch.Generator().manual_seed(6)
+            used = []
+            for t in range(12):
+                if t == 6:
+                    lr.mul_(0.5)
+                if t == 7:
+                    params[1].data = params[1].data.clone()
+                if t == 8:
+                    opt.add_param_group({"params": [extra]})
+                    params.append(extra)
+                grads = rand_grads([p.shape for p in params], dtype, "cpu", gen, none=(2,) if t == 3 else ())
+                set_grads(params, grads)
+                if t == 11:
+                    opt.grad_scale = torch.tensor(4.0)
+                    opt.found_inf = torch.tensor(0.0)
+                opt.step()
+                used.append(opt._backend._plans._kept is not None)
+            runs.append(([p.detach().clone() for p in params], opt.state_dict(), used,
+                         {k: v.clone() for k, v in opt.global_state.items()}))
+    (pa, sa, used_a, ga), (pb, sb, used_b, gb) = runs
+    assert all(used_a[t] for t in (2, 6, 7, 10, 11)) and not any(used_b), used_a
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+    for i in sa["state"]:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa["state"][i][k], sb["state"][i][k]), (i, k)
+    assert all(torch.equal(ga[k], gb[k]) for k in gb), (ga, gb)
+
+
+@pytest.mark.parametrize("what,change,match", [
+    ("a gradient in another dtype", lambda a: a.update(grads=[a["grads"][0].double()] + a["grads"][1:]),
+     "grad of tensor 0 has dtype"),
+    ("a gradient of another shape", lambda a: a.update(grads=[a["grads"][0][:-1]] + a["grads"][1:]),
+     "grad of tensor 0 has shape"),
+    ("one gradient too few", lambda a: a.update(grads=a["grads"][:-1]), "must have the same length"),
+    ("hyper of the wrong size", lambda a: a.update(hyper=a["hyper"][:-1].clone()), "hyper must be"),
+    ("lr_tensors of another length", lambda a: a.update(lr_tensors=[None, None]), "lr_tensors for 1 groups"),
+])
+@pytest.mark.parametrize("call", ["step", "reduce_sums", "finish_step"])
+def test_kept_plan_refuses_bad_step_arguments_before_anything_changes(call, what, change, match):
+    """What a step passes to a KeptPlan is checked as the ops check it: refused by name, nothing modified."""
+    params, grads, ms, vs, _, steps, gstate = _op_args()
+    plan = op_plan(params, grads, ms, vs, [None, None], steps, gstate)
+    kept = _C.KeptPlan(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.masters, plan.master_index, plan.steps,
+                       plan.group_sizes, plan.gstate)
+    assert len(kept) == len(params)
+    args = dict(grads=list(plan.grads), hyper=plan.hyper, lr_tensors=plan.lr_tensors, grad_scale=None,
+                found_inf=None)
+    change(args)
+    if call == "finish_step":
+        args["sums"] = torch.zeros(4, dtype=torch.float64)
+    watched = params + ms + vs + steps + gstate
+    before = [t.clone() for t in watched]
+    with pytest.raises(RuntimeError, match=match):
+        getattr(kept, call)(**args)
+    assert all(torch.equal(a, b) for a, b in zip(watched, before)), what
+
+
+def test_kept_plan_on_a_device_without_kernels_is_refused():
+    with pytest.raises(RuntimeError, match="no kernels for meta tensors"):
+        _C.KeptPlan([torch.empty(3, device="meta")], [torch.empty(3, device="meta")], [torch.empty(3, device="meta")],
+                    [], [-1], [torch.zeros((), device="meta")], [1], [torch.zeros(())] * 3 + [torch.zeros((), dtype=torch.int64)])

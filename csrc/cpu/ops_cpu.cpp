@@ -113,6 +113,7 @@ static void add_chunks(std::vector<Chunk>& chunks, int64_t numel, int32_t tensor
 
 // The three stages over a checked plan (device_ops.h). All pointers are CPU memory.
 struct CpuStages {
+  static constexpr c10::DeviceType kType = c10::DeviceType::CPU;
   // Pass 1: partial sums per chunk (any thread), then added per group in chunk order: deterministic whatever the
   // thread count.
   static at::Tensor reduce(const CheckedPlan& plan) {

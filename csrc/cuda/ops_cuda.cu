@@ -453,6 +453,7 @@ static int64_t assign_blocks(TensorArg* t, size_t count) {
 
 // The three stages over a checked plan (device_ops.h). All pointers are memory of plan.device.
 struct CudaStages {
+  static constexpr c10::DeviceType kType = c10::DeviceType::CUDA;
   // Pass 1 in launches of kRedMaxTensors tensors; the last block of the last launch adds up the partials.
   static at::Tensor reduce(const CheckedPlan& plan) {
     const int64_t G = (int64_t)plan.groups.size();

@@ -9,11 +9,12 @@ same argument list, in this order (csrc/step_plan.h says what each is)::
 ``hyper`` is one float64 CPU table: the optimizer-wide options (``HYPER_OPTIONS``), then ``HYPER_PER_GROUP``
 values per group; a float lr is in the table, a tensor lr in ``lr_tensors`` (read on the device at every step).
 A :class:`PlanCache` keeps the flattened lists while the optimizer passes the same (cached) group lists, and the
-table while the hyper-parameters do not change, so a steady training loop builds neither.
+table while the hyper-parameters do not change, so a steady training loop builds neither; and, for a backend that
+holds the persistent lists on its side (the cpp backend's ``_C.KeptPlan``), that held copy (:meth:`PlanCache.kept`).
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -115,6 +116,9 @@ class PlanCache:
         self._flat = None
         self._hyper_key = None
         self._hyper = None
+        self._reused = False  # the last build passed the flat lists of the build before
+        self._kept_key = None
+        self._kept = None
 
     def build(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> StepPlan:
         device = gstate.step.device
@@ -140,10 +144,28 @@ class PlanCache:
         old = self._src
         if old is not None and len(old) == len(src) and all(
                 a is b for o, s in zip(old, src) for a, b in zip(o, s)):
+            self._reused = True
             return self._flat
         self._src = src
         self._flat = flatten(groups)
+        self._reused = False
         return self._flat
+
+    def kept(self, plan: StepPlan, make: Callable):
+        """A held copy of ``plan``'s persistent lists (params, exp_avgs, exp_avg_sqs, masters, master_index, steps,
+        group_sizes, gstate), made by ``make`` with those eight arguments, once the same flat lists come a second
+        time (a steady training loop; a one-off call gains nothing from holding them); None before that.  A new
+        copy is made whenever the lists or the global state's tensors are other objects than the held ones."""
+        if not self._reused or plan.params is not self._flat[0]:
+            return None
+        key = (plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.masters, plan.steps, *plan.gstate)
+        held = self._kept_key
+        if held is None or len(held) != len(key) or any(a is not b for a, b in zip(held, key)):
+            self._kept = None  # release the old copy before making the new one
+            self._kept = make(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.masters, plan.master_index,
+                              plan.steps, plan.group_sizes, plan.gstate)
+            self._kept_key = key
+        return self._kept
 
 
 def _device_scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
