@@ -30,7 +30,7 @@ struct IsaKernels {
   // partials[4*c .. 4*c+3] for every chunk c in [b, e): {gg, mg, mm, mm_nograd} in float64.
   // Pass 1 reads a tensor's m, and its g when it has one (then dtype is g's).
   void (*reduce)(const PlanTensor* ts, const Chunk* chunks, int64_t b, int64_t e, double* partials);
-  // pass 2 for the chunks in [b, e), visited from e-1 down to b (ops_cpu.cpp: cache reuse after pass 1).
+  // pass 2 for the chunks in [b, e).
   void (*update)(const UpdTensor* ts, const Chunk* chunks, int64_t b, int64_t e);
 };
 

@@ -412,7 +412,7 @@ static void update_chunk(const UpdTensor& t, int64_t s, int64_t n) {
 }
 
 static void update(const UpdTensor* ts, const Chunk* chunks, int64_t b, int64_t e) {
-  for (int64_t c = e - 1; c >= b; --c) {
+  for (int64_t c = b; c < e; ++c) {
     const Chunk ch = chunks[c];
     const UpdTensor& t = ts[ch.tensor];
     if (t.dtype == kF32)

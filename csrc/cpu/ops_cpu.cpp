@@ -79,11 +79,13 @@ static int64_t grain_chunks() { return std::max<int64_t>(1, (int64_t(1) << 16) /
 // Runs fn(b, e) over [0, n) chunks on all of torch's intra-op threads, which claim ranges of chunks from a
 // shared counter with guided scheduling: the first claims take 1/(2T) of what is left (long contiguous runs,
 // so the hardware prefetchers stay on their streams), the last ones a single chunk (a thread that the OS
-// deschedules on a busy machine does not hold the other at the barrier). Pass 1 claims ascending, pass 2
-// descending, so the chunks pass 1 read last (still in L2/L3) are the first ones pass 2 reads. The results do
-// not depend on who runs which chunk: partial sums are per chunk and pass 2 is element-wise.
+// deschedules on a busy machine does not hold the other at the barrier). Both passes walk memory ascending: pass 2
+// used to walk the chunks descending, so that those pass 1 read last (still in L3) came first, but on the 2-vCPU
+// Zen 4 VM each chunk's backward jump cost more than the reuse gained (whole step 2% slower; pass 1 ending on the
+// chunks pass 2 starts with gained nothing either: benchmarks/results/2026-12-02-cpu-pass-order.txt). The results
+// do not depend on who runs which chunk: partial sums are per chunk and pass 2 is element-wise.
 template <typename F>
-static void parallel_chunks(int64_t n, bool descending, const F& fn) {
+static void parallel_chunks(int64_t n, const F& fn) {
   const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), (n + grain_chunks() - 1) / grain_chunks());
   if (nthreads <= 1 || at::in_parallel_region()) {
     fn(0, n);
@@ -97,11 +99,7 @@ static void parallel_chunks(int64_t n, bool descending, const F& fn) {
       if (rem <= 0) break;
       const int64_t size = std::max<int64_t>(1, rem / (2 * nthreads));
       if (!next.compare_exchange_weak(b, b + size, std::memory_order_relaxed)) continue;  // b reloaded
-      const int64_t e = b + size;
-      if (descending)
-        fn(n - e, n - b);
-      else
-        fn(b, e);
+      fn(b, b + size);
       b = next.load(std::memory_order_relaxed);
     }
   });
@@ -124,8 +122,7 @@ struct CpuStages {
     const int64_t nchunks = (int64_t)chunks.size();
     std::vector<double> partials((size_t)nchunks * kSumsPerGroup);
     const IsaKernels* isa = current_isa();
-    parallel_chunks(nchunks, /*descending=*/false,
-                    [&](int64_t b, int64_t e) { isa->reduce(ts, chunks.data(), b, e, partials.data()); });
+    parallel_chunks(nchunks, [&](int64_t b, int64_t e) { isa->reduce(ts, chunks.data(), b, e, partials.data()); });
     const int64_t G = (int64_t)plan.groups.size();
     at::Tensor sums = at::zeros({kSumsPerGroup * G}, at::TensorOptions().dtype(at::kDouble));
     double* s = sums.data_ptr<double>();
@@ -160,8 +157,7 @@ struct CpuStages {
     return scal;
   }
 
-  // Pass 2: restore, AdamW, re-perturb, in chunks claimed in descending order (the last chunks pass 1 read are
-  // still in cache).
+  // Pass 2: restore, AdamW, re-perturb.
   static void update(const CheckedPlan& plan, const at::Tensor& scal) {
     const float* sc = scal.data_ptr<float>();
     if (sc[kScalSkip] != 0.0f) return;  // non-finite gradients: nothing changes
@@ -190,8 +186,7 @@ struct CpuStages {
       add_chunks(chunks, pt.numel, (int32_t)i);
     }
     const IsaKernels* isa = current_isa();
-    parallel_chunks((int64_t)chunks.size(), /*descending=*/true,
-                    [&](int64_t b, int64_t e) { isa->update(ts.data(), chunks.data(), b, e); });
+    parallel_chunks((int64_t)chunks.size(), [&](int64_t b, int64_t e) { isa->update(ts.data(), chunks.data(), b, e); });
   }
 };
 
