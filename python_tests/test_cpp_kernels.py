@@ -647,3 +647,43 @@ def test_kept_plan_on_a_device_without_kernels_is_refused():
     with pytest.raises(RuntimeError, match="no kernels for meta tensors"):
         _C.KeptPlan([torch.empty(3, device="meta")], [torch.empty(3, device="meta")], [torch.empty(3, device="meta")],
                     [], [-1], [torch.zeros((), device="meta")], [1], [torch.zeros(())] * 3 + [torch.zeros((), dtype=torch.int64)])
+
+
+def test_grads_of_returns_the_gradient_objects():
+    """_C.grads_of (the host cache's batched ``p.grad``) gives the very objects ``p.grad`` gives, None included."""
+    ps = [torch.nn.Parameter(torch.randn(3)), torch.randn(2, requires_grad=True), torch.nn.Parameter(torch.randn(4))]
+    ps[0].grad = torch.randn(3)
+    ps[2].grad = torch.randn(4)[::1]
+    got = _C.grads_of(ps)
+    assert len(got) == 3 and got[0] is ps[0].grad and got[1] is None and got[2] is ps[2].grad
+    with pytest.raises(RuntimeError, match="item 1 is not a tensor"):
+        _C.grads_of([ps[0], 3.0])
+
+
+def test_host_cache_reads_a_subclass_grad_through_python():
+    """A parameter subclass may define ``grad`` itself: the cached path then reads it as Python does."""
+    from mgpo_kernels import _host_cache
+
+    class Shadowed(torch.nn.Parameter):
+        @property
+        def grad(self):
+            return torch.Tensor.grad.__get__(self) * 0.0 if torch.Tensor.grad.__get__(self) is not None else None
+
+        @grad.setter
+        def grad(self, value):
+            torch.Tensor.grad.__set__(self, value)
+
+    pa = [Shadowed(torch.randn(5)), torch.nn.Parameter(torch.randn(5))]
+    pb = [torch.nn.Parameter(pa[0].detach().clone()), torch.nn.Parameter(pa[1].detach().clone())]
+    oa, ob = MGPO(pa, lr=1e-2, rho=0.5, backend="cpp"), MGPO(pb, lr=1e-2, rho=0.5, backend="cpp")
+    gen = torch.Generator().manual_seed(3)
+    for t in range(4):
+        g = [torch.randn(5, generator=gen), torch.randn(5, generator=gen)]
+        pa[0].grad, pa[1].grad = g[0].clone(), g[1].clone()
+        pb[0].grad, pb[1].grad = torch.zeros(5), g[1].clone()  # what Shadowed.grad returns
+        if t >= 2:
+            assert _host_cache.lookup(oa) is not None
+        oa.step()
+        ob.step()
+    for a, b in zip(pa, pb):
+        assert torch.equal(a.detach(), b.detach())
