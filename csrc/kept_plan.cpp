@@ -16,8 +16,6 @@
 #include <optional>
 #include <vector>
 
-#include <torch/csrc/autograd/python_variable.h>
-
 #include "device_ops.h"
 
 namespace mgpo {
@@ -103,27 +101,8 @@ class KeptPlan {
 
 }  // namespace
 
-// [p.grad for p in params] for plain tensors: the same objects, without Python's attribute machinery per tensor.
-// After a step's streaming passes the tensors' objects are out of cache; this loop is short enough that the CPU
-// overlaps the cache misses of several tensors (448 LoRA tensors, cold: 0.36 ms in Python).
-static pybind11::list grads_of(const pybind11::list& params) {
-  const size_t n = params.size();
-  pybind11::list out(n);
-  for (size_t i = 0; i < n; ++i) {
-    PyObject* o = PyList_GET_ITEM(params.ptr(), (Py_ssize_t)i);
-    TORCH_CHECK(THPVariable_Check(o), "mgpo: grads_of: item ", i, " is not a tensor");
-    const at::Tensor& g = THPVariable_Unpack(o).grad();
-    PyObject* w = g.defined() ? THPVariable_Wrap(g) : (Py_INCREF(Py_None), Py_None);
-    if (w == nullptr) throw pybind11::error_already_set();
-    PyList_SET_ITEM(out.ptr(), (Py_ssize_t)i, w);  // steals the reference
-  }
-  return out;
-}
-
 void bind_kept_plan(pybind11::module_& m) {
   namespace py = pybind11;
-  m.def("grads_of", &grads_of, "[p.grad for p in params], for a list of plain tensors (not subclasses)",
-        py::arg("params"));
   py::class_<KeptPlan>(m, "KeptPlan",
                        "The persistent part of a step plan held in C++ (csrc/kept_plan.cpp): the op arguments "
                        "params, exp_avgs, exp_avg_sqs, masters, master_index, steps, group_sizes, gstate")

@@ -1,7 +1,7 @@
 // torch.ops.mgpo.*: schemas (the kernels register in cpu/ops_cpu.cpp and cuda/ops_cuda.cu through
 // device_ops.h; the fake implementations are registered from Python in mgpo_kernels/backends/cpp.py), plus a
-// small Python module mgpo_kernels._C with build information, the hyper-parameter table's layout and KeptPlan
-// (kept_plan.cpp).
+// small Python module mgpo_kernels._C with build information, the hyper-parameter table's layout, KeptPlan
+// (kept_plan.cpp) and the host cache's helpers (host_cache.cpp).
 //
 // One MGPO step = pass 1 -> (reduce_hook on the float64 sums) -> scalar stage -> pass 2.
 #include <torch/extension.h>
@@ -18,7 +18,8 @@ const char* current_isa_name();
 std::vector<std::string> available_isas();
 void set_isa(const std::string& name);
 }  // namespace cpu
-void bind_kept_plan(pybind11::module_& m);  // kept_plan.cpp
+void bind_kept_plan(pybind11::module_& m);   // kept_plan.cpp
+void bind_host_cache(pybind11::module_& m);  // host_cache.cpp
 }  // namespace mgpo
 
 // The step plan's arguments (csrc/step_plan.h; mgpo_kernels/backends/plan.py builds them), with the alias
@@ -61,4 +62,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("HYPER_OPTION_COUNT") = (int)mgpo::kHyperOptions;
   m.attr("HYPER_GROUP_COUNT") = (int)mgpo::kHyperPerGroup;
   mgpo::bind_kept_plan(m);
+  mgpo::bind_host_cache(m);
 }

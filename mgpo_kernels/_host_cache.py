@@ -2,11 +2,15 @@
 
 A step of 448 LoRA tensors spent ~0.9 ms in Python and argument conversion (as much as 5 % of a CPU step at r=8,
 and all of a GPU step's time on the host), so in the normal training loop the lists are reused: the check is
-C-speed (the parameters' ids and the None pattern of their gradients, and that every state tensor is still the one
+C-speed (the same parameters, the None pattern of their gradients, and that every state tensor is still the one
 cached), and only the gradients and the groups' hyper-parameters are read anew.  The same list objects are passed
 every step, so a backend may cache what it derives from them (the cpp backend's flattened op arguments and its
-``_C.KeptPlan``).  With the caches cold after a step's streaming passes, reading 448 ``p.grad`` in Python took
-0.28-0.38 ms and ``_C.grads_of`` 0.13 ms; the whole lookup went from 0.6 to 0.4 ms.
+``_C.KeptPlan``).
+
+With the caches cold after a step's streaming passes, Python's own loops wait for one object's cache misses at a
+time (reading 448 ``p.grad`` took 0.28-0.38 ms).  With the extension built, the checks and the gradients run in
+C++ loops (csrc/host_cache.cpp) that compare pointers where identity is the question and overlap the misses of
+several objects; without it, the same checks run in Python.
 """
 from __future__ import annotations
 
@@ -20,27 +24,47 @@ import torch
 from .backends.base import GroupTensors
 
 _GRAD = operator.attrgetter("grad")
-_PLAIN = (torch.nn.Parameter, torch.Tensor)  # their ``grad`` is the autograd field, read by _C.grads_of as well
-try:  # the same gradients as map(_GRAD, ps), read in C++: a third of the time with the caches cold
-    from ._C import grads_of as _grads_of
-except ImportError:  # pragma: no cover - the extension is not built
-    _grads_of = None
-_EXP_AVG = operator.itemgetter("exp_avg")
-_EXP_AVG_SQ = operator.itemgetter("exp_avg_sq")
-_STEP = operator.itemgetter("step")
+_PLAIN = (torch.nn.Parameter, torch.Tensor)  # their ``grad`` is the autograd field, which _C.grads_of reads
 _KEY = "_group_cache"
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step", "master_param")  # the order of _Entry.tensors[1:]
+
+
+def _py_same_items(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def _py_dict_is(d: dict, keys: list, values: list) -> bool:
+    return (len(d) == len(keys) and all(map(operator.is_, d.keys(), keys))
+            and all(map(operator.is_, d.values(), values)))
+
+
+def _py_values_are(dicts: list, key: str, expected: list) -> bool:
+    try:
+        return len(dicts) == len(expected) and all(map(operator.is_, map(dict.get, dicts, itertools.repeat(key)),
+                                                       expected))
+    except TypeError:  # an item is not a dict
+        return False
+
+
+try:  # the same checks and gradients in C++ (csrc/host_cache.cpp)
+    from ._C import dict_is as _dict_is
+    from ._C import grads_of as _grads_of
+    from ._C import same_items as _same_items
+    from ._C import values_are as _values_are
+except ImportError:  # pragma: no cover - the extension is not built
+    _same_items, _dict_is, _values_are, _grads_of = _py_same_items, _py_dict_is, _py_values_are, None
 
 
 @dataclass
 class _Entry:
-    """One param group's tensor lists, valid while its parameters (ids) and gradient pattern are unchanged."""
+    """One param group's tensor lists, valid while its parameters and gradient pattern are unchanged."""
 
-    params_ref: list  # kept: the ids compared below cannot be reused while the cache lives
-    ids: list
+    params_ref: list  # the group's parameters when cached (compared by identity)
     none_mask: list
     keep: Optional[list]  # which parameters have state (None: all)
-    plain: bool  # every parameter is a torch.Tensor or nn.Parameter, no subclass
-    tensors: tuple  # params, exp_avgs, exp_avg_sqs, masters, steps of the parameters with state
+    plain: bool  # every parameter is a torch.Tensor or nn.Parameter, no subclass: _C.grads_of reads its grad
+    dicts: list  # the state dicts of the parameters with state
+    tensors: tuple  # params, exp_avgs, exp_avg_sqs, steps, masters of the parameters with state
 
 
 def drop(opt) -> None:
@@ -55,42 +79,40 @@ def build(opt, groups: List[GroupTensors]) -> None:
         with_state = list(itertools.compress(ps, has_state))
         # the parameter itself, not a detached alias: an alias would go stale if ``p.data`` is reassigned
         entries.append(_Entry(
-            params_ref=ps, ids=list(map(id, ps)),
+            params_ref=ps,
             none_mask=list(map(operator.is_, (p.grad for p in ps), itertools.repeat(None))),
             keep=None if all(has_state) else has_state,
             plain=_grads_of is not None and all(type(p) in _PLAIN for p in ps),
-            tensors=(with_state, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps),
+            dicts=[opt.state[p] for p in with_state],
+            tensors=(with_state, g.exp_avgs, g.exp_avg_sqs, g.steps, g.masters),
         ))
-    opt.__dict__[_KEY] = (opt.state, entries)
+    # the state dict's items when cached: while they are the same objects, each cached parameter's state is the
+    # dict cached with it
+    opt.__dict__[_KEY] = (opt.state, list(opt.state.keys()), list(opt.state.values()), entries)
 
 
 def lookup(opt) -> Optional[List[GroupTensors]]:
     """The groups of this step from the cache, or None if the parameters, their gradients or the state changed."""
     cache = opt.__dict__.get(_KEY)
-    if cache is None or cache[0] is not opt.state or len(cache[1]) != len(opt.param_groups):
+    if cache is None:
+        return None
+    state, keys, values, entries = cache
+    if state is not opt.state or len(entries) != len(opt.param_groups) or not _dict_is(state, keys, values):
         return None
     out = []
-    for group, e in zip(opt.param_groups, cache[1]):
+    for group, e in zip(opt.param_groups, entries):
         ps = group["params"]
-        if list(map(id, ps)) != e.ids:
+        if type(ps) is not list or not _same_items(ps, e.params_ref):
             return None
         grads = _grads_of(ps) if e.plain else list(map(_GRAD, ps))
         if list(map(operator.is_, grads, itertools.repeat(None))) != e.none_mask:
             return None
         if e.keep is not None:
             grads = list(itertools.compress(grads, e.keep))
-        params, ms, vs, masters, steps = e.tensors
-        # the state as it is now: a dict or a tensor in it replaced between steps (the usual loops that move
-        # optimizer state to a device do either) must not leave the cache updating the old tensors
-        states = list(map(opt.state.get, params))
-        try:  # C-level maps: ~0.15 us per parameter
-            same = (all(map(operator.is_, map(_EXP_AVG, states), ms))
-                    and all(map(operator.is_, map(_EXP_AVG_SQ, states), vs))
-                    and all(map(operator.is_, map(_STEP, states), steps))
-                    and all(map(operator.is_, map(dict.get, states, itertools.repeat("master_param")), masters)))
-        except (KeyError, TypeError):  # a key or a parameter's whole state is gone
-            return None
-        if not same:
+        params, ms, vs, steps, masters = e.tensors
+        # the state as it is now: a tensor replaced inside a state dict (the usual loops that move optimizer state
+        # to a device do that) must not leave the cache updating the old tensors
+        if not all(_values_are(e.dicts, k, t) for k, t in zip(_STATE_KEYS, (ms, vs, steps, masters))):
             return None
         b1, b2 = group["betas"]
         out.append(GroupTensors(params, grads, ms, vs, masters, steps, group["lr"], b1, b2,

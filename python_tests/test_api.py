@@ -634,3 +634,12 @@ def test_deepcopy_and_pickle_give_a_working_optimizer(backend):
     _train(opt, params, prob, 1)
     for a, b in zip(params, params2):
         assert torch.equal(a.detach(), b.detach())
+
+
+def test_host_cache_python_fallbacks_follow_every_change(monkeypatch):
+    """Without the extension the host cache's checks and gradient reads run in Python: the same two runs."""
+    for name in ("same_items", "dict_is", "values_are"):
+        monkeypatch.setattr(_host_cache, f"_{name}", getattr(_host_cache, f"_py_{name}"))
+    monkeypatch.setattr(_host_cache, "_grads_of", None)
+    test_cached_host_path_follows_every_change("reference")
+    test_state_tensors_replaced_between_steps_are_used("reference")

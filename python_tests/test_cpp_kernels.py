@@ -687,3 +687,27 @@ def test_host_cache_reads_a_subclass_grad_through_python():
         ob.step()
     for a, b in zip(pa, pb):
         assert torch.equal(a.detach(), b.detach())
+
+
+def test_host_cache_checks_in_cpp_agree_with_python():
+    """csrc/host_cache.cpp's identity checks give what the Python fallbacks of mgpo_kernels/_host_cache.py give."""
+    from mgpo_kernels import _host_cache as hc
+
+    py = type("py", (), {"_same_items": staticmethod(hc._py_same_items), "_dict_is": staticmethod(hc._py_dict_is),
+                         "_values_are": staticmethod(hc._py_values_are)})
+    assert hc._same_items is _C.same_items and hc._grads_of is _C.grads_of  # the C++ ones are in use
+
+    a, b, c = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    d1, d2 = {"exp_avg": a, "step": b}, {"exp_avg": c}
+    cases_same = [([a, b], [a, b]), ([a, b], [b, a]), ([a], [a, b]), ([], [])]
+    for x, y in cases_same:
+        assert _C.same_items(x, y) == py._same_items(x, y), (x, y)
+    state = {a: d1, b: d2}
+    for keys, values in (([a, b], [d1, d2]), ([b, a], [d2, d1]), ([a], [d1]), ([a, b], [d1, dict(d2)])):
+        assert _C.dict_is(state, keys, values) == py._dict_is(state, keys, values)
+    for dicts, key, expected in (([d1, d2], "exp_avg", [a, c]), ([d1, d2], "exp_avg", [a, a]),
+                                 ([d1, d2], "step", [b, None]), ([d1, d2], "master_param", [None, None]),
+                                 ([d1, 3], "exp_avg", [a, None]), ([d1], "exp_avg", [a, c])):
+        assert _C.values_are(dicts, key, expected) == py._values_are(dicts, key, expected), (key, expected)
+    assert _C.values_are([d1, d2], "exp_avg", [a, c]) and not _C.values_are([d1, 3], "exp_avg", [a, None])
+    assert _C.dict_is(state, [a, b], [d1, d2]) and not _C.dict_is(state, [b, a], [d2, d1])
