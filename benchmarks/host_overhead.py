@@ -1,9 +1,13 @@
 """Host (Python + dispatch) cost of one optimizer step, isolated from memory traffic: 448 tiny tensors, the
 tensor count of LLaMA-2-7B LoRA on all linear layers. Prints medians side by side for MGPO and fused AdamW.
 
-    .venv/bin/python benchmarks/host_overhead.py [--backend cpp] [--tensors 448]
+    .venv/bin/python benchmarks/host_overhead.py [--backend cpp] [--tensors 448] [--cold]
+
+--cold writes 200 MB before every timed step, as a real step's streaming passes leave the caches: the host
+objects (tensors, state dicts) are then read from memory, which is what a step of large tensors pays (2 threads).
 """
 import argparse
+import time
 
 import torch
 
@@ -19,7 +23,10 @@ def main():
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--tensors", type=int, default=448)
     ap.add_argument("--numel", type=int, default=8)
+    ap.add_argument("--cold", action="store_true", help="flush the caches before every timed step")
     args = ap.parse_args()
+    if args.cold:
+        return cold(args)
     torch.set_num_threads(1)
     ps = params_with_grads([(args.numel,)] * args.tensors, param_std=1.0, grad_std=1.0)
     opt = MGPO(ps, backend=args.backend)
@@ -29,6 +36,31 @@ def main():
         print(f"MGPO[{opt.backend}] step {percentile(times['mgpo'], 50) * 1e3:.3f} ms | torch AdamW(fused) step "
               f"{percentile(times['adamw'], 50) * 1e3:.3f} ms  ({args.tensors} tensors of {args.numel} elements, "
               "1 thread)")
+
+
+def cold(args) -> None:
+    from mgpo_kernels import _host_cache
+
+    torch.set_num_threads(2)
+    ps = params_with_grads([(args.numel,)] * args.tensors, seed=9)
+    ps2 = params_with_grads([(args.numel,)] * args.tensors, seed=9)
+    opt = MGPO(ps, lr=1e-4, rho=0.05, backend=args.backend)
+    adam = torch.optim.AdamW(ps2, lr=1e-4, fused=True)
+    for _ in range(3):  # a steady loop: the host cache (and the cpp backend's KeptPlan) in use
+        opt.step()
+        adam.step()
+    flush = torch.randn(200_000_000 // 4)
+    calls = {f"MGPO[{opt.backend}] step": opt.step, "torch AdamW(fused) step": adam.step,
+             "MGPO host-cache lookup": lambda: _host_cache.lookup(opt)}
+    times = {k: [] for k in calls}
+    for _ in range(41):
+        for k, f in calls.items():
+            flush.add_(1.0)
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    print("  ".join(f"{k} {percentile(v, 50) * 1e3:.3f} ms" for k, v in times.items()),
+          f"(cold caches, {args.tensors} tensors of {args.numel} elements, 2 threads)")
 
 
 if __name__ == "__main__":
