@@ -155,31 +155,26 @@ inline const at::Tensor* grad_at(const OptTensorList& grads, size_t i) {
   return v.isTensor() ? &v.toTensor() : nullptr;
 }
 
-// What tensor i + kAhead (TensorImpls) and i + kAhead/2 (StorageImpls) of a step will have checked: for pass 1
-// alone (kReduce) the gradient and the first moment, for the step also the parameter, second moment and step count.
+// f(t) for each tensor of entry j that a step's checks read: for pass 1 alone (kReduce) the gradient and the
+// first moment, for the step also the parameter, second moment and step count.
+template <typename F>
+void for_checked(size_t j, PlanUse use, at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
+                 at::TensorList exp_avg_sqs, at::TensorList steps, const F& f) {
+  f(exp_avgs[j]);
+  if (const at::Tensor* g = grad_at(grads, j)) f(*g);
+  if (use == PlanUse::kStep) {
+    f(params[j]);
+    f(exp_avg_sqs[j]);
+    f(steps[j]);
+  }
+}
+
+// Before checking entry i: the TensorImpls of entry i + kAhead and the StorageImpls of entry i + kAhead/2.
 void prefetch_ahead(size_t i, size_t n, PlanUse use, at::TensorList params, const OptTensorList& grads,
                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps) {
-  const bool step = use == PlanUse::kStep;
-  if (i + kAhead < n) {
-    const size_t j = i + kAhead;
-    prefetch_impl(exp_avgs[j]);
-    if (const at::Tensor* g = grad_at(grads, j)) prefetch_impl(*g);
-    if (step) {
-      prefetch_impl(params[j]);
-      prefetch_impl(exp_avg_sqs[j]);
-      prefetch_impl(steps[j]);
-    }
-  }
-  if (i + kAhead / 2 < n) {
-    const size_t j = i + kAhead / 2;
-    prefetch_storage(exp_avgs[j]);
-    if (const at::Tensor* g = grad_at(grads, j)) prefetch_storage(*g);
-    if (step) {
-      prefetch_storage(params[j]);
-      prefetch_storage(exp_avg_sqs[j]);
-      prefetch_storage(steps[j]);
-    }
-  }
+  if (i + kAhead < n) for_checked(i + kAhead, use, params, grads, exp_avgs, exp_avg_sqs, steps, prefetch_impl);
+  if (i + kAhead / 2 < n)
+    for_checked(i + kAhead / 2, use, params, grads, exp_avgs, exp_avg_sqs, steps, prefetch_storage);
 }
 
 }  // namespace
