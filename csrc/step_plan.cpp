@@ -26,6 +26,13 @@ std::optional<at::Tensor> opt_at(const OptTensorList& l, size_t i) {
   return std::nullopt;
 }
 
+// Element i of an optional-tensor list without copying it (a copy writes the tensor's reference count, which
+// with 448 gradients was an eighth of a step's host time): nullptr for None or an undefined tensor.
+const at::Tensor* tensor_at(const OptTensorList& l, size_t i) {
+  const c10::IValue& v = (*(l.begin() + (std::ptrdiff_t)i)).get();
+  return v.isTensor() && v.toTensor().defined() ? &v.toTensor() : nullptr;
+}
+
 // The kernels walk every tensor as flat memory from data_ptr() (storage offsets and misaligned views are
 // fine). That needs dense non-overlapping tensors whose elements are in the same memory order as the
 // parameter's: same strides on every dimension of size > 1.
@@ -108,7 +115,7 @@ PlanTensor base_tensor(const at::Tensor& p, const at::Tensor& m, at::TensorList 
 }
 
 // Pass 1's view of tensor i: m dense (float32), g (if any) in m's layout; nothing it does not read.
-PlanTensor reduce_tensor(const at::Tensor& p, const std::optional<at::Tensor>& g, const at::Tensor& m, size_t i,
+PlanTensor reduce_tensor(const at::Tensor& p, const at::Tensor* g, const at::Tensor& m, size_t i,
                          const at::Device& dev) {
   TORCH_CHECK(m.device() == dev, "mgpo: exp_avg of tensor ", i, " is on ", m.device(), ", tensor 0 on ", dev);
   TORCH_CHECK(m.scalar_type() == at::kFloat, "mgpo: exp_avg of tensor ", i, " must be float32, got ",
@@ -149,19 +156,13 @@ inline void prefetch_storage(const at::Tensor& t) {
   __builtin_prefetch(s + 64);
 }
 
-inline const at::Tensor* grad_at(const OptTensorList& grads, size_t i) {
-  // the list's own element, not a copy (a copy would write the tensor's reference count)
-  const c10::IValue& v = (*(grads.begin() + (std::ptrdiff_t)i)).get();
-  return v.isTensor() ? &v.toTensor() : nullptr;
-}
-
 // f(t) for each tensor of entry j that a step's checks read: for pass 1 alone (kReduce) the gradient and the
 // first moment, for the step also the parameter, second moment and step count.
 template <typename F>
 void for_checked(size_t j, PlanUse use, at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
                  at::TensorList exp_avg_sqs, at::TensorList steps, const F& f) {
   f(exp_avgs[j]);
-  if (const at::Tensor* g = grad_at(grads, j)) f(*g);
+  if (const at::Tensor* g = tensor_at(grads, j)) f(*g);
   if (use == PlanUse::kStep) {
     f(params[j]);
     f(exp_avg_sqs[j]);
@@ -246,14 +247,14 @@ CheckedPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use) {
     prefetch_ahead(i, n, use, params, grads, exp_avgs, exp_avg_sqs, steps);
     const at::Tensor& p = params[i];
     if (use == PlanUse::kReduce) {
-      plan.tensors.push_back(reduce_tensor(p, opt_at(grads, i), exp_avgs[i], i, dev));
+      plan.tensors.push_back(reduce_tensor(p, tensor_at(grads, i), exp_avgs[i], i, dev));
       plan.tensors.back().group = group;
       continue;
     }
     PlanTensor t = base_tensor(p, exp_avgs[i], masters, master_index, i, dev);
     t.v = state_ptr(exp_avg_sqs[i], p, "exp_avg_sq", i);
     t.group = group;
-    if (auto g = opt_at(grads, i)) {
+    if (const at::Tensor* g = tensor_at(grads, i)) {
       TORCH_CHECK(g->scalar_type() == p.scalar_type(), "mgpo: grad of tensor ", i, " has dtype ", g->scalar_type(),
                   ", its parameter ", p.scalar_type());
       check_same_layout(*g, p, "grad", i);

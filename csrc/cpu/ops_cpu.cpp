@@ -105,6 +105,12 @@ static void parallel_chunks(int64_t n, const F& fn) {
   });
 }
 
+static size_t count_chunks(const CheckedPlan& plan) {
+  size_t c = 0;
+  for (const PlanTensor& t : plan.tensors) c += (size_t)((t.numel + kChunk - 1) / kChunk);
+  return c;
+}
+
 static void add_chunks(std::vector<Chunk>& chunks, int64_t numel, int32_t tensor) {
   for (int64_t s = 0; s < numel; s += kChunk) chunks.push_back(Chunk{s, std::min(kChunk, numel - s), tensor});
 }
@@ -117,6 +123,7 @@ struct CpuStages {
   static at::Tensor reduce(const CheckedPlan& plan) {
     const size_t n = plan.tensors.size();
     std::vector<Chunk> chunks;
+    chunks.reserve(count_chunks(plan));
     for (size_t i = 0; i < n; ++i) add_chunks(chunks, plan.tensors[i].numel, (int32_t)i);
     const PlanTensor* ts = plan.tensors.data();
     const int64_t nchunks = (int64_t)chunks.size();
@@ -167,6 +174,7 @@ struct CpuStages {
       lr_of[k] = plan.groups[k].lr_ptr != nullptr ? *plan.groups[k].lr_ptr : plan.groups[k].lr;
     std::vector<UpdTensor> ts(n);
     std::vector<Chunk> chunks;
+    chunks.reserve(count_chunks(plan));
     AdamCoefs memo{};
     int64_t memo_group = -1;
     float memo_step = -1.0f;
