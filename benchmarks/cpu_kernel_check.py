@@ -11,7 +11,7 @@ flat fp32 buffers of all the gradients' and first moments' elements, and pass 1 
 separately allocated tensors and on 448 views of those two flat buffers (the very bytes the dot reads).  Pass 1
 runs as a steady step runs it, through a ``_C.KeptPlan``; the row ``pass1_op`` is the same pass through the op
 ``torch.ops.mgpo.reduce_sums``, whose call converts all seven tensor lists.  torch.dot is MKL's sdot (with torch
-2.14.1 it runs on torch's threads: CPU time about twice the wall time with 2 threads); a `torch.sum` over one
+2.14.1 it runs on torch's threads: 5.4 ms with one thread, 2.2 ms with two on 80 MB tensors); a `torch.sum` over one
 buffer holding both is timed as well.
 The header records the CPU model, the git commit and the load average.
 
@@ -212,7 +212,7 @@ def main(argv=None):
           f"flat buffers;  torch.dot(g, m) on the flat buffers {gbd:6.1f} GB/s, "
           f"torch.sum of both {8 * n / med['torch_sum_flat'] / 1e9:6.1f} GB/s ({torch.get_num_threads()} threads)")
     host = med["pass1_host_part"]
-    print(f"pass 1 without its host part ({host * 1e3:.2f} ms: the same op on {len(shapes)} one-element tensors) "
+    print(f"pass 1 without its host part ({host * 1e3:.2f} ms: the same call on {len(shapes)} one-element tensors) "
           f"{8 * n / (med['pass1_reduce'] - host) / 1e9:6.1f} GB/s, "
           f"{(med['pass1_reduce'] - host) and med['torch_dot_flat'] / (med['pass1_reduce'] - host):.2f}x torch.dot's "
           "(an estimate: the two were not timed as a pair)")
