@@ -234,15 +234,21 @@ def _exact_sums(grads, ms, group_index, num_groups):
     return [math.fsum(t) for t in cat], [math.fsum(np.abs(t)) for t in cat], [t.size for t in cat]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + ["mixed"], ids=str)
 def test_reduce_sums_same_bits_on_every_isa_and_thread_count_and_near_exact(dtype):
     """Pass 1's float64 sums: the same bits from every CPU instruction set and thread count (each accumulator
-    lane is fixed by the element's index, not by the vector width or the schedule), and within float64 rounding
-    of the exact sums (an fp32 accumulation anywhere would be ~1e-7 off, a lost chunk or tail far more)."""
+    lane is fixed by the element's index, not by the vector width, the schedule or which chunks the AVX-512 loop
+    reads side by side), and within float64 rounding of the exact sums (an fp32 accumulation anywhere would be
+    ~1e-7 off, a lost chunk or tail far more). "mixed": the gradients' dtypes differ from tensor to tensor."""
     seed = int(np.random.SeedSequence().entropy % 2**31)
     gen = torch.Generator().manual_seed(seed)
     shapes = [(1,), (15,), (17,), (3, 700), (16385,), (2, 16384), (40001,), (300000,), (8, 4096)]
-    grads = rand_grads(shapes, dtype, "cpu", gen, scale=1e-3, offset=1, none=(4,))
+    if dtype == "mixed":
+        cycle = [torch.float32, torch.bfloat16, torch.float32, torch.float16]
+        grads = [rand_grads([s], cycle[i % 4], "cpu", gen, scale=1e-3, offset=1)[0] for i, s in enumerate(shapes)]
+        grads[4] = None
+    else:
+        grads = rand_grads(shapes, dtype, "cpu", gen, scale=1e-3, offset=1, none=(4,))
     ms = [torch.zeros(math.prod(s) + 1)[1:].view(s).normal_(0.0, 1e-2, generator=gen) for s in shapes]  # misaligned
     group_index = [0, 0, 0, 0, 1, 1, 1, 1, 1]
     exact, mag, count = _exact_sums(grads, ms, group_index, 2)
