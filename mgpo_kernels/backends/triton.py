@@ -23,12 +23,23 @@ import operator
 import weakref
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .base import SUMS_PER_GROUP, Backend, GlobalState, GroupTensors, StepConfig
 from .plan import HYPER_OPTIONS, HYPER_PER_GROUP, PLAN_MUTATES, PlanCache, StepPlan, plan_schema
+
+
+class _LazyNumpy:
+    """numpy, imported at first use (the launch tables), not at import: `import mgpo_kernels` needs no numpy."""
+
+    def __getattr__(self, name):
+        import numpy
+
+        return getattr(numpy, name)
+
+
+np = _LazyNumpy()
 
 try:
     import triton  # noqa: F401  (Triton itself, not this module)
