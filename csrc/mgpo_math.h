@@ -2,8 +2,12 @@
 //
 // The semantics are mgpo_kernels/backends/reference.py (pass 1 sums -> reduce_hook -> scalar_stage -> pass 2):
 //   pass 1  sums[4k:4k+4] = [|g|^2, <m,g>, |m|^2 (with grad), |m|^2 (without grad)]   (raw grads, m = m_{t-1})
-//   scalar  c (unscale*clip), skip, gbar_t, coef_t; restore = coef_{t-1}, apply = coef_t (0 both in eval mode)
+//   scalar  c (unscale*clip), skip, gbar_t, coef_t; restore = coef_{t-1} when the training forward applied
+//           eps_t = coef_{t-1}*m_{t-1} (else 0); apply = 0: a step leaves theta_{t+1} at rest (the next training
+//           forward applies eps_{t+1} with the perturb op: apply = coef_t, restore = 0, no gradients)
 //   pass 2  theta = p - restore*m (or the fp32 master); AdamW; p = theta + apply*m_t
+//           a skipped step (non-finite gradients) still runs pass 2 without gradients when restore != 0, so the
+//           parameters are back at theta_t
 //
 // Everything here is header-only, dtype-agnostic (fp32 in, fp32 out; loads/stores of bf16/fp16 are the
 // caller's), has internal linkage (`static`), and includes nothing: the CPU ISA translation units include it
@@ -64,14 +68,14 @@ struct ScalarConfig {
   double max_grad_norm;  // used when has_max_grad_norm
   int has_max_grad_norm;
   int adaptive_norm;
-  int perturbed;         // train mode: restore coef_old, apply coef_new; eval mode: both 0
+  int perturbed;         // the parameters hold theta + coef_old*m (a training forward applied eps): restore it
   double gbar_floor;     // the bound: 1/gbar in the coefficient is at most 1/gbar_floor (0: the paper's formula)
 };
 
 struct ScalarResult {
   float c;        // unscale * clip factor applied to raw gradients
-  float restore;  // coefficient removed from p (coef_{t-1}, 0 in eval mode)
-  float apply;    // coefficient applied after the update (coef_t, 0 in eval mode)
+  float restore;  // coefficient removed from p (coef_{t-1} when eps was applied, else 0)
+  float apply;    // coefficient applied after the update: 0 for a step (theta at rest); coef for the apply pass
   int skip;       // non-finite gradients or GradScaler found_inf
   float gbar_new;
   float coef_new;
@@ -125,7 +129,7 @@ MGPO_FN ScalarResult mgpo_scalar_stage(const double* sums, const double* beta1s,
   r.gbar_new = (float)gbar_new;
   r.coef_new = (float)coef_new;
   r.restore = cfg.perturbed ? coef_old : 0.0f;
-  r.apply = cfg.perturbed ? (float)coef_new : 0.0f;
+  r.apply = 0.0f;  // theta at rest: the step never leaves eps in the parameters
   return r;
 }
 

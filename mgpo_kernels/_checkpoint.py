@@ -1,21 +1,26 @@
-"""MGPO's state dicts: self-describing, so a load continues the uninterrupted run whatever the model holds.
+"""MGPO's state dicts: torch's, plus the optimizer-wide scalars; the parameters are never written by a load.
 
-Between steps the parameters hold theta + eps, so a checkpoint's model weights may be theta (written in eval mode,
-or by ``MGPOCallback``) or theta + eps (accelerate's ``save_state``, Lightning, ``torch.save`` of model and
-optimizer together while training).  The state dict therefore carries, per parameter, a fingerprint of the
-parameter at theta and at theta + eps (float64 sum and sum of squares of its values in the parameter's dtype),
-and the load compares the parameters as they are now against both: it then removes or applies eps so that the
-parameters hold what the optimizer's mode says.  A parameter that matches neither (other weights were loaded)
-is taken as theta, with one warning.  ``load_state_dict(state_dict())`` is therefore the identity in either mode.
+Theta at rest (_at_rest.py) means the model's weights saved beside an optimizer state dict are theta, whoever
+saves them (accelerate, Lightning, the HF Trainer, ``torch.save`` of model and optimizer): a load is torch's load,
+and nothing needs to know what the model holds.
 
 The optimizer-wide scalars are saved under ``state_dict()["mgpo"]`` and mirrored in every parameter's state
-(``mgpo_step``, ``mgpo_gbar``, ``mgpo_coef``, ``mgpo_fingerprint``), because ``torch.distributed.checkpoint``
-(FSDP2) keeps only ``state`` and ``param_groups``.  Options and the mode live in ``param_groups``.  Everything is
-tensors, numbers, strings and bools: ``torch.load(weights_only=True)`` reads it.
+(``mgpo_step``, ``mgpo_gbar``, ``mgpo_coef``), because ``torch.distributed.checkpoint`` (FSDP2) keeps only
+``state`` and ``param_groups``, and ``ZeroRedundancyOptimizer`` copies per-parameter states into its local
+optimizer itself.  Options and the mode live in ``param_groups``.  Everything is tensors, numbers, strings and
+bools: ``torch.load(weights_only=True)`` reads it.
+
+``load_state_dict`` is torch's, with two hooks of MGPO's kept at the inner ends of torch's hook lists: a pre-hook
+(after the user's) that checks the dict as torch will load it and keeps its fp32 tensors, and a post-hook (before the
+user's) that puts them back where torch cast them to a bf16/fp16 parameter's dtype, takes the global scalars, and
+makes each fp32 master agree with its parameter (the parameter, at rest, is theta).
+
+A 0.1.0 state dict (per-parameter ``mgpo_fingerprint``; its model weights may hold theta + eps) loads exactly when
+the model holds that checkpoint's weights (eps is removed where the fingerprint says it is there) and is refused
+with a message otherwise.
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -25,19 +30,13 @@ from torch import Tensor
 from ._checks import (MODE_KEY, OPTION_NAMES, check_adamw_flags, check_global_scalar, check_group_hparams,
                       check_option)
 from ._distributed import dtensor_mesh, local
-from .backends.base import GlobalState
 
 GLOBAL_KEYS = ("step", "gbar", "coef", "skipped")
 MIRRORED_KEYS = ("step", "gbar", "coef")
-FINGERPRINT_KEY = "mgpo_fingerprint"
-_MIRROR_KEYS = tuple(f"mgpo_{k}" for k in MIRRORED_KEYS) + (FINGERPRINT_KEY,)
-#: a parameter holds theta (or theta + eps) when it is this much closer to that fingerprint than the two are apart
-_MATCH = 0.1
-
-
-def _sums(t: Tensor) -> Tensor:
-    d = t.detach().double()
-    return torch.stack([d.sum(), d.square().sum()])
+LEGACY_FINGERPRINT_KEY = "mgpo_fingerprint"  # 0.1.0: float64 [sum, sum sq] of the parameter at theta, theta + eps
+_MIRROR_KEYS = tuple(f"mgpo_{k}" for k in MIRRORED_KEYS) + (LEGACY_FINGERPRINT_KEY,)
+_FP32_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+FORMAT = 2  # state_dict()["mgpo"]["format"]: 2 = theta at rest (0.1.0 wrote none)
 
 
 def _pairs(opt):
@@ -49,84 +48,22 @@ def _pairs(opt):
                 yield p, st
 
 
-def _theta_and_perturbed(p: Tensor, st: dict, coef: Tensor, perturbed: bool):
-    """The parameter's values at theta and at theta + eps, in its dtype, with the arithmetic of
-    Backend.perturb (so they equal what eval()/train() would leave in it)."""
-    pl, m = local(p).detach(), local(st["exp_avg"])
-    master = st.get("master_param")
-    if master is not None:
-        master = local(master)
-        theta = master.to(pl.dtype)
-        pert = pl if perturbed else (master + m * coef).to(pl.dtype)
-    elif perturbed:
-        pert, theta = pl, pl - (m * coef).to(pl.dtype)
-    else:
-        theta, pert = pl, pl + (m * coef).to(pl.dtype)
-    return theta, pert
-
-
-def _allreduce(t: Tensor, opt) -> Tensor:
-    mesh = dtensor_mesh(opt.param_groups)
-    if mesh is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(t, group=mesh.get_group())
-    return t
-
-
-def fingerprints(opt) -> List[Tensor]:
-    """Per parameter with state: float64 [sum, sum of squares] at theta, then at theta + eps (global under FSDP2)."""
-    coef = opt._gstate.coef
-    rows = []
-    for p, st in _pairs(opt):
-        theta, pert = _theta_and_perturbed(p, st, coef, opt.training)
-        rows.append(torch.cat([_sums(theta), _sums(pert)]))
-    if not rows:
-        return []
-    table = _allreduce(torch.stack(rows), opt).cpu()
-    return list(table.unbind(0))
-
-
-def _saving_trainer_without_callback():
-    """The Hugging Face Trainer saving a checkpoint up the stack, if it has no MGPOCallback (then the model weights
-    it has just written hold theta + eps), else None.  Found from the frames, so no transformers import here."""
-    frame = sys._getframe(2)
-    for _ in range(12):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "_save_checkpoint" and frame.f_globals.get("__name__", "").startswith(
-                "transformers."):
-            trainer = frame.f_locals.get("self")
-            handler = getattr(trainer, "callback_handler", None)
-            callbacks = getattr(handler, "callbacks", [])
-            return None if any(type(cb).__name__ == "MGPOCallback" for cb in callbacks) else trainer
-        frame = frame.f_back
-    return None
-
-
 def state_dict(opt, sd: Dict[str, Any]) -> Dict[str, Any]:
-    """Add MGPO's global state and the fingerprints to torch's ``Optimizer.state_dict()`` result ``sd``."""
-    if opt.training and not opt.__dict__.get("_warned_trainer_save") and _saving_trainer_without_callback():
-        opt.__dict__["_warned_trainer_save"] = True
+    """Add MGPO's global state to torch's ``Optimizer.state_dict()`` result ``sd``."""
+    if opt._at_rest.applied and not torch.compiler.is_compiling():
         warnings.warn(
-            "MGPO: the Hugging Face Trainer is saving a checkpoint while the model holds theta + eps (the "
-            "perturbed weights): its model/adapter weights are not the trained weights theta (resuming from it is "
-            "still exact). Add mgpo_kernels.integrations.hf.MGPOCallback() to the Trainer's callbacks, which "
-            "saves theta.", stacklevel=3)
+            "MGPO.state_dict() was called between a training forward and step(): the model's parameters hold "
+            "theta + eps right now, so model weights saved now are not the trained weights theta. Save after "
+            "step() (or call opt.eval() first).", stacklevel=3)
     g = opt._gstate
     sd["mgpo"] = {k: getattr(g, k).detach().clone() for k in GLOBAL_KEYS}
-    sd["mgpo"]["perturbed"] = bool(opt.training)
+    sd["mgpo"]["format"] = FORMAT
     mirror = {f"mgpo_{k}": sd["mgpo"][k] for k in MIRRORED_KEYS}  # shared 0-d tensors: saved once by torch.save
-    fps = iter(fingerprints(opt))
     index = {}
     for sg in sd["param_groups"]:
         index.update(dict.fromkeys(sg["params"]))
-    state = {}
-    for key, st in sd["state"].items():
-        if key in index and isinstance(st, dict) and "exp_avg" in st:
-            st = {**st, **mirror, FINGERPRINT_KEY: next(fps)}
-        state[key] = st
-    sd["state"] = state
+    sd["state"] = {key: ({**st, **mirror} if key in index and isinstance(st, dict) and "exp_avg" in st else st)
+                   for key, st in sd["state"].items()}
     return sd
 
 
@@ -184,9 +121,9 @@ def check_loaded(opt, state_dict) -> None:
             for k in MIRRORED_KEYS:
                 if f"mgpo_{k}" in st:
                     check_global_scalar(k, st[f"mgpo_{k}"], f"state of parameter {idx} (mgpo_{k})")
-            fp = st.get(FINGERPRINT_KEY)
+            fp = st.get(LEGACY_FINGERPRINT_KEY)
             if fp is not None and (not isinstance(fp, Tensor) or fp.numel() != 4):
-                raise ValueError(f"state {FINGERPRINT_KEY!r} of parameter {idx} must be a tensor of 4 numbers")
+                raise ValueError(f"state {LEGACY_FINGERPRINT_KEY!r} of parameter {idx} must be a tensor of 4 numbers")
     extra = state_dict.get("mgpo")
     if extra is not None:
         if not isinstance(extra, dict):
@@ -200,140 +137,188 @@ def check_loaded(opt, state_dict) -> None:
 
 
 def _what_it_holds(fp: Tensor, now: Tensor) -> str:
-    """'theta', 'perturbed', 'either' (eps is zero here) or 'neither', from the saved and the current sums."""
+    """0.1.0: 'theta', 'perturbed', 'either' (eps is zero here) or 'neither', from the saved and current sums."""
     fp = fp.detach().double().reshape(4).cpu()
     f_theta, f_pert = fp[:2], fp[2:]
     scale = f_theta.abs() + f_pert.abs() + 1e-300
     sep = ((f_theta - f_pert) / scale).norm()
     if sep <= 1e-13:
         return "either"
-    if ((now - f_theta) / scale).norm() <= _MATCH * sep:
+    if ((now - f_theta) / scale).norm() <= 0.1 * sep:
         return "theta"
-    if ((now - f_pert) / scale).norm() <= _MATCH * sep:
+    if ((now - f_pert) / scale).norm() <= 0.1 * sep:
         return "perturbed"
     return "neither"
 
 
-def _current_sums(opt, pairs) -> List[Tensor]:
+def _legacy_holds(opt, pairs) -> Dict[int, str]:
+    """0.1.0 dicts: what each parameter with a fingerprint holds now (id(param) -> 'theta'/'perturbed'/...);
+    raises, before anything is loaded, when a parameter matches neither (other weights are in the model)."""
+    pairs = [(p, fp) for p, fp in pairs if fp is not None]
     if not pairs:
-        return []
-    table = torch.stack([_sums(local(p)) for p, _ in pairs])
-    return list(_allreduce(table, opt).cpu().unbind(0))
+        return {}
+    table = torch.stack([torch.stack([local(p).detach().double().sum(), local(p).detach().double().square().sum()])
+                         for p, _ in pairs])
+    mesh = dtensor_mesh(opt.param_groups)
+    if mesh is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(table, group=mesh.get_group())
+    holds = {id(p): _what_it_holds(fp, now) for (p, fp), now in zip(pairs, table.cpu().unbind(0))}
+    neither = sum(h == "neither" for h in holds.values())
+    if neither:
+        raise ValueError(
+            f"this optimizer state was saved by mgpo_kernels 0.1.0, whose model weights could hold theta + eps, and "
+            f"{neither} of {len(holds)} parameters match neither that checkpoint's theta nor its theta + eps, so it "
+            "cannot be continued exactly. Load the model weights saved with this optimizer state first, then the "
+            "optimizer state (or load the weights alone and start a new optimizer)."
+        )
+    return holds
 
 
-@torch.no_grad()
-def load_state_dict(opt, state_dict: Dict[str, Any], torch_load) -> None:
-    """Load a MGPO or torch AdamW state dict into ``opt`` (``torch_load``: torch's Optimizer.load_state_dict)."""
-    check_loaded(opt, state_dict)
-    training = opt.training
-    options = {k: opt.param_groups[0][k] for k in OPTION_NAMES}
-    extra = _saved_globals(state_dict)
-
-    # what the parameters hold now, decided before torch's load (which does not touch them)
-    saved_fp = []
+def _stash_for_load(opt, state_dict) -> Dict[str, Any]:
+    """What the post-hook needs from the dict as torch loads it (after the user's pre-hooks)."""
+    fp32, legacy = {}, []
     for sg, group in zip(state_dict["param_groups"], opt.param_groups):
         for idx, p in zip(sg["params"], group["params"]):
             st = state_dict["state"].get(idx)
-            if isinstance(st, dict) and "exp_avg" in st:
-                saved_fp.append((p, st.get(FINGERPRINT_KEY)))
-    with_fp = [(p, fp) for p, fp in saved_fp if fp is not None]
-    now = _current_sums(opt, with_fp)
-    holds = {id(p): _what_it_holds(fp, s) for (p, fp), s in zip(with_fp, now)}
+            if not isinstance(st, dict) or "exp_avg" not in st:
+                continue
+            if p.is_floating_point() and p.dtype != torch.float32:  # torch casts these to p's dtype: keep fp32
+                fp32[id(p)] = {k: st[k] for k in _FP32_KEYS if isinstance(st.get(k), Tensor)}
+            legacy.append((p, st.get(LEGACY_FINGERPRINT_KEY)))
+    return {"fp32": fp32, "globals": _saved_globals(state_dict), "legacy": _legacy_holds(opt, legacy),
+            "options": {k: opt.param_groups[0][k] for k in OPTION_NAMES}, "training": opt.training}
 
-    torch_load(state_dict)
+
+def _pre_hook(opt, state_dict):
+    check_loaded(opt, state_dict)  # the dict as torch will load it, after the user's pre-hooks
+    opt._at_rest.load_stash = _stash_for_load(opt, state_dict)
+    return None
+
+
+def _post_hook(opt) -> None:
+    stash = opt._at_rest.__dict__.pop("load_stash", None)
+    if stash is None:  # pragma: no cover - torch's load without our pre-hook
+        return
     from . import _host_cache
 
     _host_cache.drop(opt)  # the state tensors are new
-    for st in opt.state.values():
-        if isinstance(st, dict):
-            for k in _MIRROR_KEYS:
-                st.pop(k, None)
-    # torch casts loaded state to the parameter's dtype (bf16 moments, bf16 master!): take the saved tensors
-    # again, in fp32, as our state is always fp32
-    for sg, group in zip(state_dict["param_groups"], opt.param_groups):
-        for idx, p in zip(sg["params"], group["params"]):
-            saved = state_dict["state"].get(idx)
-            st = opt.state.get(p)
-            if not isinstance(saved, dict) or not saved or not isinstance(st, dict) or not st:
-                continue
-            st["step"] = torch.as_tensor(saved["step"]).detach().to(device=p.device, dtype=torch.float32,
-                                                                      copy=True).reshape(())
-            for key in ("exp_avg", "exp_avg_sq", "master_param"):
-                if key in saved and (key != "master_param" or p.dtype != torch.float32):
-                    st[key] = saved[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
-                else:
-                    st.pop(key, None)
-            if p.dtype != torch.float32 and "master_param" not in st:
-                # the parameter holds theta (no fingerprint says otherwise)
-                st["master_param"] = p.detach().float().clone()
+    rebuilt = 0
+    for p, st in _pairs(opt):
+        saved = stash["fp32"].get(id(p), {})
+        for k in _MIRROR_KEYS:
+            st.pop(k, None)
+        st["step"] = torch.as_tensor(st["step"]).detach().to(device=p.device, dtype=torch.float32).reshape(())
+        for k in ("exp_avg", "exp_avg_sq"):
+            src = saved.get(k, st[k])
+            st[k] = src.detach().to(device=p.device, dtype=torch.float32, copy=src is saved.get(k))
+        if p.dtype == torch.float32:
+            st.pop("master_param", None)
+            continue
+        master = saved.get("master_param")
+        pl = local(p).detach()
+        if master is not None:
+            master = master.detach().to(device=p.device, dtype=torch.float32, copy=True)
+            if not torch.equal(local(master).to(pl.dtype), pl):
+                master = None
+                rebuilt += 1
+        st["master_param"] = master if master is not None else p.detach().float().clone()
 
-    # global scalars in place: wrappers that copied the optimizer's __dict__ (Lightning) share this object
-    g = opt._gstate
+    g = opt._gstate  # in place: wrappers that copied the optimizer's __dict__ (Lightning) share this object
+    extra = stash["globals"]
     for k in GLOBAL_KEYS:
         getattr(g, k).zero_()
         if extra is not None and k in extra:
             getattr(g, k).copy_(torch.as_tensor(extra[k]).reshape(()))
-    # options: from the saved groups; older files kept them under "mgpo"; torch AdamW's have none
-    for group in opt.param_groups:
+    for group in opt.param_groups:  # options from the saved groups; 0.1.0 kept them under "mgpo"; AdamW has none
         for k in OPTION_NAMES:
             if k not in group:
-                group[k] = extra[k] if (extra is not None and k in extra) else options[k]
-        group[MODE_KEY] = training  # the mode is the optimizer's now, not the checkpoint's
-    _settle(opt, list(_pairs(opt)), holds, training)
-
-
-def _settle(opt, pairs, holds: Dict[int, str], training: bool) -> None:
-    """Put the loaded parameters where the mode says (theta + eps in train mode, theta in eval mode)."""
-    coef = opt._gstate.coef
-    neither = []
-    for p, st in pairs:
-        h = holds.get(id(p), "theta")
-        if h == "neither":
-            neither.append(p)
-        pl, m = local(p).detach(), local(st["exp_avg"])
-        master = st.get("master_param")
-        if master is not None:  # the master holds theta exactly
-            master = local(master)
-            pl.copy_(master + m * coef if training else master)
-        elif training and h in ("theta", "neither"):
-            pl.add_(m * coef)
-        elif not training and h == "perturbed":
-            pl.sub_(m * coef)
-    if neither:
+                group[k] = extra[k] if (extra is not None and k in extra) else stash["options"][k]
+        group[MODE_KEY] = stash["training"]  # the mode is the optimizer's now, not the checkpoint's
+    _settle_legacy(opt, stash["legacy"])
+    if rebuilt:
         warnings.warn(
-            f"MGPO.load_state_dict: {len(neither)} of {len(holds)} parameters match neither the saved weights "
-            "(theta) nor the saved perturbed weights (theta + eps); assumed they hold theta (other weights were "
-            "loaded into the model)" + (" and applied the saved perturbation" if training else "") + ". If the "
-            "model holds the checkpoint's own weights, load the model's state dict from the same checkpoint first.",
-            stacklevel=3,
-        )
+            f"MGPO.load_state_dict: {rebuilt} bf16/fp16 parameters differ from the fp32 master copies in the state "
+            "dict (other weights were loaded into the model, or the weights were loaded after the optimizer "
+            "state); their masters were rebuilt from the parameters, which are kept as theta.", stacklevel=4)
+    _loaded(opt)
+
+
+def _loaded(opt) -> None:
+    from . import _at_rest
+
+    rest = opt._at_rest
+    rest.applied = False
+    rest.maybe_nonzero = bool(opt._gstate.coef.detach().cpu() != 0)
+    if rest.maybe_nonzero and opt.training:
+        _at_rest.arm(opt)
+    else:
+        _at_rest.disarm(rest)
+
+
+def _settle_legacy(opt, holds: Dict[int, str]) -> None:
+    """0.1.0: remove eps from the parameters that hold theta + eps (the model weights it saved while training)."""
+    if not holds:
+        return
+    coef = opt._gstate.coef
+    for p, st in _pairs(opt):
+        if holds.get(id(p)) == "perturbed" and "master_param" not in st:
+            local(p).detach().sub_(local(st["exp_avg"]) * coef)
+        elif holds.get(id(p)) == "perturbed":
+            local(p).detach().copy_(local(st["master_param"]))
+
+
+def install_load_hooks(opt) -> None:
+    """MGPO's load hooks at the inner ends of torch's hook lists (the pre-hook last, the post-hook first), so the
+    user's pre-hooks' changes are what it checks and the user's post-hooks see what it loaded."""
+    rest = opt._at_rest
+    if getattr(rest, "load_hook_ids", None) is None or rest.load_hook_opt is not opt:
+        h1 = opt.register_load_state_dict_pre_hook(_pre_hook)
+        h2 = opt.register_load_state_dict_post_hook(_post_hook, prepend=True)
+        rest.load_hook_ids, rest.load_hook_opt = (h1.id, h2.id), opt
+    pre_id, post_id = rest.load_hook_ids
+    opt._optimizer_load_state_dict_pre_hooks.move_to_end(pre_id)
+    opt._optimizer_load_state_dict_post_hooks.move_to_end(post_id, last=False)
+
+
+@torch.no_grad()
+def sync_masters(groups) -> None:
+    """A bf16/fp16 parameter is theta at rest: where it no longer equals its fp32 master rounded (it was written
+    since the step: a pruning, a rollback, a load of weights), the master takes its value."""
+    ps, masters = [], []
+    for g in groups:
+        for p, master in zip(g.params, g.masters):
+            if master is not None:
+                ps.append(p)
+                masters.append(master)
+    if not ps:
+        return
+    for p, master in zip(ps, masters):
+        master.copy_(torch.where(master.to(p.dtype) == p, master, p.float()))
 
 
 @torch.no_grad()
 def adopt_bypassed_load(opt) -> None:
-    """Finish a load that bypassed ``load_state_dict``.
-
-    A wrapper may copy saved per-parameter states into ``opt.state`` itself (``ZeroRedundancyOptimizer.
-    load_state_dict`` does, for its shard): the mirrored keys only a saved state carries say so.  The global
-    scalars, the fp32 state and the perturbation are then set up here, at the next step, as a load would have.
-    """
+    """Finish a load that bypassed ``load_state_dict``: ``ZeroRedundancyOptimizer.load_state_dict`` copies the saved
+    per-parameter states into its local optimizer's ``state`` itself.  The mirrored keys only a saved state carries
+    say so: the global scalars are taken from them and the state made fp32.  No parameter is written (theta at
+    rest), except eps removed from a 0.1.0 checkpoint's weights."""
     found = [(p, st) for p, st in _pairs(opt) if any(k in st for k in _MIRROR_KEYS)]
     if not found:
         return
     first = next((st for _, st in found if all(f"mgpo_{k}" in st for k in MIRRORED_KEYS)), None)
-    saved = None if first is None else {k: first[f"mgpo_{k}"] for k in MIRRORED_KEYS}
     for i, (_, st) in enumerate(found):
         for k in MIRRORED_KEYS:
             if f"mgpo_{k}" in st:
                 check_global_scalar(k, st[f"mgpo_{k}"], f"loaded state of parameter {i} (mgpo_{k})")
-    with_fp = [(p, st[FINGERPRINT_KEY]) for p, st in found if st.get(FINGERPRINT_KEY) is not None]
-    now = _current_sums(opt, with_fp)
-    holds = {id(p): _what_it_holds(fp, s) for (p, fp), s in zip(with_fp, now)}
+    holds = _legacy_holds(opt, [(p, st.get(LEGACY_FINGERPRINT_KEY)) for p, st in found])
+    saved = None if first is None else {k: first[f"mgpo_{k}"] for k in MIRRORED_KEYS}
     for p, st in found:
         for k in _MIRROR_KEYS:
             st.pop(k, None)
         st["step"] = torch.as_tensor(st["step"]).detach().to(device=p.device, dtype=torch.float32).reshape(())
-        for key in ("exp_avg", "exp_avg_sq", "master_param"):
+        for key in _FP32_KEYS:
             if key in st:
                 st[key] = st[key].detach().to(device=p.device, dtype=torch.float32)
     g = opt._gstate
@@ -343,4 +328,5 @@ def adopt_bypassed_load(opt) -> None:
     from . import _host_cache
 
     _host_cache.drop(opt)
-    _settle(opt, found, holds, opt.training)
+    _settle_legacy(opt, holds)
+    _loaded(opt)

@@ -1,5 +1,10 @@
 """Functional MGPO step, in the style of ``torch.optim.adamw.adamw``: for code that keeps its own state (custom
-training frameworks, optimizer wrappers).  ``MGPO`` is this plus state allocation, validation and checkpoints.
+training frameworks, optimizer wrappers).  ``MGPO`` is this plus state allocation, validation, checkpoints and the
+forward hook that applies eps just in time.
+
+Theta at rest, by hand: :func:`mgpo` leaves theta_{t+1} in the parameters; call :func:`apply_perturbation` before
+the next forward/backward (it adds eps = coef * m), and pass ``perturbed=True`` to the next :func:`mgpo` call, which
+removes it in its update.
 
 MGPO's norms are global, so one call takes *every* param group of a step: a call per group (as with torch's
 functional adamw) would normalise each group by its own norms and count the step once per group.
@@ -70,7 +75,8 @@ def mgpo(
 ) -> None:
     """One MGPO step over all param groups, in place (see README for the equations).
 
-    Each group is a dict: ``params`` (holding theta + coef*m on entry when ``perturbed``, i.e. train mode),
+    Each group is a dict: ``params`` (holding theta + coef*m on entry when ``perturbed``: eps was applied by
+    :func:`apply_perturbation`; they hold theta_{t+1} on return),
     ``grads`` (entries may be None), ``exp_avgs``, ``exp_avg_sqs`` (fp32), ``state_steps`` (fp32 0-d tensors),
     optional ``master_params`` (the fp32 master of each bf16/fp16 parameter, None for fp32), and ``lr``, ``betas``,
     ``eps``, ``weight_decay`` (torch AdamW's defaults).  ``global_state`` comes from :func:`init_global_state` and
@@ -101,6 +107,30 @@ def mgpo(
     _backend_for(global_state["step"], backend).step(groups, gstate, cfg)
 
 
+def apply_perturbation(
+    param_groups: Sequence[Mapping[str, Any]], global_state: Dict[str, Tensor], *, apply: bool = True,
+    backend: str = "auto",
+) -> None:
+    """Add eps = coef * m to the parameters (``apply=False``: remove it), in one multi-tensor pass.
+
+    The groups are those of :func:`mgpo` (only ``params``, ``exp_avgs`` and ``master_params`` are read; ``grads``
+    may be omitted).  Call it between a :func:`mgpo` call and the next forward; the next :func:`mgpo` call, with
+    ``perturbed=True``, removes eps in its update.
+    """
+    if isinstance(param_groups, Mapping) or not isinstance(param_groups, Sequence) or not param_groups:
+        raise TypeError("functional.apply_perturbation(param_groups, global_state) takes a list of param-group dicts")
+    groups = []
+    for gi, g in enumerate(param_groups):
+        g = dict(g)
+        g.setdefault("grads", [None] * len(g.get("params", ())))
+        g.setdefault("exp_avg_sqs", g.get("exp_avgs", []))
+        g.setdefault("state_steps", [None] * len(g.get("params", ())))
+        groups.append(_group(gi, g))
+    if "coef" not in global_state:
+        raise ValueError("global_state lacks 'coef'; make it with init_global_state(device)")
+    _backend_for(global_state["step"], backend).perturb(groups, global_state["coef"], apply=apply)
+
+
 #: one backend instance per global state (keyed by its step tensor), as one MGPO has one: the fused backends keep
 #: per-instance tables that later calls of the same run reuse (and that a captured CUDA graph keeps reading)
 _INSTANCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -114,4 +144,4 @@ def _backend_for(step: Tensor, name: str):
     return held[1]
 
 
-__all__: List[str] = ["init_global_state", "mgpo"]
+__all__: List[str] = ["init_global_state", "mgpo", "apply_perturbation"]

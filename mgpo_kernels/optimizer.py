@@ -1,9 +1,11 @@
 """MGPO: AdamW with momentum-guided perturbation (LoRA-MGPO, Chang et al., Eqs. 2-6), a drop-in torch optimizer.
 
-After ``step()`` the parameters hold theta_{t+1} + eps_{t+1} with eps = coef * m (see backends/base.py), so the
-next forward/backward of any training loop is taken at the perturbed point; ``eval()``/``train()`` remove and
-re-apply the perturbation.  The options and the mode live in ``param_groups`` (as schedule-free optimizers keep
-theirs), so every wrapper that forwards ``param_groups`` reaches them and ``state_dict``/``deepcopy`` carry them.
+Theta at rest (_at_rest.py): after ``step()`` the parameters hold theta_{t+1}; the next training forward of a
+module that holds them applies eps_{t+1} = coef * m_t just in time, and the next ``step()`` removes it in its
+update.  Whatever reads or writes the parameters between steps (a save, an evaluation, an average, a load, a
+pruning) deals with theta, as with any optimizer.  The options and the mode live in ``param_groups`` (as
+schedule-free optimizers keep theirs), so every wrapper that forwards ``param_groups`` reaches them and
+``state_dict``/``deepcopy`` carry them.
 This class collects the tensors and runs the step; the checks, the host-path cache, the distributed norms and the
 checkpoints have their own modules, and the arithmetic of a step is the backend's.
 """
@@ -16,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch import Tensor
 
-from . import _checkpoint, _checks, _distributed, _host_cache
+from . import _at_rest, _checkpoint, _checks, _distributed, _host_cache
 from . import backends as _backends
 from ._checks import DIRECTIONS, MODE_KEY, OPTION_DEFAULTS, OPTION_NAMES, SUPPORTED_DTYPES  # noqa: F401
 from ._distributed import local as _local
@@ -109,7 +111,7 @@ class MGPO(torch.optim.Optimizer):
             raise ValueError(f"Invalid distributed={distributed!r}: valid values are "
                              f"{', '.join(map(repr, _distributed.DISTRIBUTED_MODES))}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **options)
-        defaults[MODE_KEY] = True  # train mode: parameters hold theta + coef*m (coef is 0 until the first step)
+        defaults[MODE_KEY] = True  # train mode: a training forward applies eps (eval mode: it does not)
         zero = _distributed.sharding_parent()
         super().__init__(params, defaults)
         # a ZeroRedundancyOptimizer may hand a rank no parameters: that rank still takes part in the norms
@@ -121,6 +123,7 @@ class MGPO(torch.optim.Optimizer):
         # Allocated here, never replaced (loads copy into it): wrappers that copy the optimizer's __dict__
         # (Lightning) share it, and under torch.compile an attribute assigned inside the traced step() was lost.
         self._gstate = GlobalState.zeros(self._device)
+        self._at_rest = _at_rest.AtRest()  # where eps is; shared the same way
         # this rank's shard of a ZeroRedundancyOptimizer: sum the norms over its group, and after eval()/train()
         # share this rank's parameters with the others, as ZeRO does after a step (they hold copies of ours)
         self._sharding_parent = zero  # a reference cycle (zero.optim is self), which the GC collects
@@ -135,13 +138,16 @@ class MGPO(torch.optim.Optimizer):
         travel too (the backend and the host-path cache are rebuilt on the other side)."""
         st = super().__getstate__()
         st.update(_gstate=self._gstate, _device=self._device, _requested_backend=self._requested_backend,
-                  _distributed_mode=self._distributed_mode)
+                  _distributed_mode=self._distributed_mode, _at_rest=self._at_rest)
         return st
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_process_group", None)
         self.__dict__.setdefault("_distributed_mode", "auto")
+        rest = self.__dict__.setdefault("_at_rest", _at_rest.AtRest())
+        if rest.maybe_nonzero and self.param_groups and self.training and not rest.applied:
+            _at_rest.arm(self)  # a copy continues where the original was: the next training forward applies eps
         if "_device" in self.__dict__ and "_requested_backend" in self.__dict__:
             self._backend = _backends.resolve_for(self._requested_backend, self._device, self.param_groups)
 
@@ -163,8 +169,14 @@ class MGPO(torch.optim.Optimizer):
 
     @property
     def training(self) -> bool:
-        """True in train mode (the parameters hold theta + eps), False in eval mode (theta)."""
-        return bool(self.param_groups[0].get(MODE_KEY, True))
+        """True in train mode (a training forward applies eps), False in eval mode (nothing is applied)."""
+        return bool(self.param_groups[0].get(MODE_KEY, True)) if self.param_groups else True
+
+    @property
+    def perturbation_applied(self) -> bool:
+        """True between a training forward that applied eps and the next ``step()`` (the only time the parameters
+        hold theta + eps)."""
+        return self._at_rest.applied
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
@@ -190,6 +202,8 @@ class MGPO(torch.optim.Optimizer):
         if "_backend" in self.__dict__ and self._requested_backend == "auto":  # the new parameters' layouts
             self._backend = _backends.resolve_for("auto", self._device, self.param_groups)
             _host_cache.drop(self)
+        if "_at_rest" in self.__dict__:
+            self._at_rest.forget_params()
 
     def _init_state(self, p: Tensor) -> dict:
         st = self.state[p]
@@ -198,7 +212,7 @@ class MGPO(torch.optim.Optimizer):
             st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             if p.dtype != torch.float32:
-                # the parameter holds theta exactly here: its perturbation is coef * m = 0
+                # the parameter holds theta here (at rest, or perturbed by coef * m = 0)
                 st["master_param"] = p.detach().clone(memory_format=torch.preserve_format).float()
         return st
 
@@ -240,6 +254,7 @@ class MGPO(torch.optim.Optimizer):
         return _distributed.reduce_hook(self.param_groups, layout, self._process_group)
 
     def _config(self, cached: bool) -> StepConfig:
+        """The step's configuration; ``perturbed``: the parameters hold theta + eps (the forward applied it)."""
         o = _checks.global_options(self.param_groups)
         _checks.check_step_lrs(self.param_groups)
         hook = None if cached else self._reduce_hook()
@@ -247,7 +262,7 @@ class MGPO(torch.optim.Optimizer):
             rho=float(o["rho"]), ema_beta=float(o["ema_beta"]), adaptive_norm=o["adaptive_norm"],
             sign=DIRECTIONS[o["direction"]],
             max_grad_norm=None if o["max_grad_norm"] is None else float(o["max_grad_norm"]),
-            perturbed=self.training,
+            perturbed=self._at_rest.applied,
             grad_scale=getattr(self, "grad_scale", None),
             found_inf=getattr(self, "found_inf", None),
             reduce_hook=hook,
@@ -264,33 +279,47 @@ class MGPO(torch.optim.Optimizer):
                 stacklevel=5,  # the caller of step(), through torch's step wrapper and no_grad
             )
 
+    def _warn_missed_apply(self) -> None:
+        rest = self._at_rest
+        if rest.armed and not rest.applied and not rest.warned_missed and not torch.compiler.is_compiling():
+            rest.warned_missed = True
+            warnings.warn(
+                "MGPO.step(): no training forward applied the perturbation since the last step (no module holding "
+                "MGPO's parameters was called in training mode with grad enabled), so this gradient was taken at "
+                "theta and this is a plain AdamW step. A loop that computes the loss without calling the model as "
+                "an nn.Module (raw tensors, a functional_call) must call opt.apply_perturbation() before its "
+                "forward; a loop that trains with the model in eval mode should call model.train().",
+                stacklevel=4,  # the caller of step(), through torch's step wrapper and no_grad
+            )
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._warn_missed_apply()
         groups = None if torch.compiler.is_compiling() else _host_cache.lookup(self)
         if groups is not None:  # same parameters, same gradient pattern as the cached step (plain tensors)
             cfg = self._config(cached=True)
-            if not cfg.perturbed:
+            if not self.training:
                 self._warn_eval_step()
             if not self._backend.checks_inputs:
                 _checks.validate_grads(self.param_groups, self._device)
             if not any(any(gr is not None for gr in g.grads) for g in groups):
-                return loss
+                return self._stepped_without_grads(loss)
             try:
                 self._backend.step(groups, self._gstate, cfg)
             except Exception:
                 # a descriptive error if an input is at fault (nothing was modified)
                 _checks.validate_grads(self.param_groups, self._device)
                 raise
-            return loss
+            return self._stepped(cfg, loss)
         _checks.validate_grads(self.param_groups, self._device)
         cfg = self._config(cached=False)  # before any state is allocated: it refuses unsupported layouts
         if not torch.compiler.is_compiling():
             _checkpoint.adopt_bypassed_load(self)  # a wrapper that filled self.state itself (ZeRO's load)
-        if not cfg.perturbed:
+        if not self.training:
             self._warn_eval_step()
         groups = self._groups(with_grads=True)
         backend = self._backend
@@ -298,41 +327,98 @@ class MGPO(torch.optim.Optimizer):
             _host_cache.build(self, groups)
         if not any(any(gr is not None for gr in g.grads) for g in groups):
             if cfg.reduce_hook is None:
-                return loss  # no gradient anywhere: nothing to do, as in AdamW
+                return self._stepped_without_grads(loss)  # no gradient anywhere: nothing to do, as in AdamW
             # a sharded optimizer must take part in the all-reduce even with no local gradient
             backend = _backends.resolve("reference", self._device)
         backend.step(groups, self._gstate, cfg)
+        return self._stepped(cfg, loss)
+
+    def _stepped(self, cfg: StepConfig, loss):
+        """After a step: theta_{t+1} is at rest; in train mode the next training forward applies eps_{t+1}."""
+        rest = self._at_rest
+        rest.applied = False
+        rest.maybe_nonzero = rest.maybe_nonzero or cfg.rho != 0.0
+        if self.training and rest.maybe_nonzero:
+            _at_rest.arm(self)
         return loss
+
+    def _stepped_without_grads(self, loss):
+        """No gradient anywhere (nothing to update, as in AdamW): still leave theta at rest."""
+        if self._at_rest.applied:
+            self._remove_perturbation()
+            _at_rest.arm(self)
+        return loss
+
+    # ------------------------------------------------------------------ eps: apply (forward) and remove
+    @torch.no_grad()
+    def apply_perturbation(self) -> None:
+        """Apply eps = coef * m to the parameters now (one multi-tensor pass); the next ``step()`` removes it.
+
+        Called by the forward pre-hook (see _at_rest.py) at the first training forward after a step; call it
+        yourself before the forward of a loop that never calls an ``nn.Module`` holding the parameters (raw tensors,
+        ``torch.func.functional_call``).  Does nothing in eval mode, when eps is already applied, or when eps is
+        known to be zero (before the first step, rho = 0)."""
+        rest = self._at_rest
+        if rest.applied or not self.training:
+            return
+        if not torch.compiler.is_compiling():
+            _checkpoint.adopt_bypassed_load(self)  # a wrapper that filled self.state itself (ZeRO's load)
+        _at_rest.disarm(rest)
+        if not rest.maybe_nonzero:
+            return
+        coef = self._gstate.coef
+        groups = self._groups(with_grads=False)
+        _checkpoint.sync_masters(groups)  # a bf16/fp16 parameter written since the step: its value is theta
+        if coef.device.type == "cpu" and float(coef) == 0.0:  # nothing to add (no host sync on a CPU tensor)
+            return
+        if any(g.params for g in groups):
+            self._backend.perturb(groups, coef, apply=True)
+        rest.applied = True
+        self._share_with_ranks()
+
+    @torch.no_grad()
+    def _remove_perturbation(self) -> None:
+        """Remove the eps a training forward applied (eval() or a load before the step that would have)."""
+        rest = self._at_rest
+        if not rest.applied:
+            return
+        self._backend.perturb(self._groups(with_grads=False), self._gstate.coef, apply=False)
+        rest.applied = False
+        self._share_with_ranks()
+
+    def _share_with_ranks(self) -> None:
+        zero = self.__dict__.get("_sharding_parent")
+        if zero is not None:  # a collective: the ranks hold copies of the parameters this rank owns (ZeRO)
+            zero._sync_params()
 
     # ------------------------------------------------------------------ modes
     def _set_mode(self, perturbed: bool) -> None:
         for g in self.param_groups:
             g[MODE_KEY] = perturbed
-        zero = self.__dict__.get("_sharding_parent")
-        if zero is not None:  # a collective: every rank switches modes together, as it steps together
-            zero._sync_params()
 
     @torch.no_grad()
     def eval(self) -> "MGPO":
-        """Remove the perturbation: the parameters hold theta (for evaluation or saving). Idempotent."""
-        if self.training:
-            self._backend.perturb(self._groups(with_grads=False), self._gstate.coef, apply=False)
-            self._set_mode(False)
+        """Eval mode: the parameters hold theta (eps removed if a training forward had applied it) and no forward
+        applies eps until ``train()``.  ``step()`` in eval mode is a plain AdamW step.  Idempotent."""
+        self._remove_perturbation()
+        _at_rest.disarm(self._at_rest)
+        self._set_mode(False)
         return self
 
     @torch.no_grad()
     def train(self, mode: bool = True) -> "MGPO":
-        """Re-apply the perturbation (``train(False)`` is ``eval()``). Idempotent."""
+        """Train mode (``train(False)`` is ``eval()``): the next training forward applies eps. Moves nothing."""
         if not mode:
             return self.eval()
-        if not self.training:
-            self._backend.perturb(self._groups(with_grads=False), self._gstate.coef, apply=True)
-            self._set_mode(True)
+        self._set_mode(True)
+        rest = self._at_rest
+        if rest.maybe_nonzero and not rest.applied:
+            _at_rest.arm(self)
         return self
 
     @contextlib.contextmanager
     def unperturbed(self):
-        """``with opt.unperturbed(): evaluate()`` — parameters hold theta inside, previous mode after."""
+        """``with opt.unperturbed(): evaluate()`` — eval mode inside (theta, nothing applied), previous mode after."""
         was = self.training
         self.eval()
         try:
@@ -343,12 +429,17 @@ class MGPO(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """torch's state dict plus MGPO's global scalars and, per parameter, fingerprints of theta and theta + eps
-        (see _checkpoint.py): a load continues the run whether the model then holds theta or theta + eps."""
+        """torch's state dict plus MGPO's global scalars (under ``"mgpo"`` and mirrored per parameter, see
+        _checkpoint.py).  The parameters are at theta between steps, so the model's weights saved beside it are
+        theta and a load continues the run."""
         return _checkpoint.state_dict(self, super().state_dict())
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a MGPO or torch AdamW state dict, before or after the model's weights (theta or theta + eps).
+        """Load a MGPO (this version's or 0.1.0's) or torch AdamW state dict; the parameters are not written.
 
-        The mode stays this optimizer's; the parameters are moved to theta + eps (train mode) or theta (eval)."""
-        _checkpoint.load_state_dict(self, state_dict, super().load_state_dict)
+        torch's load runs (with its pre/post hooks); MGPO's own pre-hook checks the dict (after the user's
+        pre-hooks) and its post-hook (before the user's) keeps the moments fp32 and the masters consistent with
+        the parameters.  The mode stays this optimizer's."""
+        self._remove_perturbation()  # a load between a training forward and its step: theta first
+        _checkpoint.install_load_hooks(self)
+        super().load_state_dict(state_dict)

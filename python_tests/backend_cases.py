@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from mgpo_kernels import MGPO
-from mgpo_kernels.functional import init_global_state, mgpo
+from mgpo_kernels.functional import apply_perturbation, init_global_state, mgpo
 
 Shape = Tuple[int, ...]
 
@@ -482,6 +482,12 @@ class Side:
         if t in case.eval_steps:
             self.opt.eval()
             self.training = False
+        # theta at rest: a loop without module calls applies eps itself before its forward (here: the gradients)
+        if self.training:
+            if case.api == "functional":
+                apply_perturbation(self._functional_groups(), self.gstate, backend=self.backend)
+            else:
+                self.opt.apply_perturbation()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"MGPO\.step\(\) was called in eval mode")
             if case.api == "functional":
@@ -497,6 +503,15 @@ class Side:
             else:
                 self.opt.step()
         self.check_invariants(f"{self.backend} step {t}", t, gs_before, before)
+
+    def _functional_groups(self) -> List[dict]:
+        groups, at = [], 0
+        for size in self.group_sizes:
+            sts = [self.state_dicts[i] for i in range(at, at + size)]
+            groups.append(dict(params=[self.params[i].detach() for i in range(at, at + size)],
+                               exp_avgs=[s["exp_avg"] for s in sts], master_params=[s.get("master_param") for s in sts]))
+            at += size
+        return groups
 
     def _functional_step(self, t: int) -> None:
         case, groups, at = self.case, [], 0
@@ -519,6 +534,7 @@ class Side:
             opts["found_inf"] = torch.tensor(1.0 if t in case.found_inf_steps else 0.0, device=self.device)
         if case.reduce_hook is not None:
             opts["reduce_hook"] = self._hook
+        opts["perturbed"] = self.training
         mgpo(groups, self.gstate, backend=self.backend, **opts)
 
     def _hook(self, sums: torch.Tensor) -> None:
@@ -548,20 +564,23 @@ class Side:
             if skipped and before is not None:  # a skipped step changes nothing but the count
                 after = self._tensors()
                 for key, x in before.items():
-                    assert _same_bits(after[key], x), f"{what}: the skipped step changed {key}"
+                    if key[1] == "param" and x.dtype == torch.float32:  # theta + eps - eps: theta up to rounding
+                        assert torch.allclose(after[key], x, rtol=1e-6, atol=1e-7), \
+                            f"{what}: the skipped step did not leave {key} at theta"
+                    else:
+                        assert _same_bits(after[key], x), f"{what}: the skipped step changed {key}"
                 for key in ("step", "gbar", "coef"):
                     assert _same_bits(gs[key], gs_before[key]), f"{what}: the skipped step changed {key}"
         if self.sums_seen:
             sums = self.sums_seen[-1]
             assert sums.dtype == torch.float64 and sums.shape == (4 * len(self.group_sizes),), \
                 f"{what}: the reduce hook got sums of {sums.dtype} {tuple(sums.shape)}"
-        # a bf16/fp16 parameter holds exactly its fp32 master plus the applied perturbation, rounded once
-        coef = gs["coef"] if self.training else torch.zeros_like(gs["coef"])
+        # theta at rest: a bf16/fp16 parameter holds exactly its fp32 master, rounded once
         for i, p in enumerate(self.params):
             st = self.state(i)
             if st is not None and "master_param" in st:
-                want = (st["master_param"] + coef * st["exp_avg"]).to(p.dtype)
-                assert torch.equal(p.detach(), want), f"{what}: param {i} is not its rounded master + eps"
+                want = st["master_param"].to(p.dtype)
+                assert torch.equal(p.detach(), want), f"{what}: param {i} is not its rounded master (theta)"
 
 
 # ---------------------------------------------------------------------------------------------- comparison

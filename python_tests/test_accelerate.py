@@ -93,8 +93,8 @@ def build(seed: int, accum: int = 1, **mgpo_kw):
 # ------------------------------------------------------------------------------------------ save_state / load_state
 @pytest.mark.parametrize("accum, unperturbed_save", [(1, False), (2, False), (2, True)])
 def test_save_state_load_state_resume_matches_uninterrupted(tmp_path, accum, unperturbed_save):
-    """As accelerate's docs show (mid-training: the saved model holds theta + eps), or inside unperturbed() (the
-    saved model holds theta, ready to deploy): either checkpoint continues the uninterrupted run."""
+    """As accelerate's docs show (mid-training), or inside unperturbed(): the saved model holds theta (theta at
+    rest), and the checkpoint continues the uninterrupted run."""
     steps, cut = 8, 4
     acc, model, opt, sched = build(seed=0, accum=accum)
     train(acc, model, opt, sched, 0, steps, accum)
@@ -102,35 +102,30 @@ def test_save_state_load_state_resume_matches_uninterrupted(tmp_path, accum, unp
 
     acc, model, opt, sched = build(seed=0, accum=accum)
     train(acc, model, opt, sched, 0, cut, accum)
-    assert find_mgpo(opt).training
+    assert find_mgpo(opt).training and not find_mgpo(opt).perturbation_applied
+    theta_at_cut = [p.detach().clone() for p in model.parameters()]
     if unperturbed_save:
         with find_mgpo(opt).unperturbed():
             acc.save_state(str(tmp_path / "ckpt"))
     else:
         acc.save_state(str(tmp_path / "ckpt"))
-    with find_mgpo(opt).unperturbed():
-        theta_at_cut = [p.detach().clone() for p in model.parameters()]
-    perturbed_at_cut = [p.detach().clone() for p in model.parameters()]
-    # the test can tell theta from theta + eps
-    assert max(rel(a, b) for a, b in zip(perturbed_at_cut, theta_at_cut)) > 1e-3
+    # the test can tell theta from theta + eps: the next training forward moves the parameters
+    with torch.no_grad():
+        eps = [find_mgpo(opt).global_state["coef"] * find_mgpo(opt).state[p]["exp_avg"] for p in model.parameters()]
+    assert max(rel(q + e, q) for q, e in zip(theta_at_cut, eps)) > 1e-3
     saved = safetensors_torch.load_file(str(tmp_path / "ckpt" / "model.safetensors"))
-    for (n, _), q in zip(model.named_parameters(), theta_at_cut if unperturbed_save else perturbed_at_cut):
+    for (n, _), q in zip(model.named_parameters(), theta_at_cut):
         assert rel(saved[n], q) <= 1e-7, n
 
     # a new process: new objects, other random weights; everything must come from the checkpoint
     acc, model, opt, sched = build(seed=123, accum=accum)
     acc.load_state(str(tmp_path / "ckpt"))
     assert find_mgpo(opt).training
-    for p, q in zip(model.parameters(), perturbed_at_cut):
-        assert rel(p.detach(), q) <= 1e-6
-    with find_mgpo(opt).unperturbed():
-        for p, q in zip(model.parameters(), theta_at_cut):
-            assert rel(p.detach(), q) <= 1e-6
+    for p, q in zip(model.parameters(), theta_at_cut):
+        assert rel(p.detach(), q) <= 1e-7
     assert sched.scheduler.last_epoch == cut
     train(acc, model, opt, sched, cut, steps, accum)
     assert_same_run(model, opt, *full)
-    with find_mgpo(opt).unperturbed(), find_mgpo(full[1]).unperturbed():
-        assert_same_run(model, opt, *full)
 
 
 def make_lora_model(seed: int) -> torch.nn.Module:
@@ -144,25 +139,23 @@ def make_lora_model(seed: int) -> torch.nn.Module:
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_prepare_on_optimizer_with_state_keeps_theta(lora):
-    """AcceleratedOptimizer.__init__ round-trips state_dict() -> load_state_dict() (device placement)."""
+    """AcceleratedOptimizer.__init__ round-trips state_dict() -> load_state_dict() (device placement): the
+    parameters stay theta, and the next training forward still applies eps."""
     model = make_lora_model(0) if lora else make_model(0)
     opt = MGPO([p for p in model.parameters() if p.requires_grad], **KW)
     for k in range(3):
         opt.zero_grad()
         loss_fn(model, *batch(k)).backward()
         opt.step()
-    before = [p.detach().clone() for p in model.parameters()]
-    with opt.unperturbed():
-        theta = [p.detach().clone() for p in model.parameters()]
-    assert max(rel(a, b) for a, b in zip(before, theta)) > 1e-3
+    theta = [p.detach().clone() for p in model.parameters()]
     acc = fresh_accelerator()
     pmodel, wrapped = acc.prepare(model, opt)
     assert isinstance(wrapped, AcceleratedOptimizer) and find_mgpo(wrapped) is opt and opt.training
-    for p, q in zip(pmodel.parameters(), before):
+    for p, q in zip(pmodel.parameters(), theta):
         assert rel(p.detach(), q) <= 1e-7
-    with find_mgpo(wrapped).unperturbed():
-        for p, q in zip(pmodel.parameters(), theta):
-            assert rel(p.detach(), q) <= 1e-6
+    loss_fn(pmodel, *batch(5)).backward()
+    assert opt.perturbation_applied
+    assert max(rel(p.detach(), q) for p, q in zip(pmodel.parameters(), theta)) > 1e-4
 
 
 def test_load_checkpoint_by_hand_then_prepare_continues_the_run(tmp_path):
@@ -181,8 +174,7 @@ def test_load_checkpoint_by_hand_then_prepare_continues_the_run(tmp_path):
         opt.zero_grad()
         loss_fn(model, *batch(k)).backward()
         opt.step()
-    with opt.unperturbed():  # the documented unperturbed checkpoint
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")  # theta at rest
 
     model = make_model(7)
     opt = MGPO(model.parameters(), **KW)
@@ -278,19 +270,28 @@ def test_mode_and_options_through_accelerated_optimizer():
     acc, model, wrapped, sched = build(seed=0)
     train(acc, model, wrapped, sched, 0, 3)
     mgpo = find_mgpo(wrapped)
-    pert = [p.detach().clone() for p in model.parameters()]
-    wrapped.eval()
-    assert not mgpo.training
     theta = [p.detach().clone() for p in model.parameters()]
+    loss_fn(model, *batch(40)).backward()  # a training forward applies eps
+    assert mgpo.perturbation_applied
+    pert = [p.detach().clone() for p in model.parameters()]
     assert max(rel(a, b) for a, b in zip(pert, theta)) > 1e-3
-    wrapped.train()
-    assert mgpo.training
-    for p, q in zip(model.parameters(), pert):
+    wrapped.eval()  # removes it: theta
+    assert not mgpo.training and not mgpo.perturbation_applied
+    for p, q in zip(model.parameters(), theta):
         assert rel(p.detach(), q) <= 1e-6
+    loss_fn(model, *batch(41)).backward()  # eval mode: nothing applied
+    assert not mgpo.perturbation_applied
+    wrapped.train()
+    assert mgpo.training and not mgpo.perturbation_applied
     with find_mgpo(wrapped).unperturbed():
         for p, q in zip(model.parameters(), theta):
-            assert torch.equal(p.detach(), q)
+            assert rel(p.detach(), q) <= 1e-6
     assert mgpo.training
+    wrapped.zero_grad()
+    # the same run from here on as without the detour (its gradients were dropped, eps applied again)
+    ref_acc, ref_model, ref_opt, ref_sched = build(seed=0)
+    train(ref_acc, ref_model, ref_opt, ref_sched, 0, 3)
+    assert_same_run(model, wrapped, ref_model, ref_opt, tol=1e-6)
 
     # options through param_groups reach MGPO: the run equals one built with the new value from that step on
     ref_acc, ref_model, ref_opt, ref_sched = build(seed=0)

@@ -164,10 +164,12 @@ struct CpuStages {
     return scal;
   }
 
-  // Pass 2: restore, AdamW, re-perturb.
+  // Pass 2: restore, AdamW (theta_{t+1} at rest; the perturb op's pass 2 applies eps).
   static void update(const CheckedPlan& plan, const at::Tensor& scal) {
     const float* sc = scal.data_ptr<float>();
-    if (sc[kScalSkip] != 0.0f) return;  // non-finite gradients: nothing changes
+    // non-finite gradients: AdamW changes nothing, but eps applied by the forward is still removed (no gradients)
+    const bool skip = sc[kScalSkip] != 0.0f;
+    if (skip && sc[kScalRestore] == 0.0f) return;
     const size_t n = plan.tensors.size();
     std::vector<float> lr_of(plan.groups.size());
     for (size_t k = 0; k < plan.groups.size(); ++k)
@@ -182,7 +184,8 @@ struct CpuStages {
       const PlanTensor& pt = plan.tensors[i];
       UpdTensor& t = ts[i];
       static_cast<PlanTensor&>(t) = pt;
-      const float step = pt.g != nullptr ? *pt.step : 1.0f;
+      if (skip) t.g = nullptr;
+      const float step = t.g != nullptr ? *pt.step : 1.0f;
       if (pt.group != memo_group || step != memo_step) {  // tensors of a group usually share their step count
         const PlanGroup& gr = plan.groups[pt.group];
         memo = mgpo_tensor_coefs(sc[kScalC], sc[kScalRestore], sc[kScalApply], lr_of[pt.group], gr.beta1, gr.beta2,

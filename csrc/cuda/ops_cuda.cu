@@ -373,11 +373,12 @@ __device__ __forceinline__ void update_range(T* __restrict__ p, const T* __restr
 }
 
 template <typename T>
-__device__ __forceinline__ void update_chunk(const UpdTensorArg& t, int64_t start, int len, const AdamCoefs& k) {
+__device__ __forceinline__ void update_chunk(const UpdTensorArg& t, int64_t start, int len, const AdamCoefs& k,
+                                             bool skip) {
   T* p = static_cast<T*>(t.p) + start;
   float* m = t.m + start;
   float* master = t.master == nullptr ? nullptr : t.master + start;
-  if (t.g != nullptr) {
+  if (t.g != nullptr && !skip) {
     const T* g = static_cast<const T*>(t.g) + start;
     float* v = t.v + start;
     if (master != nullptr)
@@ -403,22 +404,23 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
     skip = s[kScalSkip] != 0.0f;
     const GroupArg& gr = a.h.grp[t.group];
     const float lr = gr.lr_ptr != nullptr ? *gr.lr_ptr : gr.lr;
-    const float step = t.g != nullptr ? *t.step : 1.0f;
+    const float step = (t.g != nullptr && !skip) ? *t.step : 1.0f;
     ks = mgpo_tensor_coefs(s[kScalC], s[kScalRestore], s[kScalApply], lr, gr.beta1, gr.beta2, gr.eps,
                            gr.weight_decay, step);
   }
   __syncthreads();
-  if (skip) return;
+  // non-finite gradients: AdamW changes nothing, but eps applied by the forward is still removed (no gradients)
+  if (skip && ks.restore == 0.0f) return;
   const AdamCoefs k = ks;
   const int64_t start = (int64_t)(b - t.block_start) * kChunk;
   const int64_t rem = t.numel - start;
   const int len = rem < kChunk ? (int)rem : kChunk;
   if (t.dtype == kF32)
-    update_chunk<float>(t, start, len, k);
+    update_chunk<float>(t, start, len, k, skip);
   else if (t.dtype == kBF16)
-    update_chunk<__nv_bfloat16>(t, start, len, k);
+    update_chunk<__nv_bfloat16>(t, start, len, k, skip);
   else
-    update_chunk<__half>(t, start, len, k);
+    update_chunk<__half>(t, start, len, k, skip);
 }
 
 // ------------------------------------------------------------------------------------------ host side

@@ -1,14 +1,15 @@
 """The interface every MGPO backend implements.
 
 The optimizer (``mgpo_kernels.optimizer.MGPO``) owns validation, state allocation, state_dict and modes;
-a backend owns only the arithmetic of one ``step()`` and of the perturb/unperturb used by ``eval()``/``train()``.
+a backend owns only the arithmetic of one ``step()`` and of the apply/remove pass of eps (``perturb``).
 Adding a backend means one module that subclasses :class:`Backend` and one line in ``backends/__init__.py``.
 
 Conventions shared by all backends (the spec is README.md / the paper's Eqs. 2-6):
 
-* ``eps_t = coef * m_{t-1}``: the perturbation is never stored, only the scalar ``coef`` that was applied
-  (``GlobalState.coef``).  Restoring is ``theta = p - coef * m`` (fp32 params, in place) or ``theta = master``
-  (bf16/fp16 params, whose fp32 master copy holds theta exactly).
+* theta at rest: a step leaves theta_{t+1} in the parameters.  ``eps_{t+1} = coef * m_t`` is applied by
+  :meth:`Backend.perturb` when the next training forward starts, and removed by the next step (fused in its
+  update): restoring is ``theta = p - coef * m`` (fp32 params, in place) or ``theta = master`` (bf16/fp16 params,
+  whose fp32 master copy holds theta exactly).  The perturbation is never stored, only the scalar ``coef``.
 * All scalars live in 0-d tensors on the parameters' device; a backend never reads them on the host.
 * A step whose gradients are non-finite (or whose GradScaler ``found_inf`` is set) changes nothing except
   ``GlobalState.skipped``.
@@ -16,7 +17,7 @@ Conventions shared by all backends (the spec is README.md / the paper's Eqs. 2-6
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -51,7 +52,7 @@ class GlobalState:
 
     step:    number of MGPO steps taken (not skipped); float32.  ``gbar`` is initialised when it is 0.
     gbar:    EMA of the global gradient norm; float32.
-    coef:    the coefficient of the perturbation currently applied (or to be applied by ``train()``): eps = coef*m.
+    coef:    the coefficient of the perturbation eps = coef*m (applied by the next training forward).
     skipped: number of skipped (non-finite) steps; int64.
     """
 
@@ -79,8 +80,9 @@ class StepConfig:
     """Optimizer-wide hyper-parameters and GradScaler inputs for one step.
 
     sign:          +1.0 for direction="momentum" (paper Eq. 3), -1.0 for "-momentum".
-    perturbed:     True when the parameters currently hold theta + coef*m (train mode).  When False (eval mode),
-                   the step restores nothing and applies nothing; it still updates ``coef`` for ``train()``.
+    perturbed:     True when the parameters hold theta + coef*m on entry (a training forward applied eps): the
+                   step removes it.  Either way the step leaves theta_{t+1} in the parameters (theta at rest) and
+                   updates ``coef``, which the next training forward's apply pass uses.
     grad_scale:    GradScaler's scale (grads are divided by it), or None.
     found_inf:     GradScaler's found-inf flag (float tensor, >0 means skip), or None.
     reduce_hook:   called in place on the float64 ``sums`` tensor (layout below) before the scalar stage.
@@ -139,26 +141,27 @@ class Backend:
     def perturb(self, groups: List[GroupTensors], coef: Tensor, apply: bool) -> None:
         """Move the parameters between theta (``apply=False``) and theta + coef*m (``apply=True``).
 
-        Not on the hot path (eval()/train()/load_state_dict), so plain per-tensor torch ops are fine.  The
-        arithmetic is the step's (``p - coef*m``, ``theta + coef*m``: product rounded, then the sum; not
-        ``addcmul_``, which may fuse them), so every backend's eval()/train() agree bitwise with its steps.
+        ``apply=True`` is the apply pass of theta at rest (the first training forward after a step); ``apply=False``
+        removes eps again (``eval()`` or a load between that forward and the step).  The arithmetic is the step's
+        (``p - coef*m``, ``theta + coef*m``: product rounded, then the sum; not ``addcmul_``, which may fuse them),
+        so a step's restore removes exactly what this applied.  Multi-tensor (``torch._foreach_*``) ops.
         """
+        plain_p, plain_m, lp_p, lp_m, lp_master = [], [], [], [], []
         for g in groups:
             for p, m, master in zip(g.params, g.exp_avgs, g.masters):
                 if master is None:
-                    if apply:
-                        p.add_(m * coef)
-                    else:
-                        p.sub_(m * coef)
+                    plain_p.append(p)
+                    plain_m.append(m)
                 else:
-                    if apply:
-                        p.copy_(master + m * coef)
-                    else:
-                        p.copy_(master)
-
-
-def split_by_grad(g: GroupTensors) -> Tuple[List[int], List[int]]:
-    """Indices of the tensors with and without a gradient this step."""
-    with_grad = [i for i, gr in enumerate(g.grads) if gr is not None]
-    without = [i for i, gr in enumerate(g.grads) if gr is None]
-    return with_grad, without
+                    lp_p.append(p)
+                    lp_m.append(m)
+                    lp_master.append(master)
+        if plain_p:
+            delta = torch._foreach_mul(plain_m, coef)
+            (torch._foreach_add_ if apply else torch._foreach_sub_)(plain_p, delta)
+        if lp_p:
+            if apply:
+                vals = torch._foreach_add(lp_master, torch._foreach_mul(lp_m, coef))
+            else:
+                vals = lp_master
+            torch._foreach_copy_(lp_p, vals)

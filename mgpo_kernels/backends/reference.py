@@ -96,13 +96,15 @@ class ReferenceBackend(Backend):
         if cfg.reduce_hook is not None:
             cfg.reduce_hook(sums)
         c, skip, gbar_new, coef_new = scalar_stage(sums, [g.beta1 for g in groups], gstate, cfg)
+        # theta at rest: remove the eps a training forward applied (coef_old * m), write theta_{t+1}, apply none
         coef_old = gstate.coef
         restore = coef_old if cfg.perturbed else torch.zeros_like(coef_old)
-        apply = coef_new if cfg.perturbed else torch.zeros_like(coef_new)
 
         for g in groups:
             # no torch.tensor(python value) here: a host->device copy would break CUDA-graph capture
-            lr = g.lr.float().to(device) if isinstance(g.lr, Tensor) else torch.full((), g.lr, device=device)
+            # a one-element lr of any shape ([1], [1, 1]) as a 0-d scalar: broadcasting its shape would fail half-way
+            lr = (g.lr.detach().reshape(()).float().to(device) if isinstance(g.lr, Tensor)
+                  else torch.full((), g.lr, device=device))
             # AdamW's scalars as torch.optim.AdamW computes them: float64, rounded to fp32 once where used
             lr64 = lr.double()
             decay = (1.0 - lr64 * g.weight_decay).float()
@@ -123,8 +125,8 @@ class ReferenceBackend(Backend):
                     step_size = (lr64 / bc1).float()
                     denom = v_new.sqrt() / bc2.sqrt().float() + g.eps
                     theta_new = theta_new - step_size * m_new / denom
-                p_new = theta_new + apply * m_new
-                p.copy_(_keep(skip, p, p_new.to(p.dtype)))
+                # a skipped step changes nothing but still removes eps: p = theta_t
+                p.copy_(_keep(skip, theta.to(p.dtype), theta_new.to(p.dtype)))
                 if master is not None:
                     master.copy_(_keep(skip, master, theta_new))
                 if grad is not None:

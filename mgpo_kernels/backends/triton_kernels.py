@@ -291,13 +291,14 @@ def mgpo_update_kernel(
     ok = ((coef - coef) == 0.0) & (denom > 0.0)
     coef_new = tl.where(ok, coef, 0.0).to(tl.float32)
 
-    # ---- restore, AdamW, re-perturb one chunk of one tensor
-    if not skip:
+    # ---- restore, AdamW one chunk of one tensor (theta_{t+1} at rest: nothing is re-applied, apply = 0).  A
+    # skipped step (non-finite gradients) still removes the eps a training forward applied, with no gradients.
+    perturbed = tl.load(hyp_ptr + 6) != 0.0
+    if (skip == 0) | perturbed:
         c32 = c.to(tl.float32)
-        perturbed = tl.load(hyp_ptr + 6) != 0.0
         coef_old = tl.load(g_coef_ptr)
         restore = tl.where(perturbed, coef_old, 0.0)
-        apply = tl.where(perturbed, coef_new, 0.0)
+        apply = tl.where(perturbed, 0.0, 0.0)
 
         t = tl.load(blk_ptr + 2 * pid)
         start = tl.load(blk_ptr + 2 * pid + 1)
@@ -310,7 +311,7 @@ def mgpo_update_kernel(
         st_addr = tl.load(row + 5)
         numel = tl.load(row + 6)
         meta = tl.load(row + 7)
-        has_grad = (meta & 1) != 0
+        has_grad = ((meta & 1) != 0) & (skip == 0)
         code = (meta >> 1) & 3
         aligned = ((meta >> 3) & 1) != 0
         grp = meta >> 8

@@ -1,13 +1,13 @@
 """MGPO with the Hugging Face Trainer and PEFT.
 
-What the Trainer already does (transformers 5.x, accelerate 1.x; see docs/integrations.md for the lines):
+Theta at rest (mgpo_kernels/_at_rest.py) makes the Trainer right without help: between steps the model holds
+theta, so its evaluation, checkpoints (``save_steps``, ``save_model()`` from any callback, ``load_best_model_at_end``)
+and the model after ``train()`` are theta, and ``resume_from_checkpoint`` continues the run.  The Trainer's
+``optimizer.train()``/``optimizer.eval()`` calls (transformers 5.x, forwarded by accelerate's wrapper) switch MGPO's
+mode; the training forward applies eps just in time.
 
-* ``Trainer.training_step`` calls ``self.optimizer.train()`` before every forward/backward and
-  ``Trainer.evaluation_loop`` calls ``self.optimizer.eval()`` before evaluating, when the optimizer has them.
-  ``self.optimizer`` is accelerate's ``AcceleratedOptimizer``, whose ``train()``/``eval()`` forward to the wrapped
-  optimizer (or to ``optimizer.optimizer`` under DeepSpeed).  So evaluation runs at the unperturbed theta.
-* The Trainer does **not** call ``eval()`` before saving a checkpoint, nor at the end of training.  ``MGPOCallback``
-  does: checkpoint weights and the weights left in the model after ``train()`` are theta, not theta + eps.
+``MGPOCallback`` is optional: it only checks the setup at ``on_train_begin`` (an optimizer that holds none or only
+part of the model's trainable parameters, an option set on a wrapper where MGPO never reads it, DeepSpeed).
 
 Usage::
 
@@ -17,15 +17,13 @@ Usage::
 
 or, letting the Trainer build it (and its scheduler)::
 
-    trainer = Trainer(..., optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(lr=2e-4, rho=0.01),
-                      callbacks=[MGPOCallback()])
+    trainer = Trainer(..., optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(lr=2e-4, rho=0.01))
 
 The second form is the one for TRL's ``SFTTrainer(peft_config=...)``, which adds the adapters inside its
 ``__init__``: an MGPO built before over ``model.parameters()`` holds none of them (``MGPOCallback`` warns).
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -51,23 +49,17 @@ def _check_not_deepspeed(optimizer) -> None:
 
 
 class MGPOCallback(TrainerCallback):
-    """Keeps checkpoints and end-of-training weights unperturbed (theta) under the Hugging Face Trainer.
+    """Checks an MGPO setup under the Hugging Face Trainer (evaluation and checkpoints need no callback).
 
-    * ``on_step_end`` / ``on_epoch_end`` with ``control.should_save``: ``eval()`` before the Trainer saves (the
-      Trainer's next ``training_step`` calls ``optimizer.train()``, which re-applies the perturbation; so does
-      ``on_step_begin`` here, for custom training steps that do not).
-    * ``on_step_end`` of the last step (``control.should_training_stop``) and ``on_train_end``: ``eval()``, so the
-      final evaluation, ``load_best_model_at_end``, ``trainer.save_model()`` and any use of the model after
-      training see theta.
-    * ``on_train_begin``: refuses DeepSpeed-wrapped MGPO (see docs/integrations.md); warns when MGPO holds none
-      or only part of the model's trainable parameters (an optimizer built before PEFT added the adapters, e.g.
-      TRL's ``SFTTrainer(peft_config=..., optimizers=(MGPO(model.parameters()), None))``, trains nothing).
+    * ``on_train_begin``: refuses a DeepSpeed-wrapped MGPO (see docs/integrations.md); warns when the Trainer's
+      optimizer is not MGPO, or when MGPO holds none or only part of the model's trainable parameters (an optimizer
+      built before PEFT added the adapters, e.g. TRL's ``SFTTrainer(peft_config=..., optimizers=(MGPO(model.
+      parameters()), None))``, trains nothing).
     * ``on_train_begin`` / ``on_step_begin``: raise when a wrapper (accelerate's ``AcceleratedOptimizer``) carries
       an attribute named like an MGPO option (``trainer.optimizer.rho = x``), which MGPO never reads; set options
       as ``for g in trainer.optimizer.param_groups: g["rho"] = x``.
 
-    Put it after any callback that sets ``control.should_save`` itself (the Trainer's own flow callback always
-    runs first).  ``optimizer``: pass the MGPO explicitly if the Trainer does not know it (rare).
+    ``optimizer``: pass the MGPO explicitly if the Trainer does not know it (rare).
     """
 
     def __init__(self, optimizer: Optional[MGPO] = None):
@@ -76,8 +68,7 @@ class MGPOCallback(TrainerCallback):
     def _mgpo(self, kwargs) -> Optional[MGPO]:
         if self._explicit is not None:
             return self._explicit
-        opt = find_mgpo(kwargs.get("optimizer"))
-        return opt
+        return find_mgpo(kwargs.get("optimizer"))
 
     def on_train_begin(self, args, state, control, **kwargs):
         opt = kwargs.get("optimizer")
@@ -100,25 +91,6 @@ class MGPOCallback(TrainerCallback):
         opt = kwargs.get("optimizer")
         if opt is not None:
             check_wrapper_options(opt)  # an option set on the wrapper mid-training (a few dict lookups)
-        opt = self._mgpo(kwargs)
-        if opt is not None:
-            opt.train()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # should_training_stop: the last step.  Unperturb now, before the Trainer may load the best checkpoint
-        # (load_best_model_at_end): an eval() after that would subtract the perturbation from the loaded weights.
-        if control.should_save or control.should_training_stop:
-            opt = self._mgpo(kwargs)
-            if opt is not None:
-                opt.eval()
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.on_step_end(args, state, control, **kwargs)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        opt = self._mgpo(kwargs)
-        if opt is not None:
-            opt.eval()
 
 
 # ---------------------------------------------------------------------------------------------- PEFT helpers
@@ -201,42 +173,15 @@ def mgpo_for_peft(
     return MGPO(groups, lr=lr, weight_decay=weight_decay, **mgpo_kwargs)
 
 
-def _calling_trainer(depth: int = 4):
-    """The transformers Trainer whose method called us (``Trainer.create_optimizer`` calls the factory), or None."""
-    from transformers import Trainer
-
-    try:
-        f = sys._getframe(2)
-    except ValueError:  # called from the top of the stack
-        return None
-    for _ in range(depth):
-        if f is None:
-            return None
-        obj = f.f_locals.get("self")
-        if isinstance(obj, Trainer):
-            return obj
-        f = f.f_back
-    return None
-
-
 class MGPOForPeft:
     """An optimizer *factory* for ``Trainer(optimizer_cls_and_kwargs=(MGPOForPeft, kwargs))``.
 
     The Trainer treats a first element that is not an Optimizer subclass as a factory: it calls
     ``MGPOForPeft()(model, **kwargs)``, so the LoRA parameters (and LoRA+ groups) are taken from the model, not from
-    the Trainer's decay/no-decay grouping of every trainable parameter.  Called by a Trainer that has no
-    :class:`MGPOCallback`, it warns: that Trainer's checkpoints and final weights would hold theta + eps.
+    the Trainer's decay/no-decay grouping of every trainable parameter.
     """
 
     def __call__(self, model: torch.nn.Module, **kwargs) -> MGPO:
-        trainer = _calling_trainer()
-        if trainer is not None and not any(isinstance(cb, MGPOCallback) for cb in trainer.callback_handler.callbacks):
-            warnings.warn(
-                "MGPO built by a Trainer without MGPOCallback: evaluation runs at theta (the Trainer calls "
-                "optimizer.eval()) and resume_from_checkpoint continues the run, but the checkpoints' model weights "
-                "and the model after train() hold theta + eps (the perturbed weights). Add "
-                "callbacks=[MGPOCallback()]", stacklevel=2,
-            )
         return mgpo_for_peft(model, **kwargs)
 
 

@@ -1,19 +1,14 @@
 """MGPO with PyTorch Lightning 2.x (``lightning`` or ``pytorch_lightning``).
 
-MGPO leaves the parameters at theta + eps between steps.  What Lightning does by itself (2.6, read in its sources):
+Theta at rest (mgpo_kernels/_at_rest.py) makes Lightning right without help: between steps the model holds theta,
+so validation (the sanity check included), test, predict, ``ModelCheckpoint`` and ``save_checkpoint`` (with or
+without ``save_weights_only``), weight averaging (``StochasticWeightAveraging``, ``EMAWeightAveraging``) and the
+model after ``fit`` see theta, and ``fit(ckpt_path=...)`` continues the run.  The training forward applies eps
+just in time.
 
-* validation (the sanity check included), test and predict run on whatever the parameters hold: theta + eps;
-* ``ModelCheckpoint`` / ``trainer.save_checkpoint`` build the checkpoint with ``lightning_module.state_dict()``
-  (``_CheckpointConnector.dump_checkpoint``): theta + eps, with or without ``save_weights_only`` (callbacks'
-  ``on_save_checkpoint`` is not even called for weights-only checkpoints);
-* ``fit`` leaves the model at theta + eps;
-* ``fit(ckpt_path=...)`` loads the model weights, builds the optimizer, then loads its state.
-
-``MGPOCallback`` puts theta wherever the model is evaluated or saved: ``eval()`` at the start of each
-validation/test/predict loop and the previous mode back at its end; ``eval()`` in a ``state_dict`` pre-hook of the
-LightningModule, so every checkpoint (and any other ``state_dict()`` during a trainer call) holds theta, the
-perturbation being re-applied at the next training batch; ``eval()`` at the end of ``fit`` (also when ``fit``
-stops on an exception).  A checkpoint is then "model at theta, optimizer state": loading it continues the run.
+``MGPOCallback`` is optional: at ``on_fit_start`` it refuses settings MGPO cannot be right with (gradient clipping
+by Lightning under a GradScaler, DeepSpeed, FSDP1) and warns when the MGPOs hold none or only part of the trainable
+parameters.
 
 Usage::
 
@@ -27,8 +22,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-import weakref
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 from ..optimizer import MGPO
 from .common import describe_missing, find_mgpo, missing_trainable_parameters
@@ -56,47 +50,15 @@ _REFUSED_STRATEGIES = {
 
 
 class MGPOCallback(*_callback_bases()):
-    """Evaluation, checkpoints and the weights after ``fit`` at theta; resume continues the run (see module doc).
+    """Checks an MGPO setup under Lightning at ``on_fit_start`` (see module doc); evaluation and checkpoints need
+    no callback."""
 
-    ``on_fit_start`` also refuses settings MGPO cannot be right with (gradient clipping by Lightning under a
-    GradScaler, DeepSpeed, FSDP1) and warns when the MGPOs hold none or only part of the trainable parameters.
-    """
+    @staticmethod
+    def _mgpos(trainer) -> List[MGPO]:
+        return [m for m in (find_mgpo(o) for o in trainer.optimizers) if m is not None]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._known: "weakref.WeakSet[MGPO]" = weakref.WeakSet()  # the last fit's MGPOs, for a later validate()
-        self._modes: Dict[str, List[Tuple[MGPO, bool]]] = {}
-        self._hook = None
-
-    # ------------------------------------------------------------------ finding the optimizers
-    def _mgpos(self, trainer) -> List[MGPO]:
-        """The trainer's MGPOs; in a trainer call without optimizers (``validate`` etc. on a new Trainer), those of
-        this callback's last ``fit`` that hold parameters of the module."""
-        found = [m for m in (find_mgpo(o) for o in trainer.optimizers) if m is not None]
-        if found or not self._known:
-            return found
-        module = trainer.lightning_module
-        ids = {id(p) for p in module.parameters()} if module is not None else set()
-        return [m for m in self._known if any(id(p) in ids for g in m.param_groups for p in g["params"])]
-
-    # ------------------------------------------------------------------ state_dict: theta in every checkpoint
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self.teardown(trainer, pl_module, stage)
-        self._hook = pl_module.register_state_dict_pre_hook(lambda *_: self._unperturb(trainer))
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def _unperturb(self, trainer) -> None:
-        for m in self._mgpos(trainer):
-            m.eval()
-
-    # ------------------------------------------------------------------ fit
     def on_fit_start(self, trainer, pl_module) -> None:
         mgpos = self._mgpos(trainer)
-        self._known = weakref.WeakSet(mgpos)
         if not mgpos:
             return
         for cls in type(trainer.strategy).__mro__:
@@ -131,47 +93,3 @@ class MGPOCallback(*_callback_bases()):
         names = [n for n in trainable if n in missing and id(params[n]) not in others]
         if names:
             warnings.warn(describe_missing(names, len(trainable)), UserWarning, stacklevel=2)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        # every micro-batch's forward/backward at theta + eps, also after a checkpoint or validation left theta
-        for m in self._mgpos(trainer):
-            m.train()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._unperturb(trainer)
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        # also when the fit loop is skipped (resumed at max_steps): the optimizer's load re-applied eps
-        self._unperturb(trainer)
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._unperturb(trainer)
-
-    # ------------------------------------------------------------------ evaluation loops
-    def _enter(self, trainer, stage: str) -> None:
-        mgpos = self._mgpos(trainer)
-        self._modes[stage] = [(m, m.training) for m in mgpos]
-        for m in mgpos:
-            m.eval()
-
-    def _leave(self, stage: str) -> None:
-        for m, was_training in self._modes.pop(stage, []):
-            m.train(was_training)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._enter(trainer, "validate")
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self._leave("validate")
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        self._enter(trainer, "test")
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        self._leave("test")
-
-    def on_predict_start(self, trainer, pl_module) -> None:
-        self._enter(trainer, "predict")
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self._leave("predict")
