@@ -1,12 +1,16 @@
 """Backend registry: name -> class, availability and the choice made by backend="auto".
 
-A backend module that fails to import (extension not built, Triton missing) is recorded with the reason, so
-``available_backends()`` and the error for an unusable backend can say why.
+A backend module that fails to import (extension not built, built for another torch, Triton missing) is recorded
+with the reason, so ``available_backends()`` and the error for an unusable backend can say why; and when "auto"
+ends on a slower backend than the device could use, it says so once (:class:`MGPOFallbackWarning`), with the fix.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Optional, Type
+import importlib.util
+import os
+import warnings
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 
@@ -23,19 +27,88 @@ BACKEND_NAMES = tuple(_MODULES)
 _loaded: Dict[str, Type[Backend]] = {}
 _import_errors: Dict[str, str] = {}
 
+#: backend="auto"'s ranking of the backends it could not load (a loaded backend says its own ``priority``).
+_EXPECTED_PRIORITY = {"cpp": {"cpu": 10, "cuda": 20}, "triton": {"cuda": 10}}
+_REBUILD = ("rebuild it against this torch: pip install --no-build-isolation --force-reinstall --no-deps "
+            "mgpo_kernels (from its source; `pip install --no-build-isolation -e .` in a checkout)")
+
+
+class MGPOFallbackWarning(UserWarning):
+    """backend="auto" uses a slower backend than this device could run, and why (issued once per cause)."""
+
+
+def build_info():
+    """The module setup.py wrote when it built ``mgpo_kernels._C`` (torch version, ISAs, CUDA architectures), or
+    None (not built, or built by an older setup.py)."""
+    try:
+        from mgpo_kernels import _build_info
+    except ImportError:
+        return None
+    return _build_info
+
+
+def extension_path() -> Optional[str]:
+    """Where the compiled ``mgpo_kernels._C`` is, or None if there is none."""
+    try:
+        spec = importlib.util.find_spec("mgpo_kernels._C")
+    except (ImportError, ValueError):
+        return None
+    return None if spec is None else spec.origin
+
+
+def extension_problem() -> Optional[str]:
+    """Why ``mgpo_kernels._C`` must not be loaded, found without loading it: not built, or built for another
+    torch (loading it then fails with undefined symbols, or worse)."""
+    if extension_path() is None:
+        return ("mgpo_kernels._C is not built (no compiled extension in the package): install with "
+                "`pip install --no-build-isolation .` (torch first), or `pip install --no-build-isolation -e .` / "
+                "`make install` in a checkout")
+    info = build_info()
+    built = getattr(info, "TORCH_VERSION", None)
+    if built is not None and built != torch.__version__:
+        return (f"mgpo_kernels._C was built against torch {built}, but this is torch {torch.__version__}; "
+                f"install torch {built} or {_REBUILD}")
+    return None
+
 
 def _load(name: str) -> Optional[Type[Backend]]:
     if name in _loaded:
         return _loaded[name]
     if name in _import_errors:
         return None
+    if name == "cpp":
+        why = extension_problem()
+        if why is not None:
+            _import_errors[name] = why
+            return None
+    if name == "triton" and importlib.util.find_spec("numpy") is None:
+        _import_errors[name] = ("numpy is not installed (the triton backend builds its launch tables with it): "
+                                "pip install numpy")
+        return None
     try:
         mod = importlib.import_module(_MODULES[name])
         _loaded[name] = mod.BACKEND
         return mod.BACKEND
     except Exception as e:  # ImportError, OSError from a broken .so, ...
-        _import_errors[name] = f"{type(e).__name__}: {e}"
+        cause = e.__cause__ if name == "cpp" and e.__cause__ is not None else e
+        if name == "cpp":
+            _import_errors[name] = (f"mgpo_kernels._C is built ({extension_path()}) but failed to load: "
+                                    f"{type(cause).__name__}: {cause}; {_REBUILD}")
+        else:
+            _import_errors[name] = f"{type(cause).__name__}: {cause}"
         return None
+
+
+def _warn_if_built_for_another_torch() -> None:
+    """At import: a wheel built for another torch is an error the user must hear of, not a silent fallback."""
+    info = build_info()
+    built = getattr(info, "TORCH_VERSION", None)
+    if built is not None and built != torch.__version__ and extension_path() is not None:
+        warnings.warn(f"mgpo_kernels: the cpp backend is disabled: {extension_problem()}", MGPOFallbackWarning,
+                      stacklevel=3)
+
+
+_warn_if_built_for_another_torch()
 
 
 def unavailable_reason(name: str, device=None) -> Optional[str]:
@@ -62,38 +135,83 @@ def backend_reasons(device=None) -> Dict[str, Optional[str]]:
 _warned_fallback: set = set()
 
 
-def resolve_for(name: str, device, param_groups) -> Backend:
-    """As :func:`resolve`, and "auto" skips a backend that refuses one of the parameters' memory layouts (the
-    fused kernels need dense tensors), saying so once."""
-    if name != "auto":
-        return resolve(name, device)
-    device = torch.device(device)
+def _expected_priority(name: str, device: torch.device) -> int:
+    cls = _loaded.get(name)
+    if cls is not None:
+        return cls.priority(device)
+    return _EXPECTED_PRIORITY.get(name, {}).get(device.type, -1)
+
+
+def _missed(chosen: str, device: torch.device) -> List[Tuple[str, str]]:
+    """The backends "auto" would rank above ``chosen`` for ``device`` that are unusable here, with the reason."""
+    floor = _expected_priority(chosen, device)
+    out = []
+    for n in BACKEND_NAMES:
+        if n != chosen and _expected_priority(n, device) > floor:
+            why = unavailable_reason(n, device)
+            if why is not None:
+                out.append((n, why))
+    return out
+
+
+def _fix_for(name: str, why: str) -> str:
+    if name == "triton" and "Triton is not installed" in why:
+        return why + " (pip install triton)"
+    decision = getattr(build_info(), "DECISION", None)
+    if name == "cpp" and "without CUDA" in why and decision:
+        return f"{why}; its build said: {decision}"
+    return why
+
+
+def _warn_fallback(chosen: str, device: torch.device) -> None:
+    """Warn once per (device type, chosen backend, reasons) when "auto" settles below what the device could run."""
+    if os.environ.get("MGPO_NO_FALLBACK_WARNING") == "1":
+        return
+    missed = _missed(chosen, device)
+    key = ("fallback", device.type, chosen, tuple(missed))
+    if not missed or key in _warned_fallback:
+        return
+    _warned_fallback.add(key)
+    whys = "; ".join(f"{n!r} is not usable: {_fix_for(n, w)}" for n, w in missed)
+    warnings.warn(f"MGPO backend='auto' on {device.type} uses the slower {chosen!r} backend: {whys}. "
+                  f"(`python -m mgpo_kernels` shows every backend; MGPO_NO_FALLBACK_WARNING=1 silences this.)",
+                  MGPOFallbackWarning, stacklevel=4)
+
+
+def _auto(device: torch.device, param_groups=None) -> Backend:
     usable = sorted((n for n in available_backends(device) if _loaded[n].priority(device) >= 0),
                     key=lambda n: -_loaded[n].priority(device))
-    params = [p for g in param_groups for p in g["params"]]
+    params = [p for g in param_groups for p in g["params"]] if param_groups is not None else []
     skipped = []
     for n in usable:
         why = next((w for w in map(_loaded[n].refuses, params) if w is not None), None)
         if why is None:
             if skipped and skipped[0] not in _warned_fallback:
                 _warned_fallback.add(skipped[0])
-                import warnings
-
                 warnings.warn(f"MGPO backend='auto': not using {skipped[0][0]!r} because {skipped[0][1]}; using "
                               f"{n!r} instead (make the parameters contiguous to get the fused kernels)",
-                              stacklevel=3)
+                              stacklevel=4)
+            else:
+                _warn_fallback(n, device)
             return _loaded[n]()
         skipped.append((n, why))
     return _loaded["reference"]()
 
 
+def resolve_for(name: str, device, param_groups) -> Backend:
+    """As :func:`resolve`, and "auto" skips a backend that refuses one of the parameters' memory layouts (the
+    fused kernels need dense tensors), saying so once."""
+    if name != "auto":
+        return resolve(name, device)
+    return _auto(torch.device(device), param_groups)
+
+
 def resolve(name: str, device) -> Backend:
-    """An instance of the backend called ``name`` ("auto" picks the fastest usable one for ``device``)."""
+    """An instance of the backend called ``name`` ("auto" picks the fastest usable one for ``device``, and warns
+    once if that is slower than what the device could run, saying why)."""
     device = torch.device(device)
     if name == "auto":
-        usable = [n for n in available_backends(device) if _loaded[n].priority(device) >= 0]
-        best = max(usable, key=lambda n: _loaded[n].priority(device))
-        return _loaded[best]()
+        return _auto(device)
     why = unavailable_reason(name, device)  # raises ValueError for unknown names
     if why is not None:
         raise RuntimeError(f"MGPO backend {name!r} is not usable on {device}: {why}")
