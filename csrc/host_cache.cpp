@@ -5,8 +5,10 @@
 // cache. Python's own loops (map, attrgetter) run a few hundred instructions per object, so the CPU waits for one
 // object's cache misses at a time; these loops compare pointers without touching the objects where that is enough
 // (identity) and are short enough for the misses of several objects to overlap.
+// Python.h (first), THPVariable_*, then plain pybind11: not <torch/extension.h>, whose C++ frontend (torch/all.h)
+// made this 83-line file the slowest of the build.
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 
 namespace mgpo {
 namespace {

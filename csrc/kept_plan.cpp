@@ -10,7 +10,7 @@
 // is the caller's to know (mgpo_kernels/backends/plan.py builds a new KeptPlan when its lists change).
 // Eager only: a compiled graph records the torch.ops.mgpo.* ops.
 #include <ATen/record_function.h>
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 + the at::Tensor casters, without torch/all.h's C++ frontend
 
 #include <array>
 #include <optional>

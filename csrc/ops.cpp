@@ -4,7 +4,8 @@
 // (kept_plan.cpp) and the host cache's helpers (host_cache.cpp).
 //
 // One MGPO step = pass 1 -> (reduce_hook on the float64 sums) -> scalar stage -> pass 2.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>  // Python.h first
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include <string>
