@@ -21,9 +21,11 @@ install: $(VENV)/.built
 test: install
 	TRITON_INTERPRET=1 $(VPY) -m pytest python_tests -q -rs
 
+# Results go to $(BENCH_OUT), not the committed benchmarks/results/ (copy them there to commit a run).
+BENCH_OUT ?= mgpo-bench-results
 bench: install
-	$(VPY) -m mgpo_kernels.bench table3
-	$(VPY) -m mgpo_kernels.bench step --ranks 8
+	$(VPY) -m mgpo_kernels.bench table3 --out $(BENCH_OUT)
+	$(VPY) -m mgpo_kernels.bench step --ranks 8 --out $(BENCH_OUT)
 
 clean:
 	rm -rf build *.egg-info mgpo_kernels/*.so $(VENV)/.built

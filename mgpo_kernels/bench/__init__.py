@@ -4,7 +4,8 @@
     mgpo-bench table3 [--preset default|llama2-7b|tiny] ... end-to-end LoRA training steps, Table 3's columns
     mgpo-bench stability [--preset quick|default|cuda] ...  LoRA vs LoRA-MGPO training stability (Figures 2-4)
 
-Each prints a markdown table and writes ``benchmarks/results/<date>-<device>-<name>.{json,md,png}``.
+Each prints a markdown table and writes ``<out>/<date>-<device>-<name>.{json,md,png}`` (``--out``, default
+``./mgpo-bench-results``).
 Also ``python -m mgpo_kernels.bench``.
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp):
         sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
-        sp.add_argument("--out-dir", default=None,
-                        help="where to write results (default: <checkout>/benchmarks/results, else ./benchmarks/results)")
+        sp.add_argument("--out", "--out-dir", dest="out_dir", default=None,
+                        help="folder to write the results to (default: ./mgpo-bench-results; the committed "
+                             "benchmarks/results/ only when named here)")
         sp.add_argument("--name", default=None, help="name part of the result files (default from the options)")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--no-chart", action="store_true", help="do not write the PNG chart")

@@ -188,13 +188,14 @@ def repo_root() -> Optional[Path]:
     return None
 
 
+#: Where results go without --out: a folder of the current directory, never the committed benchmarks/results/
+#: (committing a run's results there is a deliberate step: copy the files).
+DEFAULT_OUT = "mgpo-bench-results"
+
+
 def results_dir(out_dir: Optional[str]) -> Path:
-    """--out-dir, else <checkout>/benchmarks/results, else ./benchmarks/results."""
-    if out_dir:
-        p = Path(out_dir)
-    else:
-        root = repo_root()
-        p = (root if root is not None else Path.cwd()) / "benchmarks" / "results"
+    """--out (--out-dir), else ./mgpo-bench-results."""
+    p = Path(out_dir) if out_dir else Path.cwd() / DEFAULT_OUT
     p.mkdir(parents=True, exist_ok=True)
     return p
 
