@@ -108,3 +108,32 @@ def test_diagnostic_command():
     if B.unavailable_reason("cpp", "cpu") is None:
         assert "built against torch" in out or "did not record" in out
         assert "cpu cpp" in out and "OK" in out
+
+
+def test_import_warns_when_built_for_another_torch(registry, monkeypatch):
+    monkeypatch.setattr(B, "extension_path", lambda: "/x/_C.so")
+    monkeypatch.setattr(B, "build_info", lambda: types.SimpleNamespace(TORCH_VERSION="2.0.0+cu118"))
+    with pytest.warns(B.MGPOFallbackWarning, match=r"cpp backend is disabled: .*built against torch 2\.0\.0\+cu118"):
+        B._warn_if_built_for_another_torch()
+    monkeypatch.setattr(B, "build_info", lambda: types.SimpleNamespace(TORCH_VERSION=torch.__version__))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        B._warn_if_built_for_another_torch()
+
+
+@pytest.mark.parametrize("archs,cap,ok", [
+    ("8.0;9.0;10.0;12.0+PTX", (8, 6), True),    # sm_80 code runs on sm_86
+    ("8.0;9.0;10.0;12.0+PTX", (12, 1), True),
+    ("8.0;9.0;10.0;12.0+PTX", (13, 0), True),   # PTX
+    ("8.0;9.0;10.0;12.0+PTX", (7, 5), False),
+    ("8.0;9.0a", (9, 0), True),
+    ("9.0a", (10, 0), False),
+    ("8.6", (8, 0), False),
+])
+def test_arch_coverage(monkeypatch, archs, cap, ok):
+    monkeypatch.setattr(B, "build_info", lambda: types.SimpleNamespace(CUDA_ARCH_LIST=archs))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    why = B._arch_problem(torch.device("cuda"))
+    assert (why is None) == ok, why
+    if not ok:
+        assert f"sm_{cap[0]}{cap[1]}" in why and "TORCH_CUDA_ARCH_LIST" in why

@@ -119,7 +119,39 @@ def unavailable_reason(name: str, device=None) -> Optional[str]:
     cls = _load(name)
     if cls is None:
         return f"backend {name!r} could not be loaded ({_import_errors[name]})"
-    return cls.unavailable_reason(device)
+    why = cls.unavailable_reason(device)
+    if why is None and name == "cpp" and device.type == "cuda":
+        why = _arch_problem(device)
+    return why
+
+
+def _arch_problem(device: torch.device) -> Optional[str]:
+    """Why the CUDA kernels of this build cannot run on ``device``'s GPU (no code for its architecture), or None."""
+    archs = getattr(build_info(), "CUDA_ARCH_LIST", None)
+    if not archs:
+        return None
+    try:
+        major, minor = torch.cuda.get_device_capability(device)
+    except Exception:  # noqa: BLE001 - no driver: the backend's own check says so
+        return None
+    for a in archs.replace(" ", ";").split(";"):
+        a = a.strip()
+        if not a:
+            continue
+        ptx = a.endswith("+PTX")
+        num = a.replace("+PTX", "")
+        specific = num[-1:].isalpha()  # 9.0a, 10.0f...: that architecture only
+        try:
+            amaj, amin = (int(x) for x in num.rstrip("abcdefghijklmnopqrstuvwxyz").split("."))
+        except ValueError:
+            return None  # a list this check does not understand: let the launch decide
+        if (amaj, amin) == (major, minor) or (not specific and amaj == major and amin <= minor):
+            return None  # its machine code (sm_80 code runs on sm_86 and sm_89)
+        if ptx and (amaj, amin) <= (major, minor):
+            return None  # PTX the driver compiles for it
+    return (f"mgpo_kernels._C has no CUDA code for this GPU (sm_{major}{minor}): it was built for "
+            f"TORCH_CUDA_ARCH_LIST={archs}; rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" "
+            "pip install --no-build-isolation --force-reinstall --no-deps mgpo_kernels (from its source)")
 
 
 def available_backends(device=None) -> List[str]:
