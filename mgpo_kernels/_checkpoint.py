@@ -209,10 +209,12 @@ def _post_hook(opt) -> None:
         saved = stash["fp32"].get(id(p), {})
         for k in _MIRROR_KEYS:
             st.pop(k, None)
-        st["step"] = torch.as_tensor(st["step"]).detach().to(device=p.device, dtype=torch.float32).reshape(())
+        # copies: torch's cast returns the dict's own tensors where nothing changes, and the steps would then
+        # write into the caller's state dict (a snapshot kept for a rollback, say)
+        st["step"] = torch.as_tensor(st["step"]).detach().to(device=p.device, dtype=torch.float32,
+                                                               copy=True).reshape(())
         for k in ("exp_avg", "exp_avg_sq"):
-            src = saved.get(k, st[k])
-            st[k] = src.detach().to(device=p.device, dtype=torch.float32, copy=src is saved.get(k))
+            st[k] = saved.get(k, st[k]).detach().to(device=p.device, dtype=torch.float32, copy=True)
         if p.dtype == torch.float32:
             st.pop("master_param", None)
             continue

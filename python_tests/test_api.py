@@ -13,8 +13,11 @@ from problems import Problem, rel_err
 
 
 def _train(opt, params, prob, steps, active=None):
+    """A raw-tensor loop (no nn.Module call): it applies eps itself before the forward (theta at rest)."""
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
+        if isinstance(opt, MGPO):
+            opt.apply_perturbation()
         prob.loss(params, active).backward()
         opt.step()
 
@@ -63,28 +66,37 @@ def test_eval_train_round_trip(backend):
     params = prob.params()
     opt = MGPO(params, lr=1e-2, rho=5.0, backend=backend)
     _train(opt, params, prob, 6)
-    pert = [p.detach().clone() for p in params]
+    theta = [p.detach().clone() for p in params]  # at rest after a step
     coef = opt.state_dict()["mgpo"]["coef"]
+    opt.train()
+    opt.train()  # idempotent, and moves nothing
+    for p, t in zip(params, theta):
+        assert torch.equal(p.detach(), t)
+    opt.apply_perturbation()
+    opt.apply_perturbation()  # once per step
+    pert = [p.detach().clone() for p in params]
+    for p, t, q in zip(params, theta, pert):
+        assert torch.equal(q, t + coef * opt.state[p]["exp_avg"])
     opt.eval()
-    theta = [p.detach().clone() for p in params]
     for p, t, q in zip(params, theta, pert):
         m = opt.state[p]["exp_avg"]
         want = q - coef * m
         # theta to within 1 ulp of fp32
-        assert torch.all((t - want).abs() <= torch.finfo(torch.float32).eps * want.abs().clamp_min(1e-30) * 1.0001)
-        assert not torch.equal(t, q)  # the perturbation was really removed
+        got = p.detach()
+        assert torch.all((got - want).abs() <= torch.finfo(torch.float32).eps * want.abs().clamp_min(1e-30) * 1.0001)
+        assert torch.all((got - t).abs() <= 2 * torch.finfo(torch.float32).eps * t.abs().clamp_min(1e-30))
+        assert not torch.equal(got, q)  # the perturbation was really removed
+    theta = [p.detach().clone() for p in params]
     opt.eval()  # idempotent
+    opt.apply_perturbation()  # eval mode: nothing is applied
     for p, t in zip(params, theta):
         assert torch.equal(p.detach(), t)
     opt.train()
-    opt.train()  # idempotent
-    for p, q in zip(params, pert):
-        torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
     with opt.unperturbed():
+        opt.apply_perturbation()
         for p, t in zip(params, theta):
             assert torch.equal(p.detach(), t)
-    for p, q in zip(params, pert):
-        torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
+    assert opt.training
     # inside eval mode, unperturbed() leaves it in eval mode
     opt.eval()
     with opt.unperturbed():
@@ -126,7 +138,9 @@ def test_step_in_eval_mode_leaves_unperturbed_weights(backend):
     opt.eval()  # already unperturbed: nothing moves
     for p, t in zip(params, theta):
         assert torch.equal(p.detach(), t)
-    opt.train()
+    opt.train()  # moves nothing either (theta at rest) ...
+    assert all(torch.equal(p.detach(), t) for p, t in zip(params, theta))
+    opt.apply_perturbation()  # ... the next training forward applies eps
     assert any(not torch.equal(p.detach(), t) for p, t in zip(params, theta))
 
 
@@ -471,8 +485,7 @@ def test_load_state_dict_into_the_same_optimizer_uses_the_loaded_state(backend):
     params = prob.params()
     opt = MGPO(params, lr=1e-2, rho=2.0, backend=backend)
     _train(opt, params, prob, 3)
-    with opt.unperturbed():
-        weights = [p.detach().clone() for p in params]
+    weights = [p.detach().clone() for p in params]  # theta at rest
     sd = _roundtrip(opt.state_dict())
     _train(opt, params, prob, 4)
 
@@ -537,7 +550,7 @@ def test_cached_host_path_follows_every_change(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_eval_train_agree_bitwise_with_the_generic_perturb(backend, dtype):
-    """A backend's eval()/train() (cpp: one fused launch) does the step's arithmetic, as the generic
+    """A backend's apply pass and eval() (cpp: one fused launch each) do the step's arithmetic, as the generic
     Backend.perturb does: same bits from the same state."""
     from mgpo_kernels.backends.base import Backend
 
@@ -548,21 +561,21 @@ def test_eval_train_agree_bitwise_with_the_generic_perturb(backend, dtype):
     groups = opt._groups(with_grads=False)
     coef = opt.global_state["coef"]
     assert float(coef) != 0.0
-    copies = [p.detach().clone() for p in params]
-    opt.eval()
-    want = [c.clone() for c in copies]
-    for w, g_p, m, master in zip(want, groups[0].params, groups[0].exp_avgs, groups[0].masters):
-        w.copy_(master) if master is not None else w.sub_(m * coef)
-    for p, w in zip(params, want):
-        assert torch.equal(p.detach(), w)
     theta = [p.detach().clone() for p in params]
-    opt.train()
+    opt.apply_perturbation()
     gen = [t.clone() for t in theta]
     Backend.perturb(None, [dataclasses.replace(groups[0], params=gen)], coef, apply=True)
     for p, w in zip(params, gen):
         assert torch.equal(p.detach(), w)
     if dtype == torch.float32:
         assert any(not torch.equal(p.detach(), t) for p, t in zip(params, theta))
+    copies = [p.detach().clone() for p in params]
+    opt.eval()
+    want = [c.clone() for c in copies]
+    for w, m, master in zip(want, groups[0].exp_avgs, groups[0].masters):
+        w.copy_(master) if master is not None else w.sub_(m * coef)
+    for p, w in zip(params, want):
+        assert torch.equal(p.detach(), w)
 
 
 def test_gradient_layout_does_not_matter(backend):

@@ -70,7 +70,9 @@ class TorchAdamW(Method):
 
 
 class OurMGPO(Method):
-    passes = 9  # a reduce pass (read g, m) + the fused update (read p, g, m, v; write p, m, v)
+    # theta at rest: the apply pass of the training forward (read p, m; write p) + a reduce pass (read g, m) + the
+    # fused update (read p, g, m, v; write p, m, v), which also removes eps
+    passes = 12
 
     def __init__(self, params, backend: str, clip: bool):
         super().__init__(params)
@@ -79,10 +81,11 @@ class OurMGPO(Method):
         self.opt = MGPO(params, lr=LR, betas=BETAS, weight_decay=0.0, rho=RHO, ema_beta=EMA_BETA,
                         max_grad_norm=MAX_GRAD_NORM if clip else None, backend=backend)
         self.clip = clip
-        self.name = f"MGPO [{backend}]" + (" + max_grad_norm" if clip else "")
+        self.name = f"MGPO [{backend}] apply + step" + (" + max_grad_norm" if clip else "")
         self.key = f"mgpo-{backend}" + ("+clip" if clip else "")
 
     def step(self):
+        self.opt.apply_perturbation()  # what the training forward's hook runs (no module here)
         self.opt.step()
 
     def state_tensors(self):
@@ -345,7 +348,8 @@ NOTES = """
 Reading the columns: *× fused AdamW* is the median over rounds of the method's step time over torch fused
 AdamW's in the same round; *passes* is the fewest fp32 passes over the parameters' size each method must make
 (AdamW reads p, g, m, v and writes p, m, v = 7; the clip adds a read of g = 8; MGPO adds a reduce pass over g and m
-before the update = 9, and the clip costs it nothing more); GB/s = passes × 4 B × parameters / median time;
+before the update and the apply pass of eps at the training forward (read p, m, write p) = 12, and the clip costs it
+nothing more; MGPO's rows time the apply pass and the step together); GB/s = passes × 4 B × parameters / median time;
 % copy BW = that over the device-to-device copy bandwidth measured in the same rounds (on a CPU a copy into
 another buffer also pays a read-for-ownership of every destination line, which in-place updates such as AdamW's
 do not, so they can pass 100%; the in-place `mul_` bandwidth in the heading is the fairer ceiling there). *extra state* is the bytes
