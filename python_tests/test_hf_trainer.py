@@ -1,8 +1,14 @@
 """MGPO under the Hugging Face Trainer with a PEFT LoRA model (tiny LlamaForCausalLM built from a config, CPU).
 
-Checks: evaluation runs at the unperturbed theta (against a manual evaluation), checkpoint adapter weights and the
-weights left after training are theta, resume_from_checkpoint reproduces the uninterrupted run, the Trainer's
-clipping equals MGPO's fused clipping, and the optimizer_cls_and_kwargs / factory form.
+Theta at rest: between steps the parameters hold theta, so everything the Trainer does between steps (evaluation,
+checkpoints, save_model from any callback, load_best_model_at_end) sees theta without MGPOCallback.  theta is
+checked against its definition: the first training forward after step s sees theta_s + eps_s (eps_s = coef * m),
+recorded by a forward pre-hook independently of the library's flags.  Checks: evaluation equals a manual evaluation
+at theta (and differs from one at theta + eps), checkpoint adapter weights, save_model() from a user callback and the
+weights left after training are theta, resume_from_checkpoint (with or without MGPOCallback) reproduces the
+uninterrupted run, the Trainer's clipping equals MGPO's fused clipping, the optimizer_cls_and_kwargs / factory form
+(no warning without a callback), and two PEFT loops: AdaLoRA's pruning between steps (against a float64 reference)
+and set_adapter switching with a torch.save / load resume.
 """
 from __future__ import annotations
 
@@ -107,33 +113,65 @@ def manual_eval_loss(model, dataset, batch_size=8):
     return float(sum(l * s for l, s in zip(losses, sizes)) / sum(sizes))
 
 
+def clone_params(model):
+    return {n: p.detach().clone() for n, p in lora_params(model).items()}
+
+
+def rel_dist(a, b):
+    """max over tensors of |a - b| / |b| (dicts of tensors with the same keys)."""
+    return max(float((a[n].double() - b[n].double()).norm() / b[n].double().norm().clamp_min(1e-30)) for n in b)
+
+
 class Recorder(TrainerCallback):
-    """Placed *before* MGPOCallback: at on_step_end the optimizer is still in train mode, so the parameters hold
-    theta + eps.  Records theta = p - coef*m (the definition, computed here independently of eval()), the
-    perturbed p, and manual evaluation losses at both, for every step that evaluates or saves."""
+    """At every on_step_end (after the optimizer step; the Trainer evaluates and saves after it): what the
+    parameters hold (``rest``), eps = coef * m, and whether MGPO says eps is applied.  A forward pre-hook on the model
+    records what the first training forward after each step sees (``forward``): by definition theta_s + eps_s, so
+    ``forward[s] == rest[s] + eps[s]`` proves rest[s] is theta_s.  At steps that evaluate or save (and the last one),
+    manual evaluation losses at rest and at rest + eps (the latter put in and taken out by hand)."""
 
     def __init__(self, model):
         self.model = model
-        self.theta, self.perturbed, self.loss_theta, self.loss_perturbed = {}, {}, {}, {}
+        self.rest, self.eps, self.applied, self.forward, self.loss_rest, self.loss_perturbed = {}, {}, {}, {}, {}, {}
+        self.pending = None
+        model.register_forward_pre_hook(self._pre_forward)  # runs after the global hooks (MGPO's apply pass)
+
+    def _pre_forward(self, module, args):
+        if self.pending is not None and module.training and torch.is_grad_enabled():
+            self.forward[self.pending] = clone_params(self.model)
+            self.pending = None
 
     def on_step_end(self, args, state, control, optimizer=None, **kw):
+        opt = find_mgpo(optimizer)
+        assert opt is not None
+        s = state.global_step
+        params = lora_params(self.model)
+        coef = opt.global_state["coef"]
+        self.rest[s] = clone_params(self.model)
+        self.eps[s] = {n: (coef * opt.state[p]["exp_avg"]).detach().clone() for n, p in params.items()}
+        self.applied[s] = opt.perturbation_applied
+        self.pending = s
         if not (control.should_evaluate or control.should_save or state.global_step == state.max_steps):
             return
-        opt = find_mgpo(optimizer)
-        assert opt is not None and opt.training
-        coef = opt.global_state["coef"]
-        params = lora_params(self.model)
-        pert = {n: p.detach().clone() for n, p in params.items()}
-        theta = {n: (p.detach() - coef * opt.state[p]["exp_avg"]) for n, p in params.items()}
-        s = state.global_step
-        self.perturbed[s], self.theta[s] = pert, theta
-        self.loss_perturbed[s] = manual_eval_loss(self.model, EVAL)
+        self.loss_rest[s] = manual_eval_loss(self.model, EVAL)
         with torch.no_grad():
             for n, p in params.items():
-                p.copy_(theta[n])
-            self.loss_theta[s] = manual_eval_loss(self.model, EVAL)
+                p.add_(self.eps[s][n])
+            self.loss_perturbed[s] = manual_eval_loss(self.model, EVAL)
             for n, p in params.items():
-                p.copy_(pert[n])
+                p.copy_(self.rest[s][n])
+
+
+def assert_rest_is_theta(rec, steps=None, min_eps=1e-3):
+    """rest[s] is theta_s: the next training forward saw rest[s] + eps[s]; and eps is not negligible there, so the
+    check tells theta from theta + eps."""
+    steps = sorted(rec.forward) if steps is None else steps
+    assert steps
+    for s in steps:
+        assert rec.applied[s] is False, s
+        expected = {n: rec.rest[s][n] + rec.eps[s][n] for n in rec.rest[s]}
+        for n, t in rec.forward[s].items():
+            torch.testing.assert_close(t, expected[n], rtol=1e-6, atol=1e-8, msg=f"forward after step {s}: {n}")
+        assert rel_dist(expected, rec.rest[s]) > min_eps, (s, rel_dist(expected, rec.rest[s]))
 
 
 def run_trainer(out, model=None, callbacks=None, resume=None, optimizer=None, mgpo_callback=True, **arg_kw):
@@ -178,14 +216,22 @@ def test_trainer_calls_optimizer_train_eval_through_accelerate(full_run):
     assert not opt.training
 
 
+def test_params_between_steps_are_theta(full_run):
+    _, _, _, opt, rec = full_run
+    assert sorted(rec.rest) == list(range(1, 21)) and sorted(rec.forward) == list(range(1, 20))
+    assert_rest_is_theta(rec)
+    assert rec.applied[20] is False and not opt.perturbation_applied
+
+
 def test_eval_loss_is_at_unperturbed_weights(full_run):
     _, trainer, _, opt, rec = full_run
     evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
     assert sorted(evals) == [4, 8, 12, 16, 20]
+    assert_rest_is_theta(rec, [4, 8, 12, 16])  # step 20 has no forward after it; test_weights_after_training
     for s, loss in evals.items():
-        assert math.isclose(loss, rec.loss_theta[s], rel_tol=2e-6), (s, loss, rec.loss_theta[s])
+        assert math.isclose(loss, rec.loss_rest[s], rel_tol=2e-6), (s, loss, rec.loss_rest[s])
         # the test can tell the two apart: the perturbed loss differs by much more than the tolerance
-        assert abs(rec.loss_perturbed[s] - rec.loss_theta[s]) > 1e-4 * abs(loss), (s, rec.loss_perturbed[s])
+        assert abs(rec.loss_perturbed[s] - rec.loss_rest[s]) > 1e-4 * abs(loss), (s, rec.loss_perturbed[s])
     # training actually happened
     assert evals[20] < evals[4]
 
@@ -193,28 +239,75 @@ def test_eval_loss_is_at_unperturbed_weights(full_run):
 def test_checkpoint_adapter_weights_are_unperturbed(full_run):
     out, _, model, opt, rec = full_run
     ckpts = sorted(int(d.split("-")[1]) for d in os.listdir(out) if d.startswith("checkpoint-"))
-    assert ckpts == [5, 10, 15, 20]  # saves at 5, 15 come without an evaluation: only MGPOCallback unperturbs
+    assert ckpts == [5, 10, 15, 20]  # saves at 5, 15 come without an evaluation before them
+    assert_rest_is_theta(rec, [5, 10, 15])
     for s in ckpts:
         saved = safetensors_torch.load_file(os.path.join(out, f"checkpoint-{s}", "adapter_model.safetensors"))
-        theta = {adapter_name(n): t for n, t in rec.theta[s].items()}
-        pert = {adapter_name(n): t for n, t in rec.perturbed[s].items()}
+        theta = {adapter_name(n): t for n, t in rec.rest[s].items()}
+        pert = {adapter_name(n): t + rec.eps[s][n] for n, t in rec.rest[s].items()}
         assert set(saved) == set(theta)
-        dist = sum((saved[n].double() - pert[n].double()).norm() ** 2 for n in saved) ** 0.5
-        assert dist > 1e-3, "saved weights should differ from the perturbed ones"
+        assert rel_dist(saved, pert) > 1e-3, "saved weights should differ from the perturbed ones"
         for n, t in saved.items():
-            torch.testing.assert_close(t, theta[n], rtol=1e-6, atol=1e-7, msg=f"step {s} {n}")
+            torch.testing.assert_close(t, theta[n], rtol=0, atol=0, msg=f"step {s} {n}")
 
 
 def test_weights_after_training_are_unperturbed(full_run, tmp_path):
     _, trainer, model, opt, rec = full_run
-    assert not opt.training  # MGPOCallback.on_train_end
+    assert not opt.perturbation_applied
     for n, p in lora_params(model).items():
-        torch.testing.assert_close(p.detach(), rec.theta[20][n], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.detach(), rec.rest[20][n], rtol=0, atol=0)
+    # the first training forward now would apply eps_20 (it is due): the model holds theta_20, not theta_20 + eps_20
+    assert rel_dist({n: t + rec.eps[20][n] for n, t in rec.rest[20].items()}, rec.rest[20]) > 1e-3
     # save_model after training writes theta
     trainer.save_model(str(tmp_path / "final"))
     saved = safetensors_torch.load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
     for n, p in lora_params(model).items():
         torch.testing.assert_close(saved[adapter_name(n)], p.detach(), rtol=0, atol=0)
+
+
+class SaveModelMidTraining(TrainerCallback):
+    """A user callback that calls trainer.save_model() from on_step_end (no evaluation or checkpoint just before)."""
+
+    def __init__(self, model, steps, out):
+        self.model, self.steps, self.out = model, set(steps), out
+        self.trainer, self.at_save = None, {}
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step in self.steps:
+            self.at_save[state.global_step] = clone_params(self.model)
+            self.trainer.save_model(os.path.join(self.out, f"saved-{state.global_step}"))
+
+
+def test_save_model_from_a_callback_mid_training_saves_theta(full_run, tmp_path):
+    """trainer.save_model() in a user callback's on_step_end, with no evaluation or checkpoint around it, writes
+    theta (the parameters at that moment); the run goes on exactly as the uninterrupted full_run (same args)."""
+    _, _, full_model, _, full_rec = full_run
+    model = make_model()
+    rec = Recorder(model)
+    saver = SaveModelMidTraining(model, steps=(3, 7), out=str(tmp_path))
+    model_opt = MGPO(lora_param_groups(model, MGPO_KW["lr"]), **MGPO_KW)
+    trainer = Trainer(model=model, args=make_args(tmp_path / "run", eval_strategy="no", save_strategy="no"),
+                      train_dataset=TRAIN, data_collator=default_data_collator, optimizers=(model_opt, None),
+                      callbacks=[rec, saver])
+    saver.trainer = trainer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "MGPO" in str(w.message)], [str(w.message) for w in caught]
+    assert sorted(saver.at_save) == [3, 7]
+    assert_rest_is_theta(rec, [3, 7])
+    for s in (3, 7):
+        saved = safetensors_torch.load_file(str(tmp_path / f"saved-{s}" / "adapter_model.safetensors"))
+        assert set(saved) == {adapter_name(n) for n in saver.at_save[s]}
+        for n, t in saver.at_save[s].items():
+            torch.testing.assert_close(saved[adapter_name(n)], t, rtol=0, atol=0, msg=f"step {s} {n}")
+            # the uninterrupted run (evaluating and checkpointing at other steps) had the same theta there
+            torch.testing.assert_close(saved[adapter_name(n)], full_rec.rest[s][n], rtol=1e-6, atol=1e-9)
+        pert = {adapter_name(n): t + rec.eps[s][n] for n, t in saver.at_save[s].items()}
+        assert rel_dist(saved, pert) > 1e-3
+    full = lora_params(full_model)
+    for n, p in lora_params(model).items():
+        torch.testing.assert_close(p.detach(), full[n].detach(), rtol=1e-6, atol=1e-9, msg=n)
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(full_run, tmp_path):
@@ -315,17 +408,24 @@ def test_callback_refuses_deepspeed_and_warns_without_mgpo():
 
 
 def test_load_best_model_at_end_keeps_best_theta(tmp_path):
-    """load_best_model_at_end: the best checkpoint's theta is loaded into the model after the last step; MGPO must
-    already be in eval mode then (MGPOCallback unperturbs at the last step), or on_train_end's eval() would
-    subtract the perturbation from the loaded weights."""
-    trainer, model, opt = run_trainer(tmp_path, max_steps=10, eval_steps=4, save_steps=4,
-                                      load_best_model_at_end=True, metric_for_best_model="eval_loss",
-                                      greater_is_better=False)
-    assert not opt.training
+    """load_best_model_at_end: the best checkpoint's theta is loaded into the model after the last step and stays
+    there (nothing adds or subtracts eps afterwards).  greater_is_better=True on eval_loss makes the best checkpoint
+    an early one, so the loaded weights differ from the last step's."""
+    model = make_model()
+    rec = Recorder(model)
+    trainer, model, opt = run_trainer(tmp_path, model=model, callbacks=[rec], max_steps=10, eval_steps=4,
+                                      save_steps=4, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                                      greater_is_better=True)
+    assert not opt.perturbation_applied
     best_dir = trainer.state.best_model_checkpoint
     assert best_dir is not None
+    best_step = int(os.path.basename(best_dir).split("-")[1])
+    assert best_step in (4, 8), best_dir
+    assert_rest_is_theta(rec, [best_step])
     saved = safetensors_torch.load_file(os.path.join(best_dir, "adapter_model.safetensors"))
+    assert rel_dist(saved, {adapter_name(n): t for n, t in rec.rest[10].items()}) > 1e-3  # not the last step's
     for n, p in lora_params(model).items():
+        torch.testing.assert_close(saved[adapter_name(n)], rec.rest[best_step][n], rtol=0, atol=0, msg=n)
         torch.testing.assert_close(p.detach(), saved[adapter_name(n)], rtol=0, atol=0, msg=n)
 
 
@@ -349,28 +449,41 @@ def test_callback_warns_when_mgpo_holds_part_or_none_of_the_trainable_parameters
                                       model=model)
 
 
-def test_without_callback_checkpoints_hold_perturbed_weights_and_resume_is_exact(tmp_path):
-    """No MGPOCallback: the Trainer saves mid-training, so checkpoint-N's adapter weights are theta + eps (not what
-    to deploy), and optimizer.pt says so; resume_from_checkpoint then continues the uninterrupted run."""
+def run_quietly_checked(fn, *args, **kw):
+    """Run fn and fail on any warning that names MGPO (e.g. a step that no training forward perturbed)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args, **kw)
+    assert not [w for w in caught if "MGPO" in str(w.message)], [str(w.message) for w in caught]
+    return out
+
+
+def test_without_callback_checkpoints_hold_theta_and_resume_is_exact(tmp_path):
+    """No MGPOCallback: the Trainer's save_steps checkpoints hold theta (no evaluation before them), and
+    resume_from_checkpoint in fresh objects continues the uninterrupted run: the first forward after the resume sees
+    the same theta + eps, and the weights and moments end equal."""
     common = dict(max_steps=10, eval_strategy="no", save_steps=5, mgpo_callback=False)
     model = make_model()
     rec = Recorder(model)
-    with pytest.warns(UserWarning, match="saving a checkpoint while the model holds theta"):  # the trap is named
-        _, model, opt = run_trainer(tmp_path / "full", model=model, callbacks=[rec], **common)
-    assert opt.training  # nothing unperturbed the model after train(): it holds theta + eps
+    _, model, opt = run_quietly_checked(run_trainer, tmp_path / "full", model=model, callbacks=[rec], **common)
+    assert not opt.perturbation_applied
+    assert_rest_is_theta(rec, [5])
     saved = safetensors_torch.load_file(str(tmp_path / "full" / "checkpoint-5" / "adapter_model.safetensors"))
-    for n in rec.perturbed[5]:
-        torch.testing.assert_close(saved[adapter_name(n)], rec.perturbed[5][n], rtol=0, atol=0, msg=n)
-    dist = sum((saved[adapter_name(n)].double() - t.double()).norm() ** 2 for n, t in rec.theta[5].items()) ** 0.5
-    assert dist > 1e-3
+    for n, t in rec.rest[5].items():
+        torch.testing.assert_close(saved[adapter_name(n)], t, rtol=0, atol=0, msg=n)
+    assert rel_dist(saved, {adapter_name(n): t + rec.eps[5][n] for n, t in rec.rest[5].items()}) > 1e-3
 
     fresh = make_model()
     with torch.no_grad():
         for p in lora_params(fresh).values():
             p.normal_()
-    _, resumed, ropt = run_trainer(tmp_path / "resumed", model=fresh, resume=str(tmp_path / "full" / "checkpoint-5"),
-                                   **common)
-    assert int(ropt.state_dict()["mgpo"]["step"]) == 10 and ropt.training
+    rrec = Recorder(fresh)
+    rrec.pending = 5  # the first training forward of the resumed run
+    _, resumed, ropt = run_quietly_checked(run_trainer, tmp_path / "resumed", model=fresh, callbacks=[rrec],
+                                           resume=str(tmp_path / "full" / "checkpoint-5"), **common)
+    assert int(ropt.state_dict()["mgpo"]["step"]) == 10
+    for n, t in rrec.forward[5].items():
+        torch.testing.assert_close(t, rec.forward[5][n], rtol=1e-6, atol=1e-9, msg=n)
     full = lora_params(model)
     for n, p in lora_params(resumed).items():
         torch.testing.assert_close(p.detach(), full[n].detach(), rtol=1e-6, atol=1e-9, msg=n)
@@ -378,16 +491,16 @@ def test_without_callback_checkpoints_hold_perturbed_weights_and_resume_is_exact
             torch.testing.assert_close(ropt.state[p][key], opt.state[full[n]][key], rtol=1e-6, atol=1e-12, msg=n)
 
 
-def test_factory_warns_when_its_trainer_has_no_callback(tmp_path):
+def test_factory_without_callback_does_not_warn_and_saves_theta(tmp_path):
     kw = mgpo_optimizer_cls_and_kwargs(lr=3e-3, rho=0.05, backend=BACKEND)
-    args = make_args(tmp_path, max_steps=1, eval_strategy="no", save_strategy="no")
-    t = Trainer(model=make_model(), args=args, train_dataset=TRAIN, data_collator=default_data_collator,
-                optimizer_cls_and_kwargs=kw)
-    with pytest.warns(UserWarning, match="without MGPOCallback"):
-        t.train()
-    t = Trainer(model=make_model(), args=args, train_dataset=TRAIN, data_collator=default_data_collator,
-                optimizer_cls_and_kwargs=kw, callbacks=[MGPOCallback()])
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        t.train()
-    assert not [w for w in rec if "MGPO" in str(w.message)], [str(w.message) for w in rec]
+    args = make_args(tmp_path, max_steps=3, eval_strategy="no", save_steps=2)
+    model = make_model()
+    rec = Recorder(model)
+    t = Trainer(model=model, args=args, train_dataset=TRAIN, data_collator=default_data_collator,
+                optimizer_cls_and_kwargs=kw, callbacks=[rec])
+    run_quietly_checked(t.train)
+    assert int(find_mgpo(t.optimizer).global_state["step"].item()) == 3
+    assert_rest_is_theta(rec, [2])
+    saved = safetensors_torch.load_file(str(tmp_path / "checkpoint-2" / "adapter_model.safetensors"))
+    for n, v in rec.rest[2].items():
+        torch.testing.assert_close(saved[adapter_name(n)], v, rtol=0, atol=0, msg=n)
