@@ -504,3 +504,132 @@ def test_factory_without_callback_does_not_warn_and_saves_theta(tmp_path):
     saved = safetensors_torch.load_file(str(tmp_path / "checkpoint-2" / "adapter_model.safetensors"))
     for n, v in rec.rest[2].items():
         torch.testing.assert_close(saved[adapter_name(n)], v, rtol=0, atol=0, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------- PEFT loops
+def tiny_llama(seed=0, layers=1):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def grads_f64(model64, named_thetas, ids):
+    """float64 gradients of the model's loss at the given values of the named parameters (an independent forward:
+    a float64 copy of the model, torch.func.functional_call)."""
+    from torch.func import functional_call
+
+    params = {n: t.detach().double().clone().requires_grad_(True) for n, t in named_thetas.items()}
+    loss = functional_call(model64, params, (), dict(input_ids=ids, labels=ids)).loss
+    return list(torch.autograd.grad(loss, list(params.values())))
+
+
+def test_adalora_pruning_between_steps_acts_on_theta():
+    """AdaLoRA's documented loop: ``opt.step(); model.base_model.update_and_allocate(i); opt.zero_grad()``.  The
+    rank allocator zeroes lora_E entries between steps; those entries are exactly 0 at rest, the next forward sees
+    0 + eps there, and the whole run equals a float64 MGPO reference whose theta gets the same pruning."""
+    import copy
+
+    from f64_reference import F64MGPO
+
+    acfg = peft.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8, lora_alpha=8,
+                              lora_dropout=0.0, target_modules=["q_proj", "v_proj"], orth_reg_weight=0.1)
+    model = peft.get_peft_model(tiny_llama(), acfg)
+    named = lora_params(model)
+    assert any("lora_E" in n for n in named)
+    hp = dict(lr=1e-2, rho=0.05, ema_beta=0.9, weight_decay=0.01)
+    opt = MGPO(list(named.values()), backend=BACKEND, **hp)
+    ref = F64MGPO(list(named.values()), **hp)
+    model64 = copy.deepcopy(model).double()
+    seen = {}
+    model.register_forward_pre_hook(lambda mod, args: seen.update(clone_params(model)) if mod.training else None)
+    g = torch.Generator().manual_seed(5)
+    pruned_any = False
+    for i in range(8):
+        ids = torch.randint(0, VOCAB, (4, SEQ), generator=g)
+        seen.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        perturbed = dict(zip(named, ref.perturbed()))
+        for n, t in seen.items():  # the forward saw the reference's theta + eps (pruned entries: exactly eps)
+            torch.testing.assert_close(t.double(), perturbed[n], rtol=1e-4, atol=1e-7, msg=f"forward {i} {n}")
+        ref.step(grads_f64(model64, perturbed, ids))
+        opt.step()
+        model.base_model.update_and_allocate(i)
+        # at rest, before the next forward: the allocator's zeros are in the parameters, exactly
+        for k, (n, p) in enumerate(named.items()):
+            if "lora_E" not in n:
+                continue
+            mask = p.detach() == 0
+            if bool(mask.any()):
+                pruned_any = True
+                eps = opt.global_state["coef"] * opt.state[p]["exp_avg"]
+                assert float(eps[mask].abs().min()) > 1e-6, "eps on the pruned entries would be visible"
+                ref.theta[k][mask] = 0.0  # the same pruning, on the reference's theta
+        for k, (n, p) in enumerate(named.items()):
+            torch.testing.assert_close(p.detach().double(), ref.theta[k], rtol=1e-4, atol=1e-7, msg=f"step {i} {n}")
+        opt.zero_grad()
+    assert pruned_any and not opt.perturbation_applied
+    ranks = [int((p != 0).sum()) for n, p in named.items() if "lora_E" in n]
+    assert sum(ranks) < 4 * len(ranks), ranks  # the budget shrank
+
+
+def test_set_adapter_switching_then_torch_save_resume_equals_uninterrupted(tmp_path):
+    """Two LoRA adapters, MGPO over both; the later-listed adapter ("second") trains first, so a later parameter gets
+    its first gradient before an earlier one; model and optimizer state dicts saved with torch.save at rest after
+    step 3, loaded into fresh objects, and continued (switching adapters again) equal the uninterrupted run."""
+    lcfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                init_lora_weights="gaussian")
+    schedule = ["second"] * 3 + ["default"] * 3 + ["second"] * 2  # the adapter trained at each step
+
+    def build():
+        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**lcfg))
+        model.add_adapter("second", peft.LoraConfig(**lcfg))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0.0, 0.02)
+        named = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        assert list(named)[0].endswith(".default.weight") and any(n.endswith(".second.weight") for n in named)
+        return model, named, MGPO(list(named.values()), lr=1e-2, rho=0.05, ema_beta=0.9, backend=BACKEND)
+
+    def train(model, named, opt, steps, save_after=None):
+        for i in steps:
+            model.set_adapter(schedule[i])
+            ids = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(100 + i))
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i == save_after:
+                assert not opt.perturbation_applied
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+                saved_at = {n: p.detach().clone() for n, p in named.items()}
+                eps = {n: opt.global_state["coef"] * opt.state[p]["exp_avg"] for n, p in named.items()
+                       if p in opt.state}
+                return saved_at, eps
+
+    model, named, opt = build()
+    saved_at, eps = train(model, named, opt, range(3), save_after=2)
+    assert all(n.endswith(".second.weight") for n in eps) and len(eps) == len(named) // 2  # only "second" has state
+    assert max(float(e.norm() / saved_at[n].norm()) for n, e in eps.items()) > 1e-3
+    train(model, named, opt, range(3, 8))
+
+    fresh, fnamed, fopt = build()
+    with torch.no_grad():
+        for p in fnamed.values():
+            p.normal_()  # the weights must come from the checkpoint
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh.load_state_dict(ck["model"])
+    fopt.load_state_dict(ck["opt"])
+    for n, p in fnamed.items():  # the saved model state is theta
+        torch.testing.assert_close(p.detach(), saved_at[n], rtol=0, atol=0, msg=n)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(fresh, fnamed, fopt, range(3, 8))
+    assert not [w for w in caught if "MGPO" in str(w.message)], [str(w.message) for w in caught]
+    for n, p in fnamed.items():
+        q = named[n]
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-9, msg=n)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fopt.state[p][key], opt.state[q][key], rtol=1e-6, atol=1e-12, msg=n)
