@@ -41,6 +41,7 @@ class AtRest:
         self.not_holding: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # modules with none of ours
         self.held_ids: Optional[frozenset] = None  # ids of the parameters eps is applied to (lazily)
         self.warned_missed = False
+        self.has_masters = False  # a bf16/fp16 parameter has an fp32 master (sync_masters has work to do)
 
     def forget_params(self) -> None:
         """The optimizer's parameters changed (a new param group): recompute which modules hold them."""
@@ -48,16 +49,21 @@ class AtRest:
         self.not_holding = weakref.WeakKeyDictionary()
 
     def __getstate__(self):  # copies (deepcopy, pickle) start disarmed; the owner re-arms them
-        return {"applied": self.applied, "maybe_nonzero": self.maybe_nonzero}
+        return {"applied": self.applied, "maybe_nonzero": self.maybe_nonzero, "has_masters": self.has_masters}
 
     def __setstate__(self, st) -> None:
         self.__init__()
         self.applied = st.get("applied", False)
         self.maybe_nonzero = st.get("maybe_nonzero", False)
+        self.has_masters = st.get("has_masters", False)
 
 
+@torch.compiler.disable
 def arm(opt) -> None:
-    """Make the next training forward of a module holding ``opt``'s parameters apply eps."""
+    """Make the next training forward of a module holding ``opt``'s parameters apply eps.
+
+    Eager even inside a compiled region (registering a hook is not traceable): in a compiled whole training step
+    this is one graph break at the end of ``step()``, and the hook one more at the first module call."""
     rest = opt._at_rest
     rest.armed = True
     if rest.handle is None:
@@ -65,6 +71,7 @@ def arm(opt) -> None:
         rest.handle = register_module_forward_pre_hook(lambda module, args: _on_forward(ref, module))
 
 
+@torch.compiler.disable
 def disarm(rest: AtRest) -> None:
     rest.armed = False
     if rest.handle is not None:

@@ -204,7 +204,6 @@ def _post_hook(opt) -> None:
     from . import _host_cache
 
     _host_cache.drop(opt)  # the state tensors are new
-    rebuilt = 0
     for p, st in _pairs(opt):
         saved = stash["fp32"].get(id(p), {})
         for k in _MIRROR_KEYS:
@@ -218,14 +217,13 @@ def _post_hook(opt) -> None:
         if p.dtype == torch.float32:
             st.pop("master_param", None)
             continue
+        # the saved master is kept even where the parameter differs now: weights loaded next (the same
+        # checkpoint's) make them agree again; otherwise the parameter wins when eps is next applied or the next
+        # step runs (sync_masters), whatever the order of the loads
         master = saved.get("master_param")
-        pl = local(p).detach()
-        if master is not None:
-            master = master.detach().to(device=p.device, dtype=torch.float32, copy=True)
-            if not torch.equal(local(master).to(pl.dtype), pl):
-                master = None
-                rebuilt += 1
-        st["master_param"] = master if master is not None else p.detach().float().clone()
+        opt._at_rest.has_masters = True
+        st["master_param"] = (master.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                              if master is not None else p.detach().float().clone())
 
     g = opt._gstate  # in place: wrappers that copied the optimizer's __dict__ (Lightning) share this object
     extra = stash["globals"]
@@ -239,11 +237,6 @@ def _post_hook(opt) -> None:
                 group[k] = extra[k] if (extra is not None and k in extra) else stash["options"][k]
         group[MODE_KEY] = stash["training"]  # the mode is the optimizer's now, not the checkpoint's
     _settle_legacy(opt, stash["legacy"])
-    if rebuilt:
-        warnings.warn(
-            f"MGPO.load_state_dict: {rebuilt} bf16/fp16 parameters differ from the fp32 master copies in the state "
-            "dict (other weights were loaded into the model, or the weights were loaded after the optimizer "
-            "state); their masters were rebuilt from the parameters, which are kept as theta.", stacklevel=4)
     _loaded(opt)
 
 
@@ -287,7 +280,10 @@ def install_load_hooks(opt) -> None:
 @torch.no_grad()
 def sync_masters(groups) -> None:
     """A bf16/fp16 parameter is theta at rest: where it no longer equals its fp32 master rounded (it was written
-    since the step: a pruning, a rollback, a load of weights), the master takes its value."""
+    since the step: a pruning, a rollback, a load of weights after or instead of the optimizer state's), the
+    master takes its value.  Runs where the parameters are at rest and about to be used: the apply pass, and a
+    step that no apply preceded.  One read of each bf16/fp16 parameter and its master; fp32 parameters have
+    no master and cost nothing."""
     ps, masters = [], []
     for g in groups:
         for p, master in zip(g.params, g.masters):
@@ -323,6 +319,8 @@ def adopt_bypassed_load(opt) -> None:
         for key in _FP32_KEYS:
             if key in st:
                 st[key] = st[key].detach().to(device=p.device, dtype=torch.float32)
+        if "master_param" in st:
+            opt._at_rest.has_masters = True
     g = opt._gstate
     if saved is not None:
         for k in MIRRORED_KEYS:

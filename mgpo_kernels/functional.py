@@ -128,7 +128,10 @@ def apply_perturbation(
         groups.append(_group(gi, g))
     if "coef" not in global_state:
         raise ValueError("global_state lacks 'coef'; make it with init_global_state(device)")
-    _backend_for(global_state["step"], backend).perturb(groups, global_state["coef"], apply=apply)
+    import torch
+
+    with torch.no_grad():
+        _backend_for(global_state["step"], backend).perturb(groups, global_state["coef"], apply=apply)
 
 
 #: one backend instance per global state (keyed by its step tensor), as one MGPO has one: the fused backends keep

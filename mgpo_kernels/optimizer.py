@@ -214,6 +214,7 @@ class MGPO(torch.optim.Optimizer):
             if p.dtype != torch.float32:
                 # the parameter holds theta here (at rest, or perturbed by coef * m = 0)
                 st["master_param"] = p.detach().clone(memory_format=torch.preserve_format).float()
+                self._at_rest.has_masters = True
         return st
 
     def _groups(self, with_grads: bool) -> List[GroupTensors]:
@@ -308,6 +309,8 @@ class MGPO(torch.optim.Optimizer):
                 _checks.validate_grads(self.param_groups, self._device)
             if not any(any(gr is not None for gr in g.grads) for g in groups):
                 return self._stepped_without_grads(loss)
+            if self._at_rest.has_masters and not cfg.perturbed:
+                _checkpoint.sync_masters(groups)  # bf16/fp16 parameters written since the last step are theta
             try:
                 self._backend.step(groups, self._gstate, cfg)
             except Exception:
@@ -330,6 +333,8 @@ class MGPO(torch.optim.Optimizer):
                 return self._stepped_without_grads(loss)  # no gradient anywhere: nothing to do, as in AdamW
             # a sharded optimizer must take part in the all-reduce even with no local gradient
             backend = _backends.resolve("reference", self._device)
+        if self._at_rest.has_masters and not cfg.perturbed:
+            _checkpoint.sync_masters(groups)  # bf16/fp16 parameters written since the last step are theta
         backend.step(groups, self._gstate, cfg)
         return self._stepped(cfg, loss)
 
@@ -368,7 +373,8 @@ class MGPO(torch.optim.Optimizer):
             return
         coef = self._gstate.coef
         groups = self._groups(with_grads=False)
-        _checkpoint.sync_masters(groups)  # a bf16/fp16 parameter written since the step: its value is theta
+        if rest.has_masters:
+            _checkpoint.sync_masters(groups)  # a bf16/fp16 parameter written since the step: its value is theta
         if coef.device.type == "cpu" and float(coef) == 0.0:  # nothing to add (no host sync on a CPU tensor)
             return
         if any(g.params for g in groups):

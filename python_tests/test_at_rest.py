@@ -343,13 +343,24 @@ def test_bf16_weights_loaded_then_optimizer_state(backend):
         assert o2.state[p]["exp_avg"].dtype == torch.float32 and o2.state[p]["master_param"].dtype == torch.float32
     train(m2, o2, 2, start=3)
     assert all(torch.equal(a, b) for a, b in zip(m2.parameters(), model.parameters()))
-    # other weights, then the state: the weights are kept (the masters rebuilt from them), with a warning
+    # the optimizer state first, then the same checkpoint's weights: exact too (the fp32 masters are kept)
+    m4 = make_model(seed=10, dtype=torch.bfloat16)
+    o4 = MGPO(m4.parameters(), backend=backend, **OPTS)
+    o4.load_state_dict(ck["opt"])
+    m4.load_state_dict(ck["model"])
+    train(m4, o4, 2, start=3)
+    assert all(torch.equal(a, b) for a, b in zip(m4.parameters(), model.parameters()))
+    # other weights, then the state: the weights are kept as theta (the masters take their values)
     m3 = make_model(seed=11, dtype=torch.bfloat16)
     kept = [p.detach().clone() for p in m3.parameters()]
     o3 = MGPO(m3.parameters(), backend=backend, **OPTS)
-    with pytest.warns(UserWarning, match="masters were rebuilt"):
-        o3.load_state_dict(ck["opt"])
+    o3.load_state_dict(ck["opt"])
     assert all(torch.equal(a, b) for a, b in zip(m3.parameters(), kept))
+    o3.apply_perturbation()
+    assert not all(torch.equal(a, b) for a, b in zip(m3.parameters(), kept))
+    o3.eval()
+    assert all(torch.equal(a, b) for a, b in zip(m3.parameters(), kept))
+    assert all(torch.equal(o3.state[p]["master_param"].to(p.dtype), p) for p in m3.parameters())
 
 
 def test_bf16_weights_written_after_the_optimizer_state_are_theta(backend):
@@ -450,3 +461,32 @@ def test_a_failing_step_changes_nothing(backend):
     for i in state["state"]:
         for k in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(after["state"][i][k], state["state"][i][k])
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("what", ["model", "train_step"])
+def test_compiled_model_or_training_step_equals_eager(what):
+    import torch._dynamo as dynamo
+
+    def run(compiled):
+        dynamo.reset()
+        model = make_model()
+        opt = MGPO(model.parameters(), **OPTS)
+        fwd = torch.compile(model, backend="aot_eager") if (compiled and what == "model") else model
+
+        def train_step(x, y):
+            loss = ((fwd(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        step = torch.compile(train_step, backend="aot_eager") if (compiled and what == "train_step") else train_step
+        for t in range(5):
+            step(*batch(t))
+        return model, opt
+
+    eager, o1 = run(False)
+    comp, o2 = run(True)
+    assert_close(list(comp.parameters()), list(eager.parameters()), rtol=1e-6)
+    assert not o2.perturbation_applied
+    assert float(o2.global_state["coef"]) != 0.0

@@ -10,19 +10,22 @@ import pytest
 import torch
 
 from mgpo_kernels import MGPO
-from mgpo_kernels.functional import init_global_state, mgpo
+from mgpo_kernels.functional import apply_perturbation, init_global_state, mgpo
 from problems import Problem
 
 SHAPES = [(1,), (7,), (16, 9), (3, 5)]
 
 
 def _same_grads_run(opt_cls_kwargs, grads_seq, init):
-    """Feed a fixed gradient sequence; returns theta (unperturbed) after it, and max |p| seen."""
+    """Feed a fixed gradient sequence; returns theta (unperturbed) after it, and max |p| seen (perturbed too)."""
     params = [torch.nn.Parameter(t.clone()) for t in init]
     cls, kw = opt_cls_kwargs
     opt = cls(params, **kw)
     peak = 0.0
     for grads in grads_seq:
+        if isinstance(opt, MGPO):
+            opt.apply_perturbation()  # as a training forward would (no module here)
+            peak = max(peak, max(float(p.detach().abs().max()) for p in params))
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
@@ -86,12 +89,13 @@ def test_bound_limits_the_perturbation_norm(backend):
     params = [torch.nn.Parameter(t.clone()) for t in _init()]
     opt = MGPO(params, lr=1e-3, rho=0.05, gbar_floor=0.1, backend=backend)
     for g in _grads(3, 0, scale=1e-6):
+        opt.apply_perturbation()
         for p, gr in zip(params, g):
             p.grad = gr.clone()
         opt.step()
-    pert = [p.detach().clone() for p in params]
-    opt.eval()
-    eps = torch.cat([(a - p.detach()).flatten() for a, p in zip(pert, params)])
+    theta = [p.detach().clone() for p in params]
+    opt.apply_perturbation()
+    eps = torch.cat([(p.detach() - a).flatten() for a, p in zip(theta, params)])
     assert float(eps.norm()) == pytest.approx(0.05 / 0.1, rel=1e-3)
 
 
@@ -102,6 +106,7 @@ def _stepped(backend="reference"):
     opt = MGPO(params, lr=1e-2, rho=0.5, backend=backend)
     for _ in range(2):
         opt.zero_grad()
+        opt.apply_perturbation()
         prob.loss(params).backward()
         opt.step()
     return prob, params, opt
@@ -220,14 +225,17 @@ def test_functional_takes_every_group_in_one_call_and_matches_the_optimizer(back
     gs = init_global_state("cpu")
     for _ in range(4):
         opt.zero_grad()
+        opt.apply_perturbation()
         prob.loss(pa).backward()
         opt.step()
         for p in pb:
             p.grad = None
+        held = [dict(params=pb[:2], exp_avgs=states[0]["exp_avgs"]), dict(params=pb[2:], exp_avgs=states[1]["exp_avgs"])]
+        apply_perturbation(held, gs, backend=backend)  # theta at rest, by hand
         prob.loss(pb).backward()
         groups = [dict(params=pb[:2], grads=[p.grad for p in pb[:2]], lr=1e-2, **states[0]),
                   dict(params=pb[2:], grads=[p.grad for p in pb[2:]], lr=3e-3, betas=(0.8, 0.99), **states[1])]
-        mgpo(groups, gs, rho=0.5, backend=backend)
+        mgpo(groups, gs, rho=0.5, backend=backend, perturbed=True)
     for a, b in zip(pa, pb):
         assert torch.equal(a.detach(), b.detach())
     assert float(gs["step"]) == 4.0

@@ -32,6 +32,7 @@ def _run(backend, kw, steps=STEPS, dtype=torch.float32, active_fn=None, rho_fn=N
         if rho_fn is not None:
             opt.rho = ref.rho = rho_fn(t)
         opt.zero_grad(set_to_none=True)
+        opt.apply_perturbation()  # a raw-tensor loop applies eps itself (no nn.Module call)
         prob.loss(params, active).backward()
         opt.step()
         ref.step(prob.grads_at(ref.perturbed(), active))
@@ -39,6 +40,10 @@ def _run(backend, kw, steps=STEPS, dtype=torch.float32, active_fn=None, rho_fn=N
 
 
 def _check(params, opt, ref, tol):
+    assert not opt.perturbation_applied
+    for p, want in zip(params, ref.theta):
+        assert rel_err(p.detach(), want) < tol, "parameters at rest differ from theta"
+    opt.apply_perturbation()
     for p, want in zip(params, ref.perturbed()):
         assert rel_err(p.detach(), want) < tol, "perturbed parameters differ from theta + eps"
     opt.eval()
@@ -87,6 +92,7 @@ def test_param_groups_with_different_hyperparameters(backend):
     ref = _GroupedF64([ref_a, ref_b], [0, 0, 1, 1, 1])
     for _ in range(STEPS):
         opt.zero_grad(set_to_none=True)
+        opt.apply_perturbation()
         prob.loss(params).backward()
         opt.step()
         ref.step(prob.grads_at(ref.perturbed()))
@@ -140,8 +146,11 @@ def test_bf16_and_fp16_params(backend):
         for mst, want in zip(masters, ref.theta):
             assert mst.dtype == torch.float32
             assert rel_err(mst, want) < tol
-        # the parameter holds the rounded value of master + eps (nothing drifts)
+        # at rest the parameter holds its master rounded; with eps applied, the rounded master + eps
+        for p, mst in zip(params, masters):
+            torch.testing.assert_close(p.detach(), mst.to(dtype), rtol=0, atol=0)
         coef = opt.state_dict()["mgpo"]["coef"]
+        opt.apply_perturbation()
         for p, mst in zip(params, masters):
             m = opt.state[p]["exp_avg"]
             torch.testing.assert_close(p.detach(), (mst + coef * m).to(dtype), rtol=0, atol=0)
@@ -175,11 +184,14 @@ def test_perturbation_norm_is_rho_over_gbar(backend, adaptive):
     opt = MGPO(params, lr=1e-2, rho=0.2, adaptive_norm=adaptive, backend=backend)
     for _ in range(5):
         opt.zero_grad()
+        opt.apply_perturbation()
         prob.loss(params).backward()
         opt.step()
+        theta = [p.detach().clone() for p in params]  # at rest
+        opt.apply_perturbation()  # what the next training forward does
         pert = [p.detach().clone() for p in params]
-        with opt.unperturbed():
-            theta = [p.detach().clone() for p in params]
+        opt.eval()
+        opt.train()
         norm = torch.sqrt(sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(pert, theta)))
         gbar = float(opt.state_dict()["mgpo"]["gbar"])
         want = 0.2 / gbar if adaptive else 0.2

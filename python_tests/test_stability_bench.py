@@ -116,12 +116,15 @@ def test_noise_norm_equals_mgpo_epsilon_norm(adaptive_norm):
         grads = [scale * torch.randn(s) / 5 for s in shapes]
         for p, q, g in zip(ps, qs, grads):
             p.grad, q.grad = g.clone(), g.clone()
+        opt.apply_perturbation()
         opt.step()
         noise.observe()
-        # MGPO's ε, read through the public API: weights in train mode minus weights at θ
-        perturbed = [p.detach().clone() for p in ps]
-        with opt.unperturbed():
-            eps = torch.sqrt(sum(((a - p.detach()) ** 2).sum() for a, p in zip(perturbed, ps)))
+        # MGPO's ε, read through the public API: the weights with ε applied minus the weights at rest (θ)
+        theta = [p.detach().clone() for p in ps]
+        opt.apply_perturbation()
+        eps = torch.sqrt(sum(((p.detach() - a) ** 2).sum() for a, p in zip(theta, ps)))
+        opt.eval()
+        opt.train()
         assert noise.norm() == pytest.approx(float(eps), rel=1e-4)
         # the noise's own move has that norm and is removed exactly
         before = [q.detach().clone() for q in qs]

@@ -48,12 +48,17 @@ def build_info():
 
 
 def extension_path() -> Optional[str]:
-    """Where the compiled ``mgpo_kernels._C`` is, or None if there is none."""
-    try:
-        spec = importlib.util.find_spec("mgpo_kernels._C")
-    except (ImportError, ValueError):
-        return None
-    return None if spec is None else spec.origin
+    """Where the compiled ``mgpo_kernels._C`` is, or None if there is none (found without importing it)."""
+    import importlib.machinery
+    import sys
+
+    pkg = sys.modules.get("mgpo_kernels")
+    for d in getattr(pkg, "__path__", None) or [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(d, "_C" + suffix)
+            if os.path.isfile(path):
+                return path
+    return None
 
 
 def extension_problem() -> Optional[str]:
@@ -68,6 +73,30 @@ def extension_problem() -> Optional[str]:
     if built is not None and built != torch.__version__:
         return (f"mgpo_kernels._C was built against torch {built}, but this is torch {torch.__version__}; "
                 f"install torch {built} or {_REBUILD}")
+    return _truncated(extension_path())
+
+
+def _truncated(path: str) -> Optional[str]:
+    """A cut-off ELF file (an interrupted copy) crashes the process when loaded (SIGBUS), so it is checked first:
+    its header says where its section table ends."""
+    import struct
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        return f"mgpo_kernels._C ({path}) cannot be read: {e}; {_REBUILD}"
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # not a complete 64-bit ELF header: let dlopen say
+        return None if head[:4] != b"\x7fELF" else (
+            f"mgpo_kernels._C ({path}) is truncated ({size} bytes); {_REBUILD}")
+    order = "<" if head[5] == 1 else ">"
+    (shoff,) = struct.unpack_from(order + "Q", head, 40)
+    shentsize, shnum = struct.unpack_from(order + "HH", head, 58)
+    end = shoff + shentsize * shnum
+    if end > size:
+        return (f"mgpo_kernels._C ({path}) is truncated: {size} bytes, its ELF header says at least {end}; "
+                f"{_REBUILD}")
     return None
 
 
@@ -100,12 +129,17 @@ def _load(name: str) -> Optional[Type[Backend]]:
 
 
 def _warn_if_built_for_another_torch() -> None:
-    """At import: a wheel built for another torch is an error the user must hear of, not a silent fallback."""
-    info = build_info()
-    built = getattr(info, "TORCH_VERSION", None)
-    if built is not None and built != torch.__version__ and extension_path() is not None:
-        warnings.warn(f"mgpo_kernels: the cpp backend is disabled: {extension_problem()}", MGPOFallbackWarning,
-                      stacklevel=3)
+    """At import: an extension built for another torch (or cut off) is an error the user must hear of, not a
+    silent fallback; and it is never loaded (that can crash the process): ``mgpo_kernels._C`` is blocked in
+    ``sys.modules``, so every ``import`` of it (the cpp backend, the host cache) raises ImportError."""
+    import sys
+
+    if extension_path() is None or "mgpo_kernels._C" in sys.modules:
+        return
+    problem = extension_problem()
+    if problem is not None:
+        sys.modules["mgpo_kernels._C"] = None
+        warnings.warn(f"mgpo_kernels: the cpp backend is disabled: {problem}", MGPOFallbackWarning, stacklevel=3)
 
 
 _warn_if_built_for_another_torch()
@@ -195,7 +229,7 @@ def _fix_for(name: str, why: str) -> str:
     return why
 
 
-def _warn_fallback(chosen: str, device: torch.device) -> None:
+def _warn_fallback(chosen: str, device: torch.device, stacklevel: int) -> None:
     """Warn once per (device type, chosen backend, reasons) when "auto" settles below what the device could run."""
     if os.environ.get("MGPO_NO_FALLBACK_WARNING") == "1":
         return
@@ -207,10 +241,12 @@ def _warn_fallback(chosen: str, device: torch.device) -> None:
     whys = "; ".join(f"{n!r} is not usable: {_fix_for(n, w)}" for n, w in missed)
     warnings.warn(f"MGPO backend='auto' on {device.type} uses the slower {chosen!r} backend: {whys}. "
                   f"(`python -m mgpo_kernels` shows every backend; MGPO_NO_FALLBACK_WARNING=1 silences this.)",
-                  MGPOFallbackWarning, stacklevel=4)
+                  MGPOFallbackWarning, stacklevel=stacklevel)
 
 
-def _auto(device: torch.device, param_groups=None) -> Backend:
+def _auto(device: torch.device, param_groups=None, stacklevel: int = 4) -> Backend:
+    """The fastest usable backend; ``stacklevel``: its warnings' stack level counted from this function (1), to
+    point at the user's code."""
     usable = sorted((n for n in available_backends(device) if _loaded[n].priority(device) >= 0),
                     key=lambda n: -_loaded[n].priority(device))
     params = [p for g in param_groups for p in g["params"]] if param_groups is not None else []
@@ -222,9 +258,9 @@ def _auto(device: torch.device, param_groups=None) -> Backend:
                 _warned_fallback.add(skipped[0])
                 warnings.warn(f"MGPO backend='auto': not using {skipped[0][0]!r} because {skipped[0][1]}; using "
                               f"{n!r} instead (make the parameters contiguous to get the fused kernels)",
-                              stacklevel=4)
+                              stacklevel=stacklevel)
             else:
-                _warn_fallback(n, device)
+                _warn_fallback(n, device, stacklevel + 1)
             return _loaded[n]()
         skipped.append((n, why))
     return _loaded["reference"]()
@@ -235,7 +271,7 @@ def resolve_for(name: str, device, param_groups) -> Backend:
     fused kernels need dense tensors), saying so once."""
     if name != "auto":
         return resolve(name, device)
-    return _auto(torch.device(device), param_groups)
+    return _auto(torch.device(device), param_groups, stacklevel=4)  # user -> MGPO.__init__ -> resolve_for
 
 
 def resolve(name: str, device) -> Backend:
@@ -243,7 +279,7 @@ def resolve(name: str, device) -> Backend:
     once if that is slower than what the device could run, saying why)."""
     device = torch.device(device)
     if name == "auto":
-        return _auto(device)
+        return _auto(device, stacklevel=3)
     why = unavailable_reason(name, device)  # raises ValueError for unknown names
     if why is not None:
         raise RuntimeError(f"MGPO backend {name!r} is not usable on {device}: {why}")

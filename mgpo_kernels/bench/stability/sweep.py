@@ -73,7 +73,7 @@ def add_lora(base, rank: int, seed: int):
 def finetune(base, data: Dict[str, Any], method: str, rank: int, lr: float, seed: int, cfg: Dict[str, Any],
              device: torch.device) -> Dict[str, Any]:
     """Train one LoRA adapter; per-step training loss, held-out loss and exact match at θ, wall times, and the
-    size of the perturbation at the end (‖ε‖ read as train-mode minus θ weights for MGPO) against ‖θ‖."""
+    size of the perturbation at the end (‖ε‖ read as the applied weights minus θ for MGPO) against ‖θ‖."""
     model = add_lora(base, rank, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, noise = make_optimizer(method, params, lr, cfg["weight_decay"], seed, cfg.get("mgpo_backend", "auto"))
@@ -104,13 +104,14 @@ def finetune(base, data: Dict[str, Any], method: str, rank: int, lr: float, seed
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     eps_norm = noise.norm() if noise is not None else None
-    if isinstance(opt, MGPO):
+    if isinstance(opt, MGPO):  # theta at rest; the next training forward would apply eps: measure it so
         with torch.no_grad():
-            perturbed = [p.detach().clone() for p in params]
+            theta = [p.detach().clone() for p in params]
+            opt.apply_perturbation()
+            eps_norm = float(torch.sqrt(sum(((p - a) ** 2).sum() for a, p in zip(theta, params))))
         with opt.unperturbed():
             eval_loss, em = task.evaluate(model, data["eval_batches"])
             with torch.no_grad():
-                eps_norm = float(torch.sqrt(sum(((a - p) ** 2).sum() for a, p in zip(perturbed, params))))
                 theta_norm = float(torch.sqrt(sum((p.float() ** 2).sum() for p in params)))
     else:
         eval_loss, em = task.evaluate(model, data["eval_batches"])
