@@ -42,6 +42,7 @@ def test_not_built(registry, monkeypatch):
 def test_built_for_another_torch(registry, monkeypatch):
     _forget("cpp")
     monkeypatch.setattr(B, "extension_path", lambda: "/x/_C.so")
+    monkeypatch.setattr(B, "_truncated", lambda path: None)
     monkeypatch.setattr(B, "build_info", lambda: types.SimpleNamespace(TORCH_VERSION="2.0.0+cu118"))
     why = B.unavailable_reason("cpp", "cpu")
     assert "built against torch 2.0.0+cu118" in why and torch.__version__ in why and "--force-reinstall" in why
@@ -50,6 +51,7 @@ def test_built_for_another_torch(registry, monkeypatch):
 def test_built_but_fails_to_load(registry, monkeypatch):
     _forget("cpp")
     monkeypatch.setattr(B, "extension_path", lambda: "/x/_C.so")
+    monkeypatch.setattr(B, "_truncated", lambda path: None)
     monkeypatch.setattr(B, "build_info", lambda: None)
     real = B.importlib.import_module
 
@@ -112,9 +114,13 @@ def test_diagnostic_command():
 
 def test_import_warns_when_built_for_another_torch(registry, monkeypatch):
     monkeypatch.setattr(B, "extension_path", lambda: "/x/_C.so")
+    monkeypatch.setattr(B, "_truncated", lambda path: None)
     monkeypatch.setattr(B, "build_info", lambda: types.SimpleNamespace(TORCH_VERSION="2.0.0+cu118"))
+    monkeypatch.delitem(sys.modules, "mgpo_kernels._C", raising=False)
     with pytest.warns(B.MGPOFallbackWarning, match=r"cpp backend is disabled: .*built against torch 2\.0\.0\+cu118"):
         B._warn_if_built_for_another_torch()
+    assert sys.modules["mgpo_kernels._C"] is None  # blocked: never loaded into this torch
+    monkeypatch.delitem(sys.modules, "mgpo_kernels._C")
     monkeypatch.setattr(B, "build_info", lambda: types.SimpleNamespace(TORCH_VERSION=torch.__version__))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -137,3 +143,13 @@ def test_arch_coverage(monkeypatch, archs, cap, ok):
     assert (why is None) == ok, why
     if not ok:
         assert f"sm_{cap[0]}{cap[1]}" in why and "TORCH_CUDA_ARCH_LIST" in why
+
+
+def test_truncated_extension_is_not_loaded(tmp_path):
+    so = B.extension_path()
+    if so is None:
+        pytest.skip("the extension is not built")
+    cut = tmp_path / "_C.so"
+    cut.write_bytes(open(so, "rb").read(4096))
+    assert "is truncated" in B._truncated(str(cut))
+    assert B._truncated(so) is None
