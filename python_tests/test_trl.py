@@ -3,8 +3,9 @@ built here; nothing is downloaded).
 
 The trap: ``SFTTrainer(peft_config=..., optimizers=(MGPO(model.parameters()), None))`` builds the optimizer over the
 base model before SFTTrainer adds the adapters, so it trains nothing; MGPOCallback must say so.  The right path,
-``optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(...)`` with MGPOCallback, trains every LoRA tensor and
-resumes exactly.
+``optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(...)`` (with or without MGPOCallback), trains every LoRA
+tensor, its checkpoints and final weights are theta (the parameters between steps, which the next training forward
+sees plus eps = coef * m), and it resumes exactly.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from mgpo_kernels import MGPO  # noqa: E402
@@ -101,10 +103,41 @@ def test_optimizer_built_before_peft_trains_nothing_and_the_callback_warns(tmp_p
     assert int(opt.state_dict()["mgpo"]["step"]) == 0
 
 
-def run_sft(out, resume=None, scramble=False):
+class Probe(TrainerCallback):
+    """At every on_step_end: the LoRA weights (``rest``) and eps = coef * m; a forward pre-hook records what the
+    first training forward after each step sees (by definition theta + eps)."""
+
+    def __init__(self):
+        self.rest, self.eps, self.forward, self.pending, self.model = {}, {}, {}, None, None
+
+    def attach(self, model):
+        self.model = model
+        model.register_forward_pre_hook(self._pre)  # after MGPO's global hook (the apply pass)
+
+    def _pre(self, module, args):
+        if self.pending is not None and module.training and torch.is_grad_enabled():
+            self.forward[self.pending] = snapshot(self.model)
+            self.pending = None
+
+    def on_step_end(self, args, state, control, optimizer=None, **kw):
+        opt = find_mgpo(optimizer)
+        assert not opt.perturbation_applied
+        s = state.global_step
+        self.rest[s] = snapshot(self.model)
+        coef = opt.global_state["coef"]
+        self.eps[s] = {n: (coef * opt.state[p]["exp_avg"]).clone() for n, p in lora_params(self.model).items()}
+        self.pending = s
+
+
+def run_sft(out, resume=None, scramble=False, callback=True):
+    probe = Probe()
     trainer = SFTTrainer(model=make_base(), args=make_args(out), train_dataset=make_dataset(),
                          processing_class=make_tokenizer(), peft_config=peft.LoraConfig(**LORA),
-                         optimizer_cls_and_kwargs=mgpo_kw(), callbacks=[MGPOCallback()])
+                         optimizer_cls_and_kwargs=mgpo_kw(), callbacks=[probe] + ([MGPOCallback()] if callback else []))
+    probe.attach(trainer.model)
+    if resume is not None:  # also record the first forward after the resume (the one after checkpoint-N's step)
+        probe.pending = int(str(resume).rsplit("-", 1)[1])
+    trainer.probe = probe
     init = snapshot(trainer.model)
     if scramble:  # the LoRA weights must then come from the checkpoint
         with torch.no_grad():
@@ -117,8 +150,9 @@ def run_sft(out, resume=None, scramble=False):
     return trainer, init
 
 
-def test_optimizer_cls_and_kwargs_trains_lora_and_resume_is_exact(tmp_path):
-    trainer, init = run_sft(tmp_path / "full")
+@pytest.mark.parametrize("callback", [True, False])
+def test_optimizer_cls_and_kwargs_trains_lora_and_resume_is_exact(tmp_path, callback):
+    trainer, init = run_sft(tmp_path / "full", callback=callback)
     opt = find_mgpo(trainer.optimizer)
     assert int(opt.state_dict()["mgpo"]["step"]) == 4
     held = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -126,14 +160,30 @@ def test_optimizer_cls_and_kwargs_trains_lora_and_resume_is_exact(tmp_path):
     assert len(params) == N_LORA and all(id(p) in held for p in params.values())
     final = snapshot(trainer.model)
     assert all(not torch.equal(init[n], final[n]) for n in init)  # every LoRA tensor trained
-    assert not opt.training  # MGPOCallback: the model holds theta after train()
+    probe = trainer.probe
+    assert not opt.perturbation_applied and sorted(probe.forward) == [1, 2, 3]
+    for s in (1, 2, 3):  # the parameters between steps are theta: the next training forward sees them + eps
+        for n, t in probe.forward[s].items():
+            torch.testing.assert_close(t, probe.rest[s][n] + probe.eps[s][n], rtol=1e-6, atol=1e-8, msg=n)
+    eps2 = max(float(e.norm() / probe.rest[2][n].norm()) for n, e in probe.eps[2].items())
+    assert eps2 > 1e-3, eps2  # the checks below tell theta from theta + eps
+    assert all(torch.equal(final[n], probe.rest[4][n]) for n in final)  # the model holds theta_4 after train()
+    for s in (2, 4):  # the checkpoints' adapter weights are theta
+        saved = safetensors_torch.load_file(str(tmp_path / "full" / f"checkpoint-{s}" / "adapter_model.safetensors"))
+        assert len(saved) == N_LORA
+        for n, t in probe.rest[s].items():
+            torch.testing.assert_close(saved[n.replace(".default.", ".")], t, rtol=0, atol=0, msg=n)
 
     ckpt = tmp_path / "checkpoint-2"
     shutil.copytree(tmp_path / "full" / "checkpoint-2", ckpt)
-    resumed, _ = run_sft(tmp_path / "resumed", resume=str(ckpt), scramble=True)
+    resumed, _ = run_sft(tmp_path / "resumed", resume=str(ckpt), scramble=True, callback=callback)
     ropt = find_mgpo(resumed.optimizer)
     assert int(ropt.state_dict()["mgpo"]["step"]) == 4
     rparams = lora_params(resumed.model)
+    assert sorted(resumed.probe.forward) == [2, 3]
+    for s in (2, 3):  # the resumed run's forwards see the uninterrupted run's theta + eps
+        for n, t in resumed.probe.forward[s].items():
+            torch.testing.assert_close(t, probe.forward[s][n], rtol=1e-6, atol=1e-9, msg=f"{s} {n}")
     for n, p in params.items():
         q = rparams[n]
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-6, atol=1e-9, msg=n)
