@@ -88,6 +88,13 @@ def _on_forward(ref, module) -> None:
     if not (module.training and torch.is_grad_enabled()):
         return
     if holds_params(opt, module):
+        if opt.__dict__.get("_layout_decided") == "sharded" and opt.__dict__.get("_sharding_parent") is None:
+            raise RuntimeError(
+                "MGPO holds only this rank's shard of the parameters (a sharded optimizer other than "
+                "ZeroRedundancyOptimizer), so applying eps at the forward would perturb only this rank's shard "
+                "while the model also uses the other ranks' parameters. Before the forward, call "
+                "opt.apply_perturbation() and then share the parameters between the ranks as you do after "
+                "opt.step() (each rank broadcasting the ones it owns); or use ZeroRedundancyOptimizer.")
         opt.apply_perturbation()
 
 

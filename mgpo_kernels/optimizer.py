@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
@@ -127,6 +128,12 @@ class MGPO(torch.optim.Optimizer):
         # this rank's shard of a ZeroRedundancyOptimizer: sum the norms over its group, and after eval()/train()
         # share this rank's parameters with the others, as ZeRO does after a step (they hold copies of ours)
         self._sharding_parent = zero  # a reference cycle (zero.optim is self), which the GC collects
+        if zero is not None and hasattr(zero, "register_load_state_dict_post_hook"):
+            # ZeRO's load_state_dict fills this optimizer's state itself, then runs its own post-hooks: take the
+            # global scalars there, so the next training forward applies the loaded eps
+            ref = weakref.ref(self)
+            zero.register_load_state_dict_post_hook(
+                lambda _z: ref() is not None and _checkpoint.adopt_bypassed_load(ref()))
         if zero is not None and distributed == "auto":
             distributed, process_group = "sharded", zero.process_group
         self._distributed_mode = distributed

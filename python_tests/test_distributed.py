@@ -77,6 +77,8 @@ def train(model, opt, data, shard: slice, use_rare_in_all=False, start=0, stop=N
         use_rare = use_rare_in_all or t % 2 == 0
         loss = ((model(x[shard], use_rare) - y[shard]) ** 2).mean()
         loss.backward()
+        # theta at rest: the training forward (DDP's, FSDP2's root) applied eps, from the second step on
+        assert opt.perturbation_applied == (t > 0), (t, opt.perturbation_applied)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if on_step_end is not None:
@@ -87,6 +89,7 @@ def single_process(backend, use_rare_in_all=False):
     model = make_net()
     opt = MGPO(model.parameters(), backend=backend, **OPT_KW)
     train(model, opt, make_data(), slice(None), use_rare_in_all)
+    opt.apply_perturbation()  # the point the next training forward would see
     perturbed = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.eval()
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -126,6 +129,7 @@ def _ddp_worker(rank, port, backend, out):
         opt = MGPO(ddp.parameters(), backend=backend, **OPT_KW)
         per = BATCH // WORLD
         train(ddp, opt, make_data(), slice(rank * per, (rank + 1) * per))
+        opt.apply_perturbation()  # the point the next training forward would see
         perturbed = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.eval()
         theta = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -219,6 +223,7 @@ def _fsdp_worker(rank, port, backend, out):
         sd = opt.state_dict()
         assert all(isinstance(s["exp_avg"], DTensor) for s in sd["state"].values())
 
+        opt.apply_perturbation()  # the point the next training forward would see (on the local shards)
         perturbed = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
         opt.eval()
         theta = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
@@ -255,7 +260,7 @@ def test_fsdp2_two_processes_match_single_process(fsdp_run):
 
 
 def test_fsdp2_distributed_checkpoint_reshards_to_single_process(fsdp_run):
-    """The 2-rank FSDP2 run saved a torch.distributed.checkpoint at step CKPT_STEP (inside opt.unperturbed());
+    """The 2-rank FSDP2 run saved a torch.distributed.checkpoint at step CKPT_STEP;
     one process without FSDP loads it (resharding the DTensor state to whole tensors) and continues: it must end
     where the uninterrupted single process does."""
     import torch.distributed.checkpoint as dcp
@@ -268,18 +273,17 @@ def test_fsdp2_distributed_checkpoint_reshards_to_single_process(fsdp_run):
         for p in model.parameters():
             p.normal_()  # must come from the checkpoint
     opt = MGPO(model.parameters(), backend=backend, **OPT_KW)
-    # the optimizer state is loaded in eval mode, then the model's theta; train() applies the loaded perturbation
-    with opt.unperturbed():
-        msd, osd = get_state_dict(model, opt)
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(out / "dcp"))
-        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    # set_state_dict loads the optimizer state, then the model's theta: the order does not matter (theta at rest)
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(out / "dcp"))
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     assert float(opt.state_dict()["mgpo"]["step"]) == CKPT_STEP
     train(model, opt, make_data(), slice(None), start=CKPT_STEP)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), per_ref[n], rtol=1e-5, atol=1e-6, msg=n)
-    opt.eval()
-    for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), theta_ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    opt.apply_perturbation()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), per_ref[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def _layouts_worker(rank, port, out):

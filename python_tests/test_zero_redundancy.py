@@ -146,6 +146,9 @@ def train(model, opt, shard, average_grads=False, on_error=None, start=0, stop=S
             continue
         for g in opt.param_groups:  # through the wrapper's param_groups, as a scheduler does
             g["lr"] = lr_at(t)
+        if after_step is not None and t > start:  # sharded by hand: apply eps, then share it as after a step
+            opt.apply_perturbation()
+            after_step()
         F.mse_loss(model(x[shard]), y[shard]).backward()
         if average_grads:
             for p in model.parameters():
@@ -167,12 +170,13 @@ def train(model, opt, shard, average_grads=False, on_error=None, start=0, stop=S
 
 @functools.lru_cache(maxsize=None)
 def single_process(backend, scenario):
-    """Perturbed parameters after the run, then theta (eval())."""
+    """The parameters after the run (theta at rest), then after eval() (theta)."""
     kind, _, kw, _ = SCENARIOS[scenario]
     kw = {k: v for k, v in kw.items() if k != "distributed"}
     model = make_model(kind)
     opt = MGPO([p for p in model.parameters() if p.requires_grad], backend=backend, **BASE_KW, **kw)
     train(model, opt, slice(None))
+    opt.apply_perturbation()
     perturbed = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.eval()
     return perturbed, {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -271,6 +275,9 @@ def _run_scenario(rank, backend, scenario, out_dir):
               after_step=share if wrapper == "by_hand_sharded" else None)
     if "error" in out:
         return out
+    local.apply_perturbation()  # the point the next training forward would see (ZeRO: shared by the ranks)
+    if wrapper == "by_hand_sharded":
+        share()
     out["perturbed"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     local.eval()
     owned = {id(p) for g in local.param_groups for p in g["params"]}
