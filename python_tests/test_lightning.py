@@ -1,12 +1,14 @@
 """MGPO under PyTorch Lightning 2.x with ``MGPOCallback`` (real Trainer, CPU, tiny MLP, a few steps).
 
-theta is taken independently of the callback: a probe callback snapshots ``with mgpo.unperturbed()`` after every
-optimizer step.  Checks: validation / sanity check / test / predict see theta and leave the previous mode; every
+Theta at rest: a probe callback snapshots the parameters right after every optimizer step; they are theta by
+definition when the next training forward sees them plus eps = coef * m (checked).  MGPOCallback only checks the
+setup.  Checks: validation / sanity check / test / predict see theta and move nothing; every
 checkpoint (ModelCheckpoint full and weights-only, trainer.save_checkpoint) holds theta; the model holds theta after
 fit; fit(ckpt_path=...) in fresh objects ends where the uninterrupted run ends (weights and moments, 1e-6 relative)
 under precision 32 / bf16-mixed / 16-mixed (GradScaler) / bf16-true and gradient accumulation; gradient accumulation
 equals a plain PyTorch loop; settings that cannot work are refused with a message naming the fix; the warning when
-MGPO holds none or part of the trainable parameters; ``self.optimizers().eval()`` inside the module.
+MGPO holds none or part of the trainable parameters; ``self.optimizers().eval()`` inside the module; weight
+averaging (EMAWeightAveraging, StochasticWeightAveraging) averages theta.
 """
 from __future__ import annotations
 
@@ -92,24 +94,56 @@ def make_net(pl):
 
 def make_probe(pl):
     class ThetaProbe(pl.Callback):
-        """theta after every optimizer step, keyed by global_step; optionally saves a checkpoint at given batches."""
+        """What the parameters hold right after every optimizer step (``theta``, keyed by global_step: the first
+        on_train_batch_end at rest after a step), eps = coef * m there, and what the first training forward after
+        that step sees (``forward``; module forward pre-hooks run after MGPO's global hook): by definition theta + eps,
+        so :func:`assert_theta_by_forward` proves the snapshots are theta.  Optionally saves a checkpoint at given
+        batches."""
 
         def __init__(self, save_at=(), dirpath=None, weights_only=False):
             self.theta, self.save_at, self.dirpath, self.weights_only = {}, set(save_at), dirpath, weights_only
+            self.eps, self.forward, self.pending, self.module, self.handles = {}, {}, None, None, []
+
+        def on_fit_start(self, trainer, pl_module):
+            self.module = pl_module
+            self.handles = [m.register_forward_pre_hook(self._pre_forward) for m in pl_module.modules()]
+
+        def on_fit_end(self, trainer, pl_module):
+            for h in self.handles:
+                h.remove()
+
+        def _pre_forward(self, module, args):
+            if self.pending is not None and module.training and torch.is_grad_enabled():
+                self.forward[self.pending] = snapshot(self.module)
+                self.pending = None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             s = trainer.global_step
-            if s not in self.theta:
-                with find_mgpo(trainer.optimizers[0]).unperturbed():
-                    self.theta[s] = snapshot(pl_module)
+            m = find_mgpo(trainer.optimizers[0])
+            if s not in self.theta and not m.perturbation_applied:  # applied: a micro-batch within a step
+                self.theta[s] = snapshot(pl_module)
+                coef = m.global_state["coef"]
+                self.eps[s] = [(coef * m.state[p]["exp_avg"]).float() if "exp_avg" in m.state.get(p, {})
+                               else torch.zeros_like(p, dtype=torch.float32) for p in pl_module.parameters()]
+                self.pending = s if s > 0 else None
             if trainer.fit_loop.total_batch_idx in self.save_at:
                 name = f"manual-batch{trainer.fit_loop.total_batch_idx}.ckpt"
                 trainer.save_checkpoint(os.path.join(self.dirpath, name), weights_only=self.weights_only)
 
         def on_train_end(self, trainer, pl_module):
-            self.at_train_end = snapshot(pl_module)  # what callbacks after MGPOCallback see at the end of training
+            self.at_train_end = snapshot(pl_module)  # what callbacks after this one see at the end of training
 
     return ThetaProbe
+
+
+def assert_theta_by_forward(probe, min_eps=1e-3):
+    """probe.theta[s] is theta_s: the next training forward saw theta_s + eps_s; eps is not negligible there, so the
+    checks against probe.theta tell theta from theta + eps."""
+    assert probe.forward
+    for s, seen in probe.forward.items():
+        expected = [t + e for t, e in zip(probe.theta[s], probe.eps[s])]
+        assert max_rel(seen, expected) < TOL, s
+        assert max_rel(expected, probe.theta[s]) > min_eps, s
 
 
 Net, ThetaProbe = make_net(L), make_probe(L)
@@ -155,34 +189,44 @@ def test_callback_subclasses_every_installed_callback_base():
     assert isinstance(MGPOCallback(), pl.Callback)
 
 
-def test_validation_test_predict_at_theta_and_mode_restored(tmp_path):
+@pytest.mark.parametrize("callback", [True, False])
+def test_validation_test_predict_at_theta_and_mode_restored(tmp_path, callback):
     dl = loaders()
-    model, probe, cb = Net(), ThetaProbe(), MGPOCallback()
-    trainer = make_trainer(tmp_path, callbacks=[cb, probe], max_steps=6, val_check_interval=2)
+    model, probe = Net(), ThetaProbe()
+    trainer = make_trainer(tmp_path, callbacks=([MGPOCallback()] if callback else []) + [probe], max_steps=6,
+                           val_check_interval=2)
     trainer.fit(model, dl(), dl())
+    assert sorted(probe.theta) == [1, 2, 3, 4, 5, 6] and sorted(probe.forward) == [1, 2, 3, 4, 5]
+    assert_theta_by_forward(probe)
     vals = [r for r in model.records if r["kind"] == "val"]
     assert [r["step"] for r in vals] == [2, 4, 6]
     for r in vals:
         assert max_rel(r["params"], probe.theta[r["step"]]) < TOL, r["step"]
-        assert r["training"] is False
+        assert r["training"] is True  # nothing switches MGPO's mode: validation needs no eval()
     mgpo = mgpo_of(trainer)
     assert max_rel(snapshot(model), probe.theta[6]) < TOL  # the model holds theta after fit
     assert max_rel(probe.at_train_end, probe.theta[6]) < TOL
-    assert not mgpo.training
+    assert mgpo.training and not mgpo.perturbation_applied
+    perturbed = [t + e for t, e in zip(probe.theta[6], probe.eps[6])]
+    assert max_rel(perturbed, probe.theta[6]) > 1e-3  # eps_6 (due at the next training forward) is not negligible
 
-    # standalone loops on an optimizer in train mode (theta + eps): theta inside, train mode and theta + eps after
+    # train() moves nothing; standalone loops see theta and move nothing (their eval-mode forwards apply nothing)
     mgpo.train()
-    perturbed = snapshot(model)
-    assert max_rel(perturbed, probe.theta[6]) > 1e-3  # the perturbation is not negligible at this scale
+    assert max_rel(snapshot(model), probe.theta[6]) == 0
     model.records.clear()
     trainer.validate(model, dl(), verbose=False)
     trainer.test(model, dl(), verbose=False)
     trainer.predict(model, dl())
-    make_trainer(tmp_path, callbacks=[cb]).validate(model, dl(), verbose=False)  # a new Trainer: no optimizers
+    make_trainer(tmp_path, callbacks=[MGPOCallback()] if callback else []).validate(model, dl(), verbose=False)
     assert [r["kind"] for r in model.records] == ["val", "test", "test", "test", "test"] + ["predict"] * 4 + ["val"]
     for r in model.records:
         assert max_rel(r["params"], probe.theta[6]) < TOL, r["kind"]
-    assert mgpo.training
+    assert mgpo.training and not mgpo.perturbation_applied
+    assert max_rel(snapshot(model), probe.theta[6]) == 0
+    # the next training forward still applies eps_6
+    model.train()
+    model._loss(next(iter(dl())))
+    assert mgpo.perturbation_applied
     assert max_rel(snapshot(model), perturbed) < TOL
 
 
@@ -208,6 +252,7 @@ def test_checkpoints_hold_theta(tmp_path, weights_only):
     trainer = make_trainer(tmp_path, callbacks=[MGPOCallback(), probe, ckpt], max_steps=6)
     trainer.fit(model, dl())
     trainer.save_checkpoint(str(tmp_path / "after-fit.ckpt"), weights_only=weights_only)
+    assert_theta_by_forward(probe)  # probe.theta is theta, and eps is not negligible
     files = sorted(glob.glob(str(tmp_path / "mc" / "*.ckpt"))) + sorted(glob.glob(str(tmp_path / "*.ckpt")))
     assert len(files) == 3 + 2 + 1
     names = [n for n, _ in model.named_parameters()]
@@ -338,7 +383,9 @@ def test_warns_when_mgpo_holds_none_or_part_of_the_trainable_parameters(tmp_path
 
 
 def test_optimizers_eval_inside_the_module_keeps_the_mode(tmp_path):
-    """``self.optimizers()`` is Lightning's LightningOptimizer; eval()/train() through it must reach MGPO's mode."""
+    """``self.optimizers()`` is Lightning's LightningOptimizer; eval()/train() through it must reach MGPO's mode, and
+    train() must leave the next training forward applying eps: the run equals one that never switches, and differs
+    from one without the perturbation (rho = 0)."""
     dl = loaders()
     runs = []
     for user_eval in (True, False):
@@ -346,13 +393,68 @@ def test_optimizers_eval_inside_the_module_keeps_the_mode(tmp_path):
         trainer = make_trainer(tmp_path, callbacks=[MGPOCallback(), probe], max_steps=6, val_check_interval=2)
         trainer.fit(model, dl(), dl())
         runs.append((model, probe))
-        for r in (r for r in model.records if r["kind"] == "val"):
-            assert r["training"] is False
+        assert_theta_by_forward(probe)
+        assert sorted(probe.forward) == [1, 2, 3, 4, 5]  # incl. the forwards right after validation and train()
+        vals = [r for r in model.records if r["kind"] == "val"]
+        assert len(vals) == 3
+        for r in vals:
+            assert r["training"] is (not user_eval)
             assert max_rel(r["params"], probe.theta[r["step"]]) < TOL
+        assert mgpo_of(trainer).training
     (mu, pu), (mp, pp) = runs
     assert max_rel(snapshot(mu), snapshot(mp)) < TOL
     for s in pp.theta:
         assert max_rel(pu.theta[s], pp.theta[s]) < TOL, s
+    plain = Net(opt_fn=lambda module: MGPO(module.parameters(), **{**KW, "rho": 0.0}))
+    make_trainer(tmp_path, max_steps=6, val_check_interval=2).fit(plain, dl(), dl())
+    assert max_rel(snapshot(plain), snapshot(mp)) > 1e-4
+
+
+def _average(thetas, fn):
+    avg = [t.clone() for t in thetas[0]]
+    for k, th in enumerate(thetas[1:], start=1):
+        avg = [fn(a, t, k) for a, t in zip(avg, th)]
+    return avg
+
+
+@pytest.mark.parametrize("callback", [True, False])
+def test_ema_weight_averaging_averages_theta(tmp_path, callback):
+    """EMAWeightAveraging updates its average at on_train_batch_end after every step: the average is of theta (the
+    probe's snapshots), validation runs on the average, and the model gets the average at the end of fit."""
+    decay = 0.5
+    ema = L.callbacks.EMAWeightAveraging(decay=decay)
+    dl = loaders()
+    model, probe = Net(), ThetaProbe()
+    trainer = make_trainer(tmp_path, callbacks=([MGPOCallback()] if callback else []) + [probe, ema], max_steps=6,
+                           val_check_interval=2)
+    trainer.fit(model, dl(), dl())
+    assert_theta_by_forward(probe)
+    ema_fn = lambda a, t, k: decay * a + (1 - decay) * t  # noqa: E731
+    thetas = [probe.theta[s] for s in range(1, 7)]
+    expected = {s: _average(thetas[:s], ema_fn) for s in (2, 4, 6)}
+    of_perturbed = _average([[t + e for t, e in zip(probe.theta[s], probe.eps[s])] for s in range(1, 7)], ema_fn)
+    assert max_rel(of_perturbed, expected[6]) > 1e-3  # the test tells an average of theta from one of theta + eps
+    vals = [r for r in model.records if r["kind"] == "val"]
+    assert [r["step"] for r in vals] == [2, 4, 6]
+    for r in vals:
+        assert max_rel(r["params"], expected[r["step"]]) < TOL, r["step"]
+    assert max_rel(snapshot(model), expected[6]) < TOL
+
+
+def test_stochastic_weight_averaging_averages_theta(tmp_path):
+    """StochasticWeightAveraging averages at on_train_epoch_start (epochs 1..3 here): the mean of theta at the end of
+    epochs 0..2, which the model gets at the end of fit."""
+    swa = L.callbacks.StochasticWeightAveraging(swa_lrs=5e-3, swa_epoch_start=2)
+    model, probe = Net(), ThetaProbe()
+    trainer = make_trainer(tmp_path, callbacks=[probe, swa], max_epochs=4)
+    trainer.fit(model, loaders()())
+    assert trainer.global_step == 16
+    assert_theta_by_forward(probe)
+    mean = lambda a, t, k: a + (t - a) / (k + 1)  # noqa: E731
+    expected = _average([probe.theta[s] for s in (4, 8, 12)], mean)
+    of_perturbed = _average([[t + e for t, e in zip(probe.theta[s], probe.eps[s])] for s in (4, 8, 12)], mean)
+    assert max_rel(of_perturbed, expected) > 1e-3
+    assert max_rel(snapshot(model), expected) < TOL
 
 
 def test_pytorch_lightning_import_path(tmp_path):
