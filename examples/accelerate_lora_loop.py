@@ -8,9 +8,8 @@ model and data.  What matters for MGPO:
 
 * ``MGPO(max_grad_norm=...)``: clipping fused into the step (instead of ``accelerator.clip_grad_norm_``);
 * ``accelerator.accumulate(model)``: one MGPO step per window, all micro-batches at the same perturbed point;
-* evaluation inside ``find_mgpo(opt).unperturbed()``: at theta, the perturbation re-applied after;
-* ``accelerator.save_state()`` in either mode; ``load_state()`` into fresh objects continues the run exactly;
-* weights to keep: saved inside ``unperturbed()``.
+* theta at rest: between steps the model holds theta, so evaluation, ``accelerator.save_state()`` and the weights
+  you keep need nothing special; ``load_state()`` into fresh objects continues the run exactly.
 """
 from __future__ import annotations
 
@@ -76,10 +75,9 @@ def main():
 
     accelerator, model, opt, sched = build(args)
     train(accelerator, model, opt, sched, 0, half, args.accum)
-    with find_mgpo(opt).unperturbed():
-        accelerator.print(f"step {half}: eval loss at theta {evaluate(model):.4f}")
+    accelerator.print(f"step {half}: eval loss at theta {evaluate(model):.4f}")
     with tempfile.TemporaryDirectory() as ckpt:
-        accelerator.save_state(ckpt)  # mid-training: the saved model holds theta + eps, optimizer.bin says so
+        accelerator.save_state(ckpt)  # mid-training: the model holds theta between steps
         train(accelerator, model, opt, sched, half, args.steps, args.accum)
         uninterrupted = [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
@@ -89,11 +87,10 @@ def main():
         train(accelerator, model, opt, sched, half, args.steps, args.accum)
     resumed = [p.detach() for p in model.parameters() if p.requires_grad]
     err = max(float((a - b).norm() / b.norm()) for a, b in zip(resumed, uninterrupted))
-    with find_mgpo(opt).unperturbed():
-        accelerator.print(f"step {args.steps}: eval loss at theta {evaluate(model):.4f}; resumed vs uninterrupted "
-                          f"max relative difference {err:.1e}")
-        lora_theta = accelerator.get_state_dict(model)  # the weights to keep: theta
-    accelerator.print(f"{len(lora_theta)} tensors in the unperturbed state dict")
+    accelerator.print(f"step {args.steps}: eval loss at theta {evaluate(model):.4f}; resumed vs uninterrupted "
+                      f"max relative difference {err:.1e}; {find_mgpo(opt).global_state['step']:.0f} MGPO steps")
+    lora_theta = accelerator.get_state_dict(model)  # the weights to keep: theta
+    accelerator.print(f"{len(lora_theta)} tensors in the state dict (theta)")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ and dataset.  What matters for MGPO is in ``main()``:
 * ``mgpo_for_peft(model, ...)``: MGPO over the trainable LoRA parameters only, LoRA+ lr for the B matrices;
 * ``optimizers=(opt, None)``: the Trainer builds its lr scheduler around it (``optimizer_cls_and_kwargs=
   mgpo_optimizer_cls_and_kwargs(lr=..., ...)`` is the equivalent one-liner);
-* ``callbacks=[MGPOCallback()]``: checkpoints and the final weights are the unperturbed theta (the Trainer itself
-  already calls ``optimizer.eval()`` before evaluating and ``optimizer.train()`` before each training step);
+* theta at rest: between steps the model holds theta, so evaluation, checkpoints and the final weights are theta
+  with nothing extra; ``callbacks=[MGPOCallback()]`` is optional and only checks the setup (e.g. an MGPO built
+  before the adapters existed);
 * ``max_grad_norm=0`` on the Trainer with ``MGPO(max_grad_norm=1.0)``: clipping fused into the optimizer step
   (same result as the Trainer clipping, one pass less over the gradients).
 """
@@ -94,7 +95,7 @@ def main(argv=None):
     t0 = time.time()
     result = trainer.train()
     final = trainer.evaluate()["eval_loss"]
-    trainer.save_model(os.path.join(out, "final"))  # theta: MGPOCallback left the optimizer in eval mode
+    trainer.save_model(os.path.join(out, "final"))  # theta (at rest between steps)
     mgpo = find_mgpo(trainer.optimizer)
     print(f"backend={mgpo.backend}  steps={result.global_step}  train time {time.time() - t0:.1f}s")
     print(f"train loss {result.training_loss:.4f}")
