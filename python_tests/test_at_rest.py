@@ -490,3 +490,42 @@ def test_compiled_model_or_training_step_equals_eager(what):
     assert_close(list(comp.parameters()), list(eager.parameters()), rtol=1e-6)
     assert not o2.perturbation_applied
     assert float(o2.global_state["coef"]) != 0.0
+
+
+# ---------------------------------------------------------------------------------------------- CUDA (gpu_check.sh)
+CUDA_BACKENDS = []
+if torch.cuda.is_available():
+    from mgpo_kernels import available_backends
+
+    CUDA_BACKENDS = [b for b in available_backends("cuda") if b != "reference"]
+
+
+@pytest.mark.skipif(not CUDA_BACKENDS, reason="needs a CUDA device (run by benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS or ["none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_apply_pass_and_steps_match_the_reference(backend, dtype):
+    """The fused apply pass (one launch) and the step's restore on CUDA, against the reference backend."""
+    from mgpo_kernels.backends.base import Backend
+
+    runs = {}
+    for b in (backend, "reference"):
+        model = make_model(dtype=dtype).cuda()
+        opt = MGPO(model.parameters(), backend=b, **OPTS)
+        for t in range(4):
+            x, y = batch(t)
+            loss_of(model, x.cuda(), y.cuda()).backward()
+            assert opt.perturbation_applied == (t > 0)
+            opt.step()
+            opt.zero_grad()
+        runs[b] = (model, opt)
+    model, opt = runs[backend]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close(list(model.parameters()), list(runs["reference"][0].parameters()), rtol=tol)
+    groups = opt._groups(with_grads=False)
+    gen = [p.detach().clone() for p in model.parameters()]
+    import dataclasses
+
+    Backend.perturb(None, [dataclasses.replace(groups[0], params=gen)], opt._gstate.coef, apply=True)
+    opt.apply_perturbation()
+    for p, w in zip(model.parameters(), gen):
+        assert torch.equal(p.detach(), w)

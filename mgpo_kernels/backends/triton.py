@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from .base import SUMS_PER_GROUP, Backend, GlobalState, GroupTensors, StepConfig
-from .plan import HYPER_OPTIONS, HYPER_PER_GROUP, PLAN_MUTATES, PlanCache, StepPlan, plan_schema
+from .plan import HYPER_OPTIONS, HYPER_PER_GROUP, PLAN_MUTATES, PlanCache, StepPlan, flatten, plan_schema
+from .plan import lr_tensors as plan_lr_tensors
 
 
 class _LazyNumpy:
@@ -451,6 +452,7 @@ class TritonBackend(Backend):
 
     def __init__(self):
         self._tables: Tables = collections.OrderedDict()
+        self._apply_tables: Tables = collections.OrderedDict()  # the apply pass's (no gradients: its own key)
         self._plans = PlanCache()
         self.handle = next(_HANDLES)
         _INSTANCES[self.handle] = self
@@ -481,6 +483,27 @@ class TritonBackend(Backend):
     @classmethod
     def priority(cls, device: torch.device) -> int:
         return 10 if torch.device(device).type == "cuda" else -1
+
+    @torch.no_grad()
+    def perturb(self, groups: List[GroupTensors], coef: Tensor, apply: bool) -> None:
+        """The apply pass of theta at rest in one launch (``mgpo_apply_kernel``: reads p or the master and m,
+        writes p; nothing while coef is 0 on the device).  Removing eps (``eval()`` between a forward and its
+        step) and a compiled region use the generic multi-tensor ops."""
+        if not apply or torch.compiler.is_compiling() or sum(len(g.params) for g in groups) == 0:
+            return super().perturb(groups, coef, apply)
+        params, grads, ms, vs, masters, master_index, steps, sizes = flatten(groups)
+        device = params[0].device
+        plan = StepPlan(params, [None] * len(params), ms, vs, masters, master_index, steps, sizes, None,
+                        plan_lr_tensors(groups, device), [], None, None)
+        prep = _prepare(self._apply_tables, plan, device)
+        entry = prep.entry
+        with _device_guard(device):
+            _k.mgpo_apply_kernel[(entry.n_blocks,)](
+                entry.tab, entry.blk, coef.reshape(1) if coef.dim() == 0 else coef, entry.iters,
+                BLOCK=entry.block, TAB_W=_k.TAB_W, num_warps=entry.num_warps, **_COMPILE_OPTIONS)
+        for dst, src in prep.writeback:
+            if dst is not None:
+                dst.copy_(src)
 
     @torch.no_grad()
     def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:

@@ -378,3 +378,37 @@ def mgpo_update_kernel(
                 s = tl.load(sp, mask=hg, other=0.0, volatile=True)
                 tl.store(sp, s + 1.0, mask=hg)
         tl.store(counter_ptr, 0)
+
+
+# ----------------------------------------------------------------------------------------------- apply pass
+
+@triton.jit(do_not_specialize=["iters"])
+def mgpo_apply_kernel(tab_ptr, blk_ptr, coef_ptr, iters, BLOCK: tl.constexpr, TAB_W: tl.constexpr):
+    """Theta at rest: eps = coef * m applied by the first training forward after a step, p = theta + coef * m
+    (theta: p itself, or the fp32 master), with the update pass's element code (no gradient, restore 0), so the
+    next step's restore removes exactly this.  Reads p (or the master) and m, writes p; nothing while coef = 0.
+    The tensor table is the update pass's (its gradient, v and step columns are not read)."""
+    pid = tl.program_id(0).to(tl.int64)
+    coef = tl.load(coef_ptr)
+    if coef != 0.0:
+        t = tl.load(blk_ptr + 2 * pid)
+        start = tl.load(blk_ptr + 2 * pid + 1)
+        row = tab_ptr + t * TAB_W
+        p_addr = tl.load(row + 0)
+        m_addr = tl.load(row + 2)
+        ma_addr = tl.load(row + 4)
+        numel = tl.load(row + 6)
+        meta = tl.load(row + 7)
+        code = (meta >> 1) & 3
+        aligned = ((meta >> 3) & 1) != 0
+        one = tl.full([], 1.0, tl.float32)
+        zero = tl.full([], 0.0, tl.float32)
+        end = tl.minimum(start + iters * BLOCK, numel)
+        for it in range(0, iters):
+            base = tl.multiple_of(start + it * BLOCK, BLOCK)
+            if aligned & (base + BLOCK <= end):
+                _update_chunk(blk_ptr, p_addr, m_addr, m_addr, m_addr, ma_addr, code, False, base, end,
+                              one, zero, coef, one, one, zero, one, zero, one, zero, one, BLOCK, True)
+            elif base < end:
+                _update_chunk(blk_ptr, p_addr, m_addr, m_addr, m_addr, ma_addr, code, False, base, end,
+                              one, zero, coef, one, one, zero, one, zero, one, zero, one, BLOCK, False)
