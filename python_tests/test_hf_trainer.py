@@ -268,23 +268,26 @@ def test_weights_after_training_are_unperturbed(full_run, tmp_path):
 class SaveModelMidTraining(TrainerCallback):
     """A user callback that calls trainer.save_model() from on_step_end (no evaluation or checkpoint just before)."""
 
-    def __init__(self, model, steps, out):
-        self.model, self.steps, self.out = model, set(steps), out
+    def __init__(self, model, steps, out, stop_at):
+        self.model, self.steps, self.out, self.stop_at = model, set(steps), out, stop_at
         self.trainer, self.at_save = None, {}
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step in self.steps:
             self.at_save[state.global_step] = clone_params(self.model)
             self.trainer.save_model(os.path.join(self.out, f"saved-{state.global_step}"))
+        if state.global_step == self.stop_at:  # (keeps the test short; the lr schedule is still full_run's)
+            control.should_training_stop = True
 
 
 def test_save_model_from_a_callback_mid_training_saves_theta(full_run, tmp_path):
     """trainer.save_model() in a user callback's on_step_end, with no evaluation or checkpoint around it, writes
-    theta (the parameters at that moment); the run goes on exactly as the uninterrupted full_run (same args)."""
-    _, _, full_model, _, full_rec = full_run
+    theta (the parameters at that moment); the run goes on exactly as the uninterrupted full_run (same args, stopped
+    after step 9)."""
+    _, _, _, _, full_rec = full_run
     model = make_model()
     rec = Recorder(model)
-    saver = SaveModelMidTraining(model, steps=(3, 7), out=str(tmp_path))
+    saver = SaveModelMidTraining(model, steps=(3, 7), out=str(tmp_path), stop_at=9)
     model_opt = MGPO(lora_param_groups(model, MGPO_KW["lr"]), **MGPO_KW)
     trainer = Trainer(model=model, args=make_args(tmp_path / "run", eval_strategy="no", save_strategy="no"),
                       train_dataset=TRAIN, data_collator=default_data_collator, optimizers=(model_opt, None),
@@ -305,9 +308,9 @@ def test_save_model_from_a_callback_mid_training_saves_theta(full_run, tmp_path)
             torch.testing.assert_close(saved[adapter_name(n)], full_rec.rest[s][n], rtol=1e-6, atol=1e-9)
         pert = {adapter_name(n): t + rec.eps[s][n] for n, t in saver.at_save[s].items()}
         assert rel_dist(saved, pert) > 1e-3
-    full = lora_params(full_model)
+    assert sorted(rec.rest) == list(range(1, 10))
     for n, p in lora_params(model).items():
-        torch.testing.assert_close(p.detach(), full[n].detach(), rtol=1e-6, atol=1e-9, msg=n)
+        torch.testing.assert_close(p.detach(), full_rec.rest[9][n], rtol=1e-6, atol=1e-9, msg=n)
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(full_run, tmp_path):
