@@ -43,6 +43,9 @@ struct DeviceOps {
     at::Tensor scal = at::zeros({kScalSize}, at::TensorOptions().dtype(at::kFloat).device(plan.device));
     scal.select(0, kScalC).fill_(1.0);
     scal.select(0, apply ? kScalApply : kScalRestore).copy_(coef.reshape({}));  // on the device: no host sync
+    // coef == 0 (no step yet, m = 0, rho = 0): the pass would write p unchanged; the skip flag makes the update
+    // pass return at once (a skip with nothing to restore), decided on the device
+    scal.select(0, kScalSkip).copy_(coef.reshape({}).eq(0));
     Device::update(plan, scal);
   }
 };
