@@ -493,6 +493,11 @@ class TritonBackend(Backend):
             return super().perturb(groups, coef, apply)
         params, grads, ms, vs, masters, master_index, steps, sizes = flatten(groups)
         device = params[0].device
+        if any(st is None for st in steps):  # functional.apply_perturbation passes no step counts (not read)
+            dummy = self.__dict__.get("_no_step")
+            if dummy is None or dummy.device != device:
+                dummy = self.__dict__["_no_step"] = torch.zeros((), dtype=torch.float32, device=device)
+            steps = [dummy if st is None else st for st in steps]
         plan = StepPlan(params, [None] * len(params), ms, vs, masters, master_index, steps, sizes, None,
                         plan_lr_tensors(groups, device), [], None, None)
         prep = _prepare(self._apply_tables, plan, device)
