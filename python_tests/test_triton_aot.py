@@ -1,6 +1,7 @@
-"""GPU readiness without a GPU: both Triton kernels compile ahead of time for each NVIDIA architecture of the default
-list (sm_80, sm_90, sm_100, sm_120: setup.py's DEFAULT_ARCH_LIST) with the launch's options, and ptxas reports no
-spills; the AMD Instinct MI300 target (gfx942) too where the installed Triton can compile it without ROCm.
+"""GPU readiness without a GPU: the Triton kernels (reduce, update, and the apply pass where present) compile
+ahead of time for each NVIDIA architecture of the default list (sm_80, sm_90, sm_100, sm_120: setup.py's
+DEFAULT_ARCH_LIST) with the launch's options, and ptxas reports no spills; the AMD Instinct MI300 target (gfx942)
+too where the installed Triton can compile it without ROCm.
 
 The kernels are compiled in a subprocess without TRITON_INTERPRET (under the interpreter they are not JIT
 functions). Each target is skipped, saying why, where this Triton cannot compile it. The launches' largest block
@@ -38,7 +39,15 @@ def _signatures():
                        iters="i32", BLOCK="constexpr", TBLOCK="constexpr", TAB_W="constexpr", HYP_W="constexpr"),
         constexprs=dict(BLOCK=k.BLOCK, TBLOCK=k.TBLOCK, TAB_W=k.TAB_W, HYP_W=k.HYP_W),
     )
-    return {"reduce": reduce, "update": update}, k.BLOCK // 128
+    kernels = {"reduce": reduce, "update": update}
+    if hasattr(k, "mgpo_apply_kernel"):  # theta at rest's apply pass
+        kernels["apply"] = dict(
+            fn=k.mgpo_apply_kernel,
+            signature=dict(tab_ptr=i64p, blk_ptr=i64p, coef_ptr=f32p, iters="i32", BLOCK="constexpr",
+                           TAB_W="constexpr"),
+            constexprs=dict(BLOCK=k.BLOCK, TAB_W=k.TAB_W),
+        )
+    return kernels, k.BLOCK // 128
 
 
 def _ptxas_figures(ptx: str, arch: int):
