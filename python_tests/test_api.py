@@ -656,3 +656,23 @@ def test_host_cache_python_fallbacks_follow_every_change(monkeypatch):
     monkeypatch.setattr(_host_cache, "_grads_of", None)
     test_cached_host_path_follows_every_change("reference")
     test_state_tensors_replaced_between_steps_are_used("reference")
+
+
+def test_no_gradient_outlives_zero_grad(backend):
+    """The per-step caches hold no gradient: after zero_grad(set_to_none=True) the gradients of every step are
+    freed (a cached copy of the first step's gradients once kept a whole extra set alive)."""
+    import gc
+    import weakref
+
+    prob = Problem()
+    params = prob.params()
+    opt = MGPO(params, lr=1e-2, rho=0.5, backend=backend)
+    refs = []
+    for _ in range(3):
+        opt.apply_perturbation()
+        prob.loss(params).backward()
+        refs += [weakref.ref(p.grad) for p in params]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -147,7 +147,10 @@ class PlanCache:
             self._reused = True
             return self._flat
         self._src = src
-        self._flat = flatten(groups)
+        flat = flatten(groups)
+        # without the gradients, which build() takes fresh: held here they would keep the first step's gradient
+        # tensors alive after zero_grad(set_to_none=True) (a whole extra set of gradients in memory)
+        self._flat = (flat[0], None) + tuple(flat[2:])
         self._reused = False
         return self._flat
 
