@@ -31,7 +31,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext as _setuptools_build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 DEFAULT_ARCH_LIST = "8.0;9.0;10.0;12.0+PTX"
 BUILD_INFO = os.path.join("mgpo_kernels", "_build_info.py")
 

@@ -3,5 +3,5 @@ from .backends import available_backends, backend_reasons
 from .optimizer import MGPO
 from .integrations.common import find_mgpo
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["MGPO", "find_mgpo", "available_backends", "backend_reasons", "__version__"]
