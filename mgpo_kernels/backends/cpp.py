@@ -29,8 +29,9 @@ try:
     from mgpo_kernels import _C  # noqa: F401  (loads the .so, which registers torch.ops.mgpo.*)
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError(
-        "mgpo_kernels._C is not built: run `pip install --no-build-isolation -e .` in the repository "
-        f"(or `make install`) to build the C++/CUDA extension ({e})"
+        f"mgpo_kernels._C could not be imported ({e}): if it is not built, run `pip install --no-build-isolation "
+        "-e .` in the repository (or `make install`); `python -m mgpo_kernels` says how it was built and why it "
+        "does not load"
     ) from e
 
 _ops = torch.ops.mgpo
