@@ -31,7 +31,6 @@ template <> struct Storage<f16_tag> { using type = uint16_t; };  // converted wi
 template <> struct Storage<f16_tag> { using type = _Float16; };  // converted by the compiler (libgcc)
 #endif
 
-static inline __attribute__((always_inline)) float ld(float x) { return x; }
 static inline __attribute__((always_inline)) float ld_bf16(uint16_t x) {
   const uint32_t u = (uint32_t)x << 16;
   float f;
