@@ -51,6 +51,15 @@ def assert_close(actual, expected, rtol=2e-5, what=""):
         assert err <= rtol, f"{what} tensor {i}: relative error {err:.3g}"
 
 
+def lockstep(model, opt, ref, t):
+    """Step t of the model with MGPO (its forward applies eps) and of the float64 reference at its own theta + eps."""
+    x, y = batch(t)
+    loss_of(model, x, y).backward()
+    ref.step(ref_grads(model, ref.perturbed(), x, y))
+    opt.step()
+    opt.zero_grad()
+
+
 def train(model, opt, steps, start=0, accum=1):
     for t in range(start, start + steps):
         for k in range(accum):
@@ -179,16 +188,11 @@ def test_weight_average_is_of_theta():
     opt = MGPO(model.parameters(), **OPTS)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
     ref = F64MGPO(list(model.parameters()), **OPTS)
-    avg = [t.clone() for t in ref.theta]
+    avg = None
     for t in range(5):
-        x, y = batch(t)
-        loss_of(model, x, y).backward()
-        ref.step(ref_grads(model, ref.perturbed(), x, y))
-        opt.step()
-        opt.zero_grad()
-        ema.update_parameters(model)
-        avg = [a if t == 0 and False else 0.9 * a + 0.1 * th for a, th in zip(avg, ref.theta)] if t else \
-            [th.clone() for th in ref.theta]
+        lockstep(model, opt, ref, t)
+        ema.update_parameters(model)  # the first update copies, later ones are the EMA
+        avg = [th.clone() for th in ref.theta] if avg is None else [0.9 * a + 0.1 * th for a, th in zip(avg, ref.theta)]
     assert_close(list(ema.module.parameters()), avg, rtol=5e-5)
 
 
@@ -218,11 +222,7 @@ def test_a_write_between_steps_is_taken_as_theta(backend):
     ref = F64MGPO(list(model.parameters()), **OPTS)
     mask = torch.rand(8, 6) < 0.5
     for t in range(5):
-        x, y = batch(t)
-        loss_of(model, x, y).backward()
-        ref.step(ref_grads(model, ref.perturbed(), x, y))
-        opt.step()
-        opt.zero_grad()
+        lockstep(model, opt, ref, t)
         with torch.no_grad():  # prune: the written entries are exactly zero at rest
             model[0].weight[mask] = 0.0
         ref.theta[0][mask] = 0.0

@@ -387,7 +387,8 @@ def mgpo_apply_kernel(tab_ptr, blk_ptr, coef_ptr, iters, BLOCK: tl.constexpr, TA
     """Theta at rest: eps = coef * m applied by the first training forward after a step, p = theta + coef * m
     (theta: p itself, or the fp32 master), with the update pass's element code (no gradient, restore 0), so the
     next step's restore removes exactly this.  Reads p (or the master) and m, writes p; nothing while coef = 0.
-    The tensor table is the update pass's (its gradient, v and step columns are not read)."""
+    The tensor table is the update pass's (its gradient, v and step columns are not read); its row is read as the
+    update kernel reads it, written out again on purpose (a helper costs ~1 ms a call under the interpreter)."""
     pid = tl.program_id(0).to(tl.int64)
     coef = tl.load(coef_ptr)
     if coef != 0.0:
