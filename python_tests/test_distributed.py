@@ -318,6 +318,24 @@ def _layouts_worker(rank, port, out):
         with pytest.raises(NotImplementedError, match="placements"):
             opt.step()
         assert not opt.state and torch.equal(q.to_local(), before)
+
+        # a sharded optimizer by hand (each rank's MGPO holds half of a replicated model): the training forward
+        # cannot perturb the other rank's half, so it is refused there with what to do; the explicit way works
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+        mine = list(model.parameters())[2 * rank:2 * rank + 2]
+        opt = MGPO(mine, backend="reference", rho=0.5, distributed="sharded")
+        x = torch.randn(5, 4)
+        model(x).sum().backward()
+        opt.step()
+        model.zero_grad()
+        with pytest.raises(RuntimeError, match="apply_perturbation"):
+            model(x)
+        opt.apply_perturbation()  # then share, as after a step
+        for k, p in enumerate(model.parameters()):
+            dist.broadcast(p.data, src=k // 2)
+        model(x).sum().backward()
+        opt.step()
         open(os.path.join(out, f"layouts{rank}.ok"), "w").close()
         dist.barrier()  # see the note above spawn()
     finally:
