@@ -104,7 +104,7 @@ def mgpo(
                      sign=_checks.DIRECTIONS[direction], max_grad_norm=max_grad_norm, perturbed=perturbed,
                      grad_scale=grad_scale, found_inf=found_inf, reduce_hook=reduce_hook,
                      gbar_floor=float(gbar_floor or 0.0))
-    _backend_for(global_state["step"], backend).step(groups, gstate, cfg)
+    _backend_for(global_state["step"], backend, groups).step(groups, gstate, cfg)
 
 
 def apply_perturbation(
@@ -131,7 +131,7 @@ def apply_perturbation(
     import torch
 
     with torch.no_grad():
-        _backend_for(global_state["step"], backend).perturb(groups, global_state["coef"], apply=apply)
+        _backend_for(global_state["step"], backend, groups).perturb(groups, global_state["coef"], apply=apply)
 
 
 #: one backend instance per global state (keyed by its step tensor), as one MGPO has one: the fused backends keep
@@ -139,10 +139,12 @@ def apply_perturbation(
 _INSTANCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _backend_for(step: Tensor, name: str):
+def _backend_for(step: Tensor, name: str, groups: List[GroupTensors]):
+    """The backend of this global state, resolved as ``MGPO`` resolves it (``backends.resolve_for``: "auto" also
+    skips a backend that refuses one of the parameters' layouts, saying so once)."""
     held = _INSTANCES.get(step)
     if held is None or held[0] != name:
-        held = (name, _backends.resolve(name, step.device))
+        held = (name, _backends.resolve_for(name, step.device, [{"params": g.params} for g in groups]))
         _INSTANCES[step] = held
     return held[1]
 

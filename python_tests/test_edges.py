@@ -247,3 +247,27 @@ def test_functional_refuses_the_per_group_call_shape():
         mgpo([p], init_global_state("cpu"))  # a list of tensors, as torch's functional adamw takes
     with pytest.raises(TypeError, match="param-group dicts"):
         mgpo({"params": [p]}, init_global_state("cpu"))  # one group alone
+
+
+def test_functional_auto_resolves_as_the_class_does():
+    """One resolver: on a parameter the fused kernels refuse (not dense), backend="auto" picks the same backend for
+    the functional form as for MGPO, with the same warning, instead of raising."""
+    import warnings
+
+    def strided():
+        return torch.randn(8, 10)[:, ::2].requires_grad_(True)
+
+    p = strided()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        opt = MGPO([p], lr=1e-2, rho=0.5)
+    q = strided()
+    st = dict(exp_avgs=[torch.zeros(8, 5)], exp_avg_sqs=[torch.zeros(8, 5)], state_steps=[torch.zeros(())])
+    gs = init_global_state("cpu")
+    from mgpo_kernels import functional as F
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        mgpo([dict(params=[q.detach()], grads=[torch.randn(8, 5)], lr=1e-2, **st)], gs, rho=0.5)
+    assert F._INSTANCES[gs["step"]][1].name == opt.backend
+    assert float(gs["step"]) == 1.0
