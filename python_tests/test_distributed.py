@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from mgpo_kernels import MGPO, available_backends, backend_reasons
+from mgpo_kernels import MGPO, backend_reasons
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -16,7 +16,7 @@ Conventions shared by all backends (the spec is README.md / the paper's Eqs. 2-6
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Union
 
 import torch

@@ -25,7 +25,7 @@ The second form is the one for TRL's ``SFTTrainer(peft_config=...)``, which adds
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from transformers import TrainerCallback

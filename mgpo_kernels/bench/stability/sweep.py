@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
