@@ -34,7 +34,7 @@ struct DeviceOps {
     check_sums(plan, sums);
     Device::update(plan, Device::scalar(plan, sums));
   }
-  // eval()/train(): pass 2 with no gradient and the scal of a move by coef, p = (p - restore*m) + apply*m.
+  // The apply pass of theta at rest (apply) or eval()'s removal: pass 2 with no gradient, p = (p - restore*m) + apply*m.
   static void perturb(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
                       at::IntArrayRef master_index, const at::Tensor& coef, bool apply) {
     const CheckedPlan plan = make_perturb_plan(params, exp_avgs, masters, master_index);

@@ -36,12 +36,12 @@ static std::string plan_args(bool mutable_) {
 TORCH_LIBRARY(mgpo, m) {
   // The fused step: pass 1 (float64 sums, base.py's layout, from deterministic per-chunk partials), the scalar
   // stage (clip/unscale factor, gbar, the new coefficient, the skip flag; updates gstate and the step counts of
-  // the tensors with a gradient, or only gstate.skipped), pass 2 (restore, AdamW, re-perturb). Returns the sums.
+  // the tensors with a gradient, or only gstate.skipped), pass 2 (restore, AdamW: theta at rest). Returns the sums.
   m.def(("step(" + plan_args(true) + ") -> Tensor").c_str(), {at::Tag::pt2_compliant_tag});
   // The same step in two calls, for a reduce_hook (an all-reduce) on the sums in between.
   m.def(("reduce_sums(" + plan_args(false) + ") -> Tensor").c_str(), {at::Tag::pt2_compliant_tag});
   m.def(("finish_step(" + plan_args(true) + ", Tensor sums) -> ()").c_str(), {at::Tag::pt2_compliant_tag});
-  // eval()/train(): p = theta + coef*m (apply) or theta (not apply), the step's own element math.
+  // The apply pass of the training forward: p = theta + coef*m (apply); eval()'s removal: theta. The step's math.
   m.def("perturb(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] masters, int[] master_index, Tensor coef, "
         "bool apply) -> ()",
         {at::Tag::pt2_compliant_tag});

@@ -34,7 +34,7 @@ enum HyperOption {
   kHypSign,            // +1 "momentum", -1 "-momentum"
   kHypHasMaxGradNorm,  // 0 or 1
   kHypMaxGradNorm,
-  kHypPerturbed,       // 0 or 1: the parameters hold theta + coef*m (train mode)
+  kHypPerturbed,       // 0 or 1: the parameters hold theta + coef*m on entry (the forward applied eps)
   kHypGbarFloor,       // 0: the paper's unbounded formula
   kHyperOptions
 };
@@ -84,7 +84,7 @@ enum class PlanUse { kStep, kReduce };
 // state as they were) and fills the plan.
 CheckedPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use = PlanUse::kStep);
 
-// The plan of eval()/train(): p = (p - restore*m) + apply*m over params with no gradients.
+// The plan of the apply pass (and eval()'s removal): p = (p - restore*m) + apply*m over params with no gradients.
 CheckedPlan make_perturb_plan(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
                            at::IntArrayRef master_index);
 

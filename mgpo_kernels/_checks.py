@@ -20,7 +20,7 @@ DIRECTIONS = {"momentum": 1.0, "-momentum": -1.0}
 OPTION_DEFAULTS: Dict[str, Any] = dict(rho=0.05, ema_beta=0.9, adaptive_norm=True, direction="momentum",
                                        max_grad_norm=None, gbar_floor=0.1)
 OPTION_NAMES = tuple(OPTION_DEFAULTS)
-#: the mode, also in every param group: True while the parameters hold theta + eps (train mode)
+#: the mode, also in every param group: True in train mode (a training forward applies eps); the name is 0.1.0's
 MODE_KEY = "perturbed"
 
 

@@ -125,7 +125,7 @@ class MGPO(torch.optim.Optimizer):
         # (Lightning) share it, and under torch.compile an attribute assigned inside the traced step() was lost.
         self._gstate = GlobalState.zeros(self._device)
         self._at_rest = _at_rest.AtRest()  # where eps is; shared the same way
-        # this rank's shard of a ZeroRedundancyOptimizer: sum the norms over its group, and after eval()/train()
+        # this rank's shard of a ZeroRedundancyOptimizer: sum the norms over its group, and after applying or removing
         # share this rank's parameters with the others, as ZeRO does after a step (they hold copies of ours)
         self._sharding_parent = zero  # a reference cycle (zero.optim is self), which the GC collects
         if zero is not None and hasattr(zero, "register_load_state_dict_post_hook"):

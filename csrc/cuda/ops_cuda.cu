@@ -5,7 +5,7 @@
 //                   over every tensor; per-chunk float64 partials; the last block to finish (integer atomic
 //                   counter) reduces the partials of each group in a fixed order -> sums. Bit-identical runs.
 //   scalar_kernel   one block: the scalar stage of mgpo_math.h, GlobalState update, per-tensor step increments.
-//   update_kernel   one block per chunk: restore, AdamW, re-perturb.
+//   update_kernel   one block per chunk: restore, AdamW (theta at rest); with no gradients, the apply pass.
 // Metadata (pointers, sizes, per-group hyper-parameters) is passed by value in the kernel parameters
 // (__grid_constant__, up to 32 KB: CUDA >= 12.1, Volta+); lists longer than one launch's table are split into
 // several launches of the same kernel (documented in csrc/NOTES.md). Scalars that change from step to step

@@ -135,7 +135,7 @@ class Backend:
         return 0
 
     def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
-        """One MGPO step, in place: restore, AdamW, new coefficient, re-perturb (see module docstring)."""
+        """One MGPO step, in place: restore (when ``cfg.perturbed``), AdamW, new coefficient; leaves theta."""
         raise NotImplementedError
 
     def perturb(self, groups: List[GroupTensors], coef: Tensor, apply: bool) -> None:

@@ -5,10 +5,10 @@ One step is three stages over every tensor of every group, all taking the step p
 1. pass 1 over (g, m) -> float64 ``sums`` (base.py layout) from per-chunk partials (fixed order);
 2. the scalar stage: clip/unscale factor, gbar, the new coefficient and the skip flag, computed on the device;
    it updates the GlobalState and the step counts;
-3. pass 2 over (p or master, g, m, v): restore, AdamW, re-perturb.
+3. pass 2 over (p or master, g, m, v): restore, AdamW; theta_{t+1} is left at rest.
 
 ``mgpo::step`` runs the three in one call; with a reduce_hook (FSDP2 all-reduce) ``mgpo::reduce_sums`` runs
-pass 1, the hook the sums, ``mgpo::finish_step`` the rest. ``mgpo::perturb`` is eval()/train(). Nothing is read
+pass 1, the hook the sums, ``mgpo::finish_step`` the rest. ``mgpo::perturb`` is the apply pass of the training forward (and eval()'s removal). Nothing is read
 back to the host. Fake implementations make the ops traceable by torch.compile.
 
 In a steady eager loop (the same tensors step after step) the step runs through ``_C.KeptPlan`` instead: the same
@@ -115,7 +115,7 @@ class CppBackend(Backend):
 
     @torch.no_grad()
     def perturb(self, groups: List[GroupTensors], coef: Tensor, apply: bool) -> None:
-        """eval()/train() as one pass-2 launch with no gradients: p = (p - restore*m) + apply*m, the step's own
+        """The apply pass (and eval()'s removal) as one pass-2 launch with no gradients: p = (p - restore*m) + apply*m, the step's own
         element math (so ``train()`` after ``eval()`` puts back exactly what ``step()`` wrote)."""
         if not any(g.params for g in groups):
             return

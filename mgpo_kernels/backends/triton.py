@@ -2,7 +2,7 @@
 
 Per step: one launch of the reduce kernel (deterministic partial sums -> the float64 ``sums`` of base.py's
 layout), ``cfg.reduce_hook(sums)`` if set, one launch of the update kernel (scalar stage in every program,
-restore, AdamW, re-perturb, step counts and optimizer-wide scalars).  Nothing is read on the host: lr, step
+restore, AdamW (theta at rest), step counts and optimizer-wide scalars).  Nothing is read on the host: lr, step
 counts, coefficients, grad_scale and found_inf are read by the kernels from device memory.
 
 The kernels find the tensors through tables of int64 addresses.  The tables live on the device and are cached
@@ -57,7 +57,7 @@ _MAX_ITERS = 16
 _TARGET_PROGRAMS = 2048
 _CACHE_SIZE = 16  # parameter sets whose tables one backend instance keeps (LRU)
 # No FMA contraction (as the C++/CUDA build: -ffp-contract=off, --fmad=false): `p - restore*m` and
-# `theta + apply*m` must round the product, then the sum, like the reference backend, the generic eval()/train()
+# `theta + apply*m` must round the product, then the sum, like the reference backend, the generic apply/remove pass
 # and the interpreter; on sm_90 the default would fuse them (40 fma.rn.f32 in the update kernel's PTX).
 _COMPILE_OPTIONS = dict(enable_fp_fusion=False)
 

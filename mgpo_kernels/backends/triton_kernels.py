@@ -211,7 +211,8 @@ def _update_chunk(base_ptr, p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_g
                 tl.store(ma_ptr, theta)
             else:
                 tl.store(ma_ptr, theta, mask=mask)
-    # re-perturb: p = theta + coef_new * m (rounded to the parameter dtype)
+    # p = theta + apply * m (rounded to the parameter dtype): apply = 0 in a step (theta at rest), coef in the
+    # apply pass
     new_p = theta + apply * m
     if code == 0:
         if FULL:
