@@ -529,3 +529,30 @@ def test_cuda_apply_pass_and_steps_match_the_reference(backend, dtype):
     opt.apply_perturbation()
     for p, w in zip(model.parameters(), gen):
         assert torch.equal(p.detach(), w)
+
+
+def test_a_checkpoint_written_by_0_1_0_continues_the_0_1_0_run():
+    """A real 0.1.0 file (python_tests/data/make_0_1_0_checkpoint.py, git 322cd83): model weights saved mid-training
+    (theta + eps) and the optimizer state; loaded here in the usual order and continued, it ends where the
+    uninterrupted 0.1.0 run ended; loaded into other weights it is refused with nothing loaded."""
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mgpo-0.1.0-checkpoint.pt")
+    ck = torch.load(path, weights_only=True)
+    assert "mgpo_fingerprint" in ck["opt"]["state"][0]
+    model = make_model(seed=3)
+    model.load_state_dict(ck["model"])
+    opt = MGPO(model.parameters(), lr=3e-2, rho=0.05, weight_decay=0.01, backend="reference")
+    opt.load_state_dict(ck["opt"])
+    assert not opt.perturbation_applied
+    for t in range(3, 6):
+        x, y = batch(t)
+        loss_of(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_close(list(model.parameters()), ck["theta_after_6"], rtol=1e-6)
+    other = make_model(seed=4)
+    o2 = MGPO(other.parameters(), lr=3e-2, rho=0.05, weight_decay=0.01)
+    with pytest.raises(ValueError, match="0.1.0"):
+        o2.load_state_dict(ck["opt"])
+    assert len(o2.state) == 0
