@@ -91,8 +91,10 @@ def build(opt, groups: List[GroupTensors]) -> None:
     opt.__dict__[_KEY] = (opt.state, list(opt.state.keys()), list(opt.state.values()), entries)
 
 
-def lookup(opt) -> Optional[List[GroupTensors]]:
-    """The groups of this step from the cache, or None if the parameters, their gradients or the state changed."""
+def lookup(opt, with_grads: bool = True) -> Optional[List[GroupTensors]]:
+    """The groups of this step from the cache, or None if the parameters, their gradients or the state changed.
+    ``with_grads=False`` (the apply pass at the training forward): the same lists, every gradient None, whatever
+    the gradients are now."""
     cache = opt.__dict__.get(_KEY)
     if cache is None:
         return None
@@ -104,12 +106,15 @@ def lookup(opt) -> Optional[List[GroupTensors]]:
         ps = group["params"]
         if type(ps) is not list or not _same_items(ps, e.params_ref):
             return None
-        grads = _grads_of(ps) if e.plain else list(map(_GRAD, ps))
-        if list(map(operator.is_, grads, itertools.repeat(None))) != e.none_mask:
-            return None
-        if e.keep is not None:
-            grads = list(itertools.compress(grads, e.keep))
         params, ms, vs, steps, masters = e.tensors
+        if not with_grads:
+            grads = [None] * len(params)
+        else:
+            grads = _grads_of(ps) if e.plain else list(map(_GRAD, ps))
+            if list(map(operator.is_, grads, itertools.repeat(None))) != e.none_mask:
+                return None
+            if e.keep is not None:
+                grads = list(itertools.compress(grads, e.keep))
         # the state as it is now: a tensor replaced inside a state dict (the usual loops that move optimizer state
         # to a device do that) must not leave the cache updating the old tensors
         if not all(_values_are(e.dicts, k, t) for k, t in zip(_STATE_KEYS, (ms, vs, steps, masters))):

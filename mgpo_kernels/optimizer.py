@@ -373,13 +373,16 @@ class MGPO(torch.optim.Optimizer):
         rest = self._at_rest
         if rest.applied or not self.training:
             return
-        if not torch.compiler.is_compiling():
+        # the step's cached lists while the parameters and the state are the ones it cached (no load since)
+        groups = None if torch.compiler.is_compiling() else _host_cache.lookup(self, with_grads=False)
+        if groups is None and not torch.compiler.is_compiling():
             _checkpoint.adopt_bypassed_load(self)  # a wrapper that filled self.state itself (ZeRO's load)
         _at_rest.disarm(rest)
         if not rest.maybe_nonzero:
             return
         coef = self._gstate.coef
-        groups = self._groups(with_grads=False)
+        if groups is None:
+            groups = self._groups(with_grads=False)
         if rest.has_masters:
             _checkpoint.sync_masters(groups)  # a bf16/fp16 parameter written since the step: its value is theta
         if coef.device.type == "cpu" and float(coef) == 0.0:  # nothing to add (no host sync on a CPU tensor)

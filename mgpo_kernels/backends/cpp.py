@@ -119,7 +119,9 @@ class CppBackend(Backend):
         element math (so ``train()`` after ``eval()`` puts back exactly what ``step()`` wrote)."""
         if not any(g.params for g in groups):
             return
-        params, _, ms, _, masters, master_index, _, _ = flatten(groups)
+        # the step's flat lists when these are the step's (cached) group lists
+        flat = flatten(groups) if torch.compiler.is_compiling() else self._plans._flat_lists(groups)
+        params, _, ms, _, masters, master_index, _, _ = flat
         _ops.perturb(params, ms, masters, master_index, coef, apply)
 
     @torch.no_grad()
