@@ -556,3 +556,37 @@ def test_a_checkpoint_written_by_0_1_0_continues_the_0_1_0_run():
     with pytest.raises(ValueError, match="0.1.0"):
         o2.load_state_dict(ck["opt"])
     assert len(o2.state) == 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_recomputes_at_theta_plus_eps(reentrant):
+    """transformers' gradient checkpointing (reentrant or not) with a PEFT LoRA model: the recomputation inside the
+    backward sees the applied eps, so the run equals the one without checkpointing."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def run(ckpt):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+        m = LlamaForCausalLM(cfg)
+        if ckpt:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            m.enable_input_require_grads()
+        m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian"))
+        m.train()
+        opt = MGPO([p for p in m.parameters() if p.requires_grad], lr=1e-2, rho=0.5)
+        for t in range(4):
+            ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(t))
+            m(input_ids=ids, labels=ids).loss.backward()
+            assert opt.perturbation_applied == (t > 0)
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in m.parameters() if p.requires_grad]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain, ckpt = run(False), run(True)
+    assert_close(ckpt, plain, rtol=1e-6)
