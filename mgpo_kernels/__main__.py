@@ -29,23 +29,13 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def section_versions(torch) -> List[str]:
     import mgpo_kernels
+    from mgpo_kernels.bench.common import cpu_model  # the benchmarks' reading of the CPU model
 
     out = [f"mgpo_kernels {mgpo_kernels.__version__} ({os.path.dirname(mgpo_kernels.__file__)})",
            f"python {platform.python_version()} on {platform.platform()}",
-           f"cpu: {_cpu_model()}, {os.cpu_count()} logical cores",
+           f"cpu: {cpu_model()}, {os.cpu_count()} logical cores",
            f"torch {torch.__version__} (CUDA {torch.version.cuda}, HIP {getattr(torch.version, 'hip', None)})",
            f"triton {_version('triton')}, numpy {_version('numpy')}"]
     if torch.cuda.is_available():
