@@ -285,9 +285,9 @@ def _torch_requirement():
     return f"torch=={m.group(1)}" if m else "torch"
 
 
-#: What ``mgpo-bench`` imports beyond torch: the models of ``table3`` and ``stability`` (transformers, peft,
-#: tokenizers), the charts (matplotlib, numpy), the progress bars (tqdm).  mgpo_kernels.bench.common names, per
-#: subcommand, those it refuses to start without.
+#: What ``mgpo-bench`` imports beyond torch: the models of ``table3`` and of the stability study in experiments/
+#: (transformers, peft, tokenizers), the charts (matplotlib, numpy), the progress bars (tqdm).
+#: mgpo_kernels.bench.common names, per subcommand, those it refuses to start without.
 BENCH_REQUIRES = ["transformers", "peft", "tokenizers", "matplotlib", "numpy", "tqdm"]
 
 if __name__ == "__main__":

@@ -1,17 +1,25 @@
-"""The stability benchmark's parts: task data, exact match, the bump metric, the random-noise baseline's norm,
-and a two-step pre-training + fine-tuning run through the CLI."""
+"""The stability study's parts (experiments/stability, outside the package): task data, exact match, the bump
+metric, the random-noise baseline's norm, and a two-step pre-training + fine-tuning run through its command line."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import sys
 
 import pytest
 import torch
 
-from mgpo_kernels import MGPO
-from mgpo_kernels.bench.stability import metrics, task
-from mgpo_kernels.bench.stability.noise import IsotropicNoise
+# experiments/ lives at the repository root, not in the installed package: importable whether pytest runs as
+# `python -m pytest` (the working directory is on sys.path) or as `pytest python_tests` (only python_tests/ is)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from experiments.stability import metrics, task  # noqa: E402
+from experiments.stability.noise import IsotropicNoise  # noqa: E402
+from mgpo_kernels import MGPO  # noqa: E402
 
 
 def _solve(q: str) -> int:
@@ -136,9 +144,9 @@ def test_noise_norm_equals_mgpo_epsilon_norm(adaptive_norm):
 
 
 def test_two_step_pretraining_and_finetuning_smoke(tmp_path):
-    from mgpo_kernels.bench import main
+    from experiments.stability import main
 
-    argv = ["stability", "--preset", "tiny", "--device", "cpu", "--out-dir", str(tmp_path / "out"),
+    argv = ["--preset", "tiny", "--device", "cpu", "--out-dir", str(tmp_path / "out"),
             "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-chart"]
     assert main(argv + ["--seeds", "2", "--methods", "lora", "mgpo", "noise", "mgpo-neg"]) == 0
     (js,) = (tmp_path / "out").glob("*stability-tiny.json")
@@ -160,8 +168,15 @@ def test_two_step_pretraining_and_finetuning_smoke(tmp_path):
     assert json.loads(js.read_text())["base"]["cached"]
 
 
+def test_stability_is_no_longer_an_mgpo_bench_subcommand():
+    from mgpo_kernels.bench import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["stability", "--preset", "tiny"])
+
+
 def test_report_pairs_each_method_with_lora_on_the_same_seed():
-    from mgpo_kernels.bench.stability import report
+    from experiments.stability import report
 
     cfg = {"methods": ["lora", "mgpo"], "ranks": [8], "lrs": [1e-3], "seeds": [0, 1, 2], "smooth": 1, "steps": 4}
     base = [3.0, 1.0, 1.0, 1.0]

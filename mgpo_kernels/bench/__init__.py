@@ -2,11 +2,11 @@
 
     mgpo-bench step   [--ranks 8 32 128] [--layers N] ...   optimizer step on LLaMA-2-7B's LoRA tensors
     mgpo-bench table3 [--preset default|llama2-7b|tiny] ... end-to-end LoRA training steps, Table 3's columns
-    mgpo-bench stability [--preset quick|default|cuda] ...  LoRA vs LoRA-MGPO training stability (Figures 2-4)
 
 Each prints a markdown table and writes ``<out>/<date>-<device>-<name>.{json,md,png}`` (``--out``, default
 ``./mgpo-bench-results``).
-Also ``python -m mgpo_kernels.bench``.
+Also ``python -m mgpo_kernels.bench``.  The stability study (the paper's Figures 2-4) is a research experiment
+outside the package: ``python -m experiments.stability`` from the repository root.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import stability, step, table3
+    from . import step, table3
 
     p = argparse.ArgumentParser(prog="mgpo-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,9 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("table3", help="end-to-end LoRA training steps, the paper's Table 3 side by side")
     table3.add_arguments(sp)
     common(sp)
-    sp = sub.add_parser("stability", help="LoRA vs LoRA-MGPO training stability over ranks and learning rates")
-    stability.add_arguments(sp)
-    common(sp)
     return p
 
 
@@ -65,10 +62,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import step
 
         step.run(args)
-    elif args.cmd == "stability":
-        from . import stability
-
-        stability.run(args)
     else:
         from . import table3
 

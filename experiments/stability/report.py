@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional
 
-from .. import common as C
+from mgpo_kernels.bench import common as C
 from . import metrics
 from .sweep import METHODS
 

@@ -136,7 +136,7 @@ def prepare_data(tok, cfg: Dict[str, Any], device: torch.device) -> Dict[str, An
 
 def run_sweep(base, data, cfg: Dict[str, Any], device: torch.device, progress: bool = True,
               on_run=None) -> List[Dict[str, Any]]:
-    from .. import common as C
+    from mgpo_kernels.bench import common as C
 
     combos = [(s, r, lr, m) for s in cfg["seeds"] for r in cfg["ranks"] for lr in cfg["lrs"] for m in cfg["methods"]]
     runs: List[Dict[str, Any]] = []

@@ -1,10 +1,12 @@
-"""``mgpo-bench stability``: does MGPO make LoRA fine-tuning more stable?  The paper's Figures 2-4 and Table 4
-at a scale a CPU can run.
+"""The stability study: does MGPO make LoRA fine-tuning more stable?  The paper's Figures 2-4 and Table 4 at a
+scale a CPU can run.  A research experiment, not a library feature: run it from the repository root,
+
+    python -m experiments.stability [--preset quick|default|cuda|...] [--device cpu|cuda] ...
 
 A small LlamaForCausalLM is pre-trained here on Python's own docs and source (cached), then LoRA-fine-tuned on
 generated arithmetic word problems over a sweep of ranks r = α and learning rates, with LoRA (AdamW), LoRA-MGPO
 (ρ = 0.05, β = 0.9), MGPO without adaptive normalisation, isotropic random noise of MGPO's ‖ε‖, and MGPO along
-−momentum, each over several seeds.  Writes ``benchmarks/results/<date>-<device>-stability-<preset>.{json,md,png}``.
+−momentum, each over several seeds.  Writes ``<out>/<date>-<device>-stability-<preset>.{json,md,png}`` (``--out``, default ``./mgpo-bench-results``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any, Dict
 
 import torch
 
-from .. import common as C
+from mgpo_kernels.bench import common as C
 
 _BASE_SMALL = dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=1024, seq=128, corpus_bytes=2_000_000,
                    pretrain_steps=300, pretrain_batch=16, pretrain_lr=3e-3)
@@ -154,4 +156,37 @@ def run(args) -> Dict[str, Any]:
     return res
 
 
-__all__ = ["PRESETS", "add_arguments", "run", "resolve_config"]
+def build_parser() -> argparse.ArgumentParser:
+    """The study's command line: its own options and the ones every ``mgpo-bench`` subcommand shares."""
+    p = argparse.ArgumentParser(prog="python -m experiments.stability", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
+    p.add_argument("--out", "--out-dir", dest="out_dir", default=None,
+                   help="folder to write the results to (default: ./mgpo-bench-results; the committed "
+                        "benchmarks/results/ only when named here)")
+    p.add_argument("--name", default=None, help="name part of the result files (default: stability-<preset>)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--no-chart", action="store_true", help="do not write the PNG charts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads. Default on a CPU device: 1, so that other load on a shared machine "
+                        "cannot stall OpenMP's barriers; on CUDA: torch's default")
+    return p
+
+
+def main(argv=None) -> int:
+    import sys
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    C.require_packages("stability", chart=not args.no_chart, models=not args.report_only)
+    if args.threads is None and args.device in ("cpu", "auto"):
+        if args.device == "cpu" or not torch.cuda.is_available():
+            args.threads = 1
+    run(args)
+    return 0
+
+
+__all__ = ["PRESETS", "add_arguments", "build_parser", "main", "run", "resolve_config"]

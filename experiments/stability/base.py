@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .. import common as C
+from mgpo_kernels.bench import common as C
 from . import corpus
 
 #: keys of a preset that define the base model and its pre-training (and so its cache key)
