@@ -116,5 +116,8 @@ def holds_params(opt, module: torch.nn.Module) -> bool:
 def held_param_groups(opt):
     """The param groups whose parameters a training forward must see perturbed: this optimizer's, or, for the
     local optimizer of a ZeroRedundancyOptimizer, all ranks' (each rank applies its shard, then they share)."""
+    link = opt.__dict__.get("_deepspeed")
+    if link is not None:  # DeepSpeed ZeRO: MGPO holds flat fp32 partitions; the forward uses the model's params
+        return link.model_param_groups()
     zero = opt.__dict__.get("_sharding_parent")
     return zero.param_groups if zero is not None else opt.param_groups

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch import Tensor
 
-from . import _at_rest, _checkpoint, _checks, _distributed, _host_cache
+from . import _at_rest, _checkpoint, _checks, _deepspeed, _distributed, _host_cache
 from . import backends as _backends
 from ._checks import DIRECTIONS, MODE_KEY, OPTION_DEFAULTS, OPTION_NAMES, SUPPORTED_DTYPES  # noqa: F401
 from ._distributed import local as _local
@@ -167,6 +167,7 @@ class MGPO(torch.optim.Optimizer):
     @property
     def global_state(self) -> Dict[str, Tensor]:
         """Copies of the optimizer-wide scalars: step, gbar, coef (eps = coef * m), skipped (synchronises)."""
+        self._settle_deepspeed()
         return {k: v.detach().clone() for k, v in self._gstate.tensors().items()}
 
     @property
@@ -263,14 +264,16 @@ class MGPO(torch.optim.Optimizer):
 
     def _config(self, cached: bool) -> StepConfig:
         """The step's configuration; ``perturbed``: the parameters hold theta + eps (the forward applied it)."""
+        return self._step_config(None if cached else self._reduce_hook(), self._at_rest.applied)
+
+    def _step_config(self, hook, perturbed: bool = False) -> StepConfig:
         o = _checks.global_options(self.param_groups)
         _checks.check_step_lrs(self.param_groups)
-        hook = None if cached else self._reduce_hook()
         return StepConfig(
             rho=float(o["rho"]), ema_beta=float(o["ema_beta"]), adaptive_norm=o["adaptive_norm"],
             sign=DIRECTIONS[o["direction"]],
             max_grad_norm=None if o["max_grad_norm"] is None else float(o["max_grad_norm"]),
-            perturbed=self._at_rest.applied,
+            perturbed=perturbed,
             grad_scale=getattr(self, "grad_scale", None),
             found_inf=getattr(self, "found_inf", None),
             reduce_hook=hook,
@@ -307,6 +310,10 @@ class MGPO(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._warn_missed_apply()
+        link = self.__dict__.get("_deepspeed")  # DeepSpeed ZeRO drives this optimizer (_deepspeed.py)
+        if link is not None:
+            link.step(self, self._step_config)
+            return loss
         groups = None if torch.compiler.is_compiling() else _host_cache.lookup(self)
         if groups is not None:  # same parameters, same gradient pattern as the cached step (plain tensors)
             cfg = self._config(cached=True)
@@ -325,6 +332,10 @@ class MGPO(torch.optim.Optimizer):
                 _checks.validate_grads(self.param_groups, self._device)
                 raise
             return self._stepped(cfg, loss)
+        link = None if torch.compiler.is_compiling() else _deepspeed.attach(self)
+        if link is not None:  # the first call from DeepSpeed ZeRO
+            link.step(self, self._step_config)
+            return loss
         _checks.validate_grads(self.param_groups, self._device)
         cfg = self._config(cached=False)  # before any state is allocated: it refuses unsupported layouts
         if not torch.compiler.is_compiling():
@@ -373,6 +384,13 @@ class MGPO(torch.optim.Optimizer):
         rest = self._at_rest
         if rest.applied or not self.training:
             return
+        link = self.__dict__.get("_deepspeed")
+        if link is not None:  # eps goes into DeepSpeed's model copy; its fp32 masters stay theta
+            _at_rest.disarm(rest)
+            if rest.maybe_nonzero:
+                link.apply()
+                rest.applied = True
+            return
         # the step's cached lists while the parameters and the state are the ones it cached (no load since)
         groups = None if torch.compiler.is_compiling() else _host_cache.lookup(self, with_grads=False)
         if groups is None and not torch.compiler.is_compiling():
@@ -398,6 +416,9 @@ class MGPO(torch.optim.Optimizer):
         rest = self._at_rest
         if not rest.applied:
             return
+        link = self.__dict__.get("_deepspeed")
+        if link is not None:
+            return link.remove()
         self._backend.perturb(self._groups(with_grads=False), self._gstate.coef, apply=False)
         rest.applied = False
         self._share_with_ranks()
@@ -448,7 +469,13 @@ class MGPO(torch.optim.Optimizer):
         """torch's state dict plus MGPO's global scalars (under ``"mgpo"`` and mirrored per parameter, see
         _checkpoint.py).  The parameters are at theta between steps, so the model's weights saved beside it are
         theta and a load continues the run."""
+        self._settle_deepspeed()
         return _checkpoint.state_dict(self, super().state_dict())
+
+    def _settle_deepspeed(self) -> None:
+        link = self.__dict__.get("_deepspeed")
+        if link is not None:
+            link.settle()
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a MGPO (this version's or 0.1.0's) or torch AdamW state dict; the parameters are not written.
@@ -456,6 +483,7 @@ class MGPO(torch.optim.Optimizer):
         torch's load runs (with its pre/post hooks); MGPO's own pre-hook checks the dict (after the user's
         pre-hooks) and its post-hook (before the user's) keeps the moments fp32 and the masters consistent with
         the parameters.  The mode stays this optimizer's."""
+        _deepspeed.attach(self)  # called by DeepSpeed's load_checkpoint: the forward must find the model's params
         self._remove_perturbation()  # a load between a training forward and its step: theta first
         _checkpoint.install_load_hooks(self)
         super().load_state_dict(state_dict)

@@ -1,0 +1,225 @@
+"""MGPO as DeepSpeed ZeRO's client optimizer (stages 1, 2, 3; fp32 and bf16), 2 gloo processes on the CPU,
+each configuration against one process that trains the same model with MGPO on the same global batches.
+
+What would be silently wrong without mgpo_kernels/_deepspeed.py: per-rank or per-group norms (DeepSpeed steps each
+group's flat partition separately), eps written into the fp32 masters instead of the model copy the forward uses,
+eps left in the model for evaluation and checkpoints, the global scalars lost across ``load_checkpoint``.
+
+One 2-process launch trains every configuration (a module fixture); the tests read its results.  A second launch
+saves a checkpoint half-way, and two fresh processes load it and finish the run.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+
+deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements-dev.txt pins it)")
+
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+from mgpo_kernels import MGPO  # noqa: E402
+
+WORLD = 2
+STEPS = 4
+MICRO = 2  # per rank: the global batch is WORLD * MICRO rows
+LR = 1e-2
+KW = dict(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, rho=0.1, ema_beta=0.8)
+
+#: name -> (stage, dtype, groups, DeepSpeed gradient_clipping, MGPO max_grad_norm)
+CONFIGS = {
+    "z1-fp32-2groups": (1, "fp32", 2, 0.0, None),
+    "z2-fp32-2groups-dsclip": (2, "fp32", 2, 0.05, None),
+    "z2-fp32-1group-mgpoclip": (2, "fp32", 1, 0.0, 0.05),
+    "z3-fp32-2groups": (3, "fp32", 2, 0.0, None),
+    "z3-fp32-2groups-mgpoclip": (3, "fp32", 2, 0.0, 0.05),
+    "z1-bf16-2groups-dsclip": (1, "bf16", 2, 0.05, None),
+    "z2-bf16-2groups": (2, "bf16", 2, 0.0, None),
+    "z3-bf16-2groups": (3, "bf16", 2, 0.0, None),
+}
+
+
+class Net(nn.Module):
+    """Odd sizes (7x13, 13x5, a 1x5 row): DeepSpeed pads the partitions, and stage 3 pads per parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(7, 13)
+        self.fc2 = nn.Linear(13, 5)
+        self.row = nn.Parameter(0.1 * torch.randn(1, 5))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x))) + self.row
+
+
+def make_net(dtype=torch.float32) -> Net:
+    torch.manual_seed(0)
+    return Net().to(dtype)
+
+
+def groups_of(model: Net, n: int):
+    if n == 1:
+        return [{"params": list(model.parameters())}]
+    return [{"params": list(model.fc1.parameters())},
+            {"params": list(model.fc2.parameters()) + [model.row], "lr": 4 * LR}]  # LoRA+-like second group
+
+
+def batch(step: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(WORLD * MICRO, 7, generator=g)
+    y = torch.randn(WORLD * MICRO, 5, generator=g)
+    return x.to(dtype), y.to(dtype)
+
+
+def loss_fn(out, y):
+    return (out.float() - y.float()).square().mean()
+
+
+def ds_config(stage, dtype, clip):
+    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+            "gradient_clipping": clip, "bf16": {"enabled": dtype == "bf16"}, "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False}
+
+
+def full_params(engine, stage):
+    """The model's parameters on every rank (gathered under stage 3), fp32 copies."""
+    params = list(engine.module.parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().float().clone() for p in params]
+    return [p.detach().float().clone() for p in params]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    import deepspeed.ops
+
+    # DeepSpeed's CPU accelerator compiles a shared-memory all-reduce op at start (~100 s), used only to speed up
+    # inference collectives: not needed here
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+
+
+def _finish():
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def spawn(fn, *args):
+    mp.start_processes(fn, args=(free_port(),) + args, nprocs=WORLD, join=True, start_method="spawn")
+
+
+def train_ds(rank, name, steps=STEPS, start=0, engine=None):
+    """Train configuration ``name`` on this rank's rows; returns (engine, per-step records)."""
+    stage, dtype, ngroups, clip, mgn = CONFIGS[name]
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    if engine is None:
+        model = make_net()
+        opt = MGPO(groups_of(model, ngroups), lr=LR, max_grad_norm=mgn, **KW)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, dtype, clip))
+    rows = slice(rank * MICRO, (rank + 1) * MICRO)
+    records = []
+    for t in range(start, start + steps):
+        x, y = batch(t, torch_dtype)
+        engine.train()
+        loss = loss_fn(engine(x[rows]), y[rows])
+        engine.backward(loss)
+        engine.step()
+        engine.eval()
+        with torch.no_grad():  # the evaluation DeepSpeed users run between steps: theta
+            x_all, y_all = batch(t, torch_dtype)
+            eval_loss = loss_fn(engine(x_all), y_all)
+        records.append({"loss": loss.detach().float().clone(), "eval": eval_loss.float().clone(),
+                        "theta": full_params(engine, stage)})
+    return engine, records
+
+
+def _configs_worker(rank, port, out):
+    _init(rank, port)
+    try:
+        results = {}
+        for name in CONFIGS:
+            engine, records = train_ds(rank, name)
+            mgpo = engine.optimizer.optimizer
+            results[name] = {"records": records, "steps": float(mgpo.global_state["step"]),
+                             "applied_after_eval": mgpo.perturbation_applied}
+        torch.save(results, os.path.join(out, f"configs{rank}.pt"))
+        _finish()
+    except BaseException:
+        traceback.print_exc()
+        raise
+
+
+def reference(name, steps=STEPS):
+    """One process, the global batch, plain MGPO (max_grad_norm = DeepSpeed's gradient_clipping when that is set;
+    both use torch's clip_grad_norm_ formula)."""
+    stage, dtype, ngroups, clip, mgn = CONFIGS[name]
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    model = make_net(torch_dtype)
+    opt = MGPO(groups_of(model, ngroups), lr=LR, max_grad_norm=mgn if mgn is not None else (clip or None), **KW)
+    records = []
+    for t in range(steps):
+        x, y = batch(t, torch_dtype)
+        model.train()
+        # the mean of the ranks' losses, as DeepSpeed averages their gradients
+        loss = sum(loss_fn(model(x[r * MICRO:(r + 1) * MICRO]), y[r * MICRO:(r + 1) * MICRO])
+                   for r in range(WORLD)) / WORLD
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            eval_loss = loss_fn(model(x), y)
+        records.append({"loss": loss.detach().float(), "eval": eval_loss.float(),
+                        "theta": [p.detach().float().clone() for p in model.parameters()]})
+    return records
+
+
+@pytest.fixture(scope="module")
+def ds_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds")
+    spawn(_configs_worker, str(out))
+    return [torch.load(os.path.join(out, f"configs{r}.pt")) for r in range(WORLD)]
+
+
+def _tol(name):
+    # fp32: the same arithmetic up to the order of the sums (rank partitions, gloo's all-reduce): 1e-5 relative.
+    # bf16: each rank computes its forward/backward in bf16 on half the batch and the gradients are averaged in
+    # bf16 buckets, where one process sums the whole batch: the gradients differ by ~2^-8 relative; Adam's
+    # normalised update turns that into differences of a small fraction of lr per step, then the weights are
+    # rounded to bf16 in the model copy (2^-8 relative).  Bound: 2^-7 relative + lr/2 absolute after 4 steps.
+    return (1e-5, 1e-6) if CONFIGS[name][1] == "fp32" else (2 ** -7, LR / 2)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_zero_equals_one_process(ds_results, name):
+    ref = reference(name)
+    rtol, atol = _tol(name)
+    for rank, res in enumerate(ds_results):
+        got = res[name]
+        assert got["steps"] == STEPS
+        assert not got["applied_after_eval"]
+        for t, (g, r) in enumerate(zip(got["records"], ref)):
+            for a, b in zip(g["theta"], r["theta"]):
+                torch.testing.assert_close(a, b, rtol=rtol, atol=atol,
+                                           msg=lambda m: f"{name} rank {rank} step {t}: theta differs: {m}")
+            # the training loss was taken at theta + eps (the same eps as one process), the evaluation at theta
+            torch.testing.assert_close(g["eval"], r["eval"], rtol=max(rtol, 1e-5) * 10, atol=atol)
+        losses = torch.stack([res[name]["records"][-1]["loss"] for res in ds_results]).mean()
+        torch.testing.assert_close(losses, ref[-1]["loss"], rtol=max(rtol, 1e-5) * 10, atol=atol)
