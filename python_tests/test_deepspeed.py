@@ -223,3 +223,192 @@ def test_zero_equals_one_process(ds_results, name):
             torch.testing.assert_close(g["eval"], r["eval"], rtol=max(rtol, 1e-5) * 10, atol=atol)
         losses = torch.stack([res[name]["records"][-1]["loss"] for res in ds_results]).mean()
         torch.testing.assert_close(losses, ref[-1]["loss"], rtol=max(rtol, 1e-5) * 10, atol=atol)
+
+
+# ------------------------------------------------------------------------------- checkpoints in fresh processes
+RESUME = ("z2-bf16-2groups", "z3-fp32-2groups")
+HALF = STEPS // 2
+
+
+def _save_worker(rank, port, out):
+    """Train HALF steps, save_checkpoint, finish the run (the uninterrupted reference); also check the refusals."""
+    _init(rank, port)
+    try:
+        results = {}
+        for name in RESUME:
+            engine, _ = train_ds(rank, name, steps=HALF)
+            engine.save_checkpoint(os.path.join(out, name), tag="half")
+            saved_theta = full_params(engine, CONFIGS[name][0])
+            _, rest = train_ds(rank, name, steps=STEPS - HALF, start=HALF, engine=engine)
+            results[name] = {"final": rest[-1]["theta"], "saved_theta": saved_theta}
+        results["refusals"] = _refusals()
+        torch.save(results, os.path.join(out, f"save{rank}.pt"))
+        _finish()
+    except BaseException:
+        traceback.print_exc()
+        raise
+
+
+def _load_worker(rank, port, out):
+    _init(rank, port)
+    try:
+        results = {}
+        for name in RESUME:
+            stage, dtype, ngroups, clip, mgn = CONFIGS[name]
+            model = make_net()
+            torch.manual_seed(1234)  # a different init: the checkpoint must overwrite it
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+            opt = MGPO(groups_of(model, ngroups), lr=LR, max_grad_norm=mgn, **KW)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, dtype, clip))
+            engine.load_checkpoint(os.path.join(out, name), tag="half")
+            loaded = full_params(engine, stage)
+            _, rest = train_ds(rank, name, steps=STEPS - HALF, start=HALF, engine=engine)
+            results[name] = {"final": rest[-1]["theta"], "loaded": loaded,
+                             "state": {k: float(v) for k, v in opt.global_state.items()}}
+        torch.save(results, os.path.join(out, f"load{rank}.pt"))
+        _finish()
+    except BaseException:
+        traceback.print_exc()
+        raise
+
+
+def _refusals():
+    """Configurations MGPO cannot serve: the first step raises, naming the setting."""
+    msgs = {}
+    cases = {
+        "offload": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                    "zero_force_ds_cpu_optimizer": False},
+    }
+    for what, extra in cases.items():
+        model = make_net()
+        opt = MGPO(model.parameters(), lr=LR, **KW)
+        cfg = ds_config(2, "fp32", 0.0)
+        cfg.update(extra)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        x, y = batch(0)
+        engine.backward(loss_fn(engine(x[:MICRO]), y[:MICRO]))
+        try:
+            engine.step()
+            msgs[what] = None
+        except NotImplementedError as e:
+            msgs[what] = str(e)
+    return msgs
+
+
+@pytest.fixture(scope="module")
+def ds_resume(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_ckpt")
+    spawn(_save_worker, str(out))
+    spawn(_load_worker, str(out))  # fresh processes
+    return ([torch.load(os.path.join(out, f"save{r}.pt")) for r in range(WORLD)],
+            [torch.load(os.path.join(out, f"load{r}.pt")) for r in range(WORLD)])
+
+
+@pytest.mark.parametrize("name", RESUME)
+def test_load_checkpoint_in_fresh_processes_continues_the_run(ds_resume, name):
+    saved, loaded = ds_resume
+    half_ref = reference(name, steps=HALF)[-1]["theta"]
+    rtol, atol = _tol(name)
+    for rank in range(WORLD):
+        # what the checkpoint holds and what a load restores is theta, not theta + eps
+        for a, b in zip(saved[rank][name]["saved_theta"], half_ref):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        for a, b in zip(loaded[rank][name]["loaded"], saved[rank][name]["saved_theta"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert loaded[rank][name]["state"]["step"] == STEPS
+        # resumed == uninterrupted, bit for bit (same ranks, same arithmetic)
+        for a, b in zip(loaded[rank][name]["final"], saved[rank][name]["final"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unsupported_configurations_are_refused(ds_resume):
+    saved, _ = ds_resume
+    for rank in range(WORLD):
+        msg = saved[rank]["refusals"]["offload"]
+        assert msg is not None and "offload" in msg
+
+
+# ------------------------------------------------------------------------------------ the Hugging Face Trainer
+TRAINER_STEPS = 4
+TRAINER_KW = dict(lr=3e-3, rho=0.05, ema_beta=0.9, loraplus_lr_ratio=4.0)
+
+
+def trainer_args(out, per_device, ds):
+    from transformers import TrainingArguments
+
+    cfg = None
+    if ds:
+        cfg = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+               "zero_optimization": {"stage": 2}, "bf16": {"enabled": False}, "steps_per_print": 10 ** 9}
+    return TrainingArguments(output_dir=out, per_device_train_batch_size=per_device, max_steps=TRAINER_STEPS,
+                             lr_scheduler_type="constant", max_grad_norm=0.5, use_cpu=True, report_to=[],
+                             save_strategy="no", logging_strategy="no", seed=0, deepspeed=cfg,
+                             dataloader_num_workers=0, disable_tqdm=True)
+
+
+def lora_weights(model):
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _trainer_worker(rank, port, out):
+    _init(rank, port)
+    try:
+        from test_hf_trainer import TRAIN, make_model
+        from transformers import Trainer
+
+        from mgpo_kernels.integrations.hf import MGPOCallback, mgpo_optimizer_cls_and_kwargs
+
+        model = make_model()
+        trainer = Trainer(model=model, args=trainer_args(os.path.join(out, "t"), 2, True), train_dataset=TRAIN,
+                          optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(**TRAINER_KW),
+                          callbacks=[MGPOCallback()])
+        trainer.train()
+        mgpo = trainer.optimizer.optimizer
+        while not isinstance(mgpo, MGPO):
+            mgpo = mgpo.optimizer
+        result = {"lora": lora_weights(trainer.model), "steps": float(mgpo.global_state["step"])}
+        # optimizers=(MGPO(...), None) under DeepSpeed: transformers drops it; MGPOCallback says so
+        model = make_model()
+        from mgpo_kernels.integrations.hf import mgpo_for_peft
+
+        kw = dict(TRAINER_KW)
+        opt = mgpo_for_peft(model, **kw)
+        trainer = Trainer(model=model, args=trainer_args(os.path.join(out, "d"), 2, True), train_dataset=TRAIN,
+                          optimizers=(opt, None), callbacks=[MGPOCallback()])
+        try:
+            trainer.train()
+            result["dropped"] = None
+        except Exception as e:  # noqa: BLE001 - the message is the result
+            result["dropped"] = f"{type(e).__name__}: {e}"
+        torch.save(result, os.path.join(out, f"trainer{rank}.pt"))
+        _finish()
+    except BaseException:
+        traceback.print_exc()
+        raise
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_hf_trainer_with_deepspeed_equals_one_process(tmp_path):
+    """Trainer(deepspeed=ZeRO-2 config, optimizer_cls_and_kwargs=MGPO with LoRA+ groups) on 2 ranks of 2 rows
+    equals the Trainer without DeepSpeed on one process of 4 rows (its clipping = DeepSpeed's gradient_clipping)."""
+    from test_hf_trainer import TRAIN, make_model
+    from transformers import Trainer
+
+    from mgpo_kernels.integrations.hf import mgpo_optimizer_cls_and_kwargs
+
+    spawn(_trainer_worker, str(tmp_path))
+    got = [torch.load(os.path.join(tmp_path, f"trainer{r}.pt")) for r in range(WORLD)]
+    model = make_model()
+    Trainer(model=model, args=trainer_args(str(tmp_path / "ref"), 2 * WORLD, False), train_dataset=TRAIN,
+            optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(**TRAINER_KW)).train()
+    ref = lora_weights(model)
+    for rank in range(WORLD):
+        assert got[rank]["steps"] == TRAINER_STEPS
+        assert got[rank]["lora"].keys() == ref.keys()
+        for n in ref:
+            torch.testing.assert_close(got[rank]["lora"][n], ref[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+        assert got[rank]["dropped"] is not None and "optimizer_cls_and_kwargs" in got[rank]["dropped"], \
+            got[rank]["dropped"]

@@ -394,7 +394,9 @@ def test_lora_param_groups_selection_and_errors():
     assert groups[0]["lr"] is not groups[2]["lr"]  # separate tensors: a scheduler sets each group's lr
 
 
-def test_callback_refuses_deepspeed_and_warns_without_mgpo():
+def test_callback_refuses_a_replaced_mgpo_and_warns_without_mgpo():
+    """transformers' DeepSpeed integration drops optimizers=(MGPO, None) and builds its own optimizer: the callback
+    sees the MGPO at on_init_end and another optimizer at on_train_begin, and says what to do."""
     opt = MGPO([torch.nn.Parameter(torch.ones(3))], backend=BACKEND)
     Wrapper = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2"})
     ds = Wrapper()
@@ -402,9 +404,18 @@ def test_callback_refuses_deepspeed_and_warns_without_mgpo():
     outer = type("DeepSpeedOptimizerWrapper", (), {})()
     outer.optimizer = ds
     assert find_mgpo(outer) is opt
+    ds_args = type("Args", (), {"deepspeed": {"zero_optimization": {"stage": 2}}})()
     cb = MGPOCallback()
-    with pytest.raises(NotImplementedError, match="DeepSpeed"):
-        cb.on_train_begin(None, None, None, optimizer=outer)
+    cb.on_init_end(ds_args, None, None, optimizer=opt)
+    cb.on_train_begin(ds_args, None, None, optimizer=outer)  # MGPO inside DeepSpeed's wrapper: fine
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))])
+    with pytest.raises(RuntimeError, match="optimizer_cls_and_kwargs"):
+        cb.on_train_begin(ds_args, None, None, optimizer=adamw)
+    cb = MGPOCallback()  # built by optimizer_cls_and_kwargs, but a DeepSpeed "optimizer" section replaced it
+    cb.on_init_end(ds_args, None, None, optimizer=None)
+    with pytest.raises(RuntimeError, match='"optimizer"'):
+        cb.on_train_begin(ds_args, None, None, optimizer=adamw)
+    cb = MGPOCallback()
     with pytest.warns(UserWarning, match="not MGPO"):
         cb.on_train_begin(None, None, None, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]))
     assert isinstance(MGPOForPeft()(make_model(), lr=1e-3, backend=BACKEND), MGPO)

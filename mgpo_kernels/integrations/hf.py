@@ -7,7 +7,9 @@ and the model after ``train()`` are theta, and ``resume_from_checkpoint`` contin
 mode; the training forward applies eps just in time.
 
 ``MGPOCallback`` is optional: it only checks the setup at ``on_train_begin`` (an optimizer that holds none or only
-part of the model's trainable parameters, an option set on a wrapper where MGPO never reads it, DeepSpeed).
+part of the model's trainable parameters, an option set on a wrapper where MGPO never reads it, an MGPO that
+DeepSpeed's integration dropped).  Under DeepSpeed (``TrainingArguments(deepspeed=...)``), pass MGPO as
+``optimizer_cls_and_kwargs`` (transformers drops ``optimizers=(MGPO(...), None)`` there); see _deepspeed.py.
 
 Usage::
 
@@ -31,28 +33,35 @@ import torch
 from transformers import TrainerCallback
 
 from ..optimizer import MGPO
-from .common import check_wrapper_options, describe_missing, find_mgpo, missing_trainable_parameters, wrapper_chain
+from .common import check_wrapper_options, describe_missing, find_mgpo, missing_trainable_parameters
 
 
-def _check_not_deepspeed(optimizer) -> None:
-    """DeepSpeed ZeRO hands the optimizer flat fp32 partitions of the master weights: the norms would be per
-    rank, and eval()/train() would change the master copy but not the model's weights.  Refuse clearly."""
-    for o in wrapper_chain(optimizer)[:-1]:
-        mod = type(o).__module__ or ""
-        if mod.startswith("deepspeed"):
-            raise NotImplementedError(
-                f"MGPO is wrapped by DeepSpeed ({type(o).__module__}.{type(o).__name__}). DeepSpeed hands the "
-                "optimizer flat shards of its fp32 master weights, so MGPO's global norms would be per rank and "
-                "eval()/train() would not reach the model's weights. Use DDP or FSDP2 (fully_shard) with MGPO; "
-                "see docs/integrations.md."
-            )
+def _replaced_message(args, expected, opt) -> Optional[str]:
+    """Why the optimizer that trains is not the MGPO the user gave (None if it is)."""
+    found = find_mgpo(opt, check_options=False) if opt is not None else None
+    deepspeed = getattr(args, "deepspeed", None) if args is not None else None
+    if expected is not None and found is not expected:
+        what = f"the Trainer trains with {type(opt).__name__}" + ("" if found is None else " around another MGPO")
+        if deepspeed:
+            return (f"the MGPO given to the Trainer (optimizers=(MGPO(...), None)) is not the optimizer that trains: "
+                    f"{what}. Under DeepSpeed, transformers drops an optimizer passed in `optimizers` and builds "
+                    "its own. Pass MGPO as optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(lr=..., rho=...) "
+                    "instead, and leave the \"optimizer\" section out of the DeepSpeed config.")
+        return (f"the MGPO given to the Trainer is not the optimizer that trains: {what}. Pass it in "
+                "`optimizers=(opt, None)`, or build it with optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(...).")
+    if found is None and deepspeed:
+        return (f"the Trainer trains with {type(opt).__name__}, not MGPO: the DeepSpeed config's \"optimizer\" "
+                "section makes DeepSpeed build its own optimizer and ignore optimizer_cls_and_kwargs. Remove that "
+                "section and pass optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(lr=..., rho=...).")
+    return None
 
 
 class MGPOCallback(TrainerCallback):
     """Checks an MGPO setup under the Hugging Face Trainer (evaluation and checkpoints need no callback).
 
-    * ``on_train_begin``: refuses a DeepSpeed-wrapped MGPO (see docs/integrations.md); warns when the Trainer's
-      optimizer is not MGPO, or when MGPO holds none or only part of the model's trainable parameters (an optimizer
+    * ``on_train_begin``: raises when the optimizer that trains is not the MGPO given to the Trainer (under
+      DeepSpeed, transformers silently drops ``optimizers=(MGPO(...), None)``; a DeepSpeed config with an
+      ``"optimizer"`` section replaces MGPO); warns when the Trainer's optimizer is not MGPO, or when MGPO holds none or only part of the model's trainable parameters (an optimizer
       built before PEFT added the adapters, e.g. TRL's ``SFTTrainer(peft_config=..., optimizers=(MGPO(model.
       parameters()), None))``, trains nothing).
     * ``on_train_begin`` / ``on_step_begin``: raise when a wrapper (accelerate's ``AcceleratedOptimizer``) carries
@@ -64,6 +73,12 @@ class MGPOCallback(TrainerCallback):
 
     def __init__(self, optimizer: Optional[MGPO] = None):
         self._explicit = optimizer
+        self._at_init: Optional[MGPO] = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        # the optimizer given as Trainer(optimizers=(opt, None)), before any integration could replace it
+        opt = kwargs.get("optimizer")
+        self._at_init = find_mgpo(opt, check_options=False) if opt is not None else None
 
     def _mgpo(self, kwargs) -> Optional[MGPO]:
         if self._explicit is not None:
@@ -72,8 +87,10 @@ class MGPOCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         opt = kwargs.get("optimizer")
+        msg = _replaced_message(args, self._explicit or self._at_init, opt)
+        if msg is not None:
+            raise RuntimeError("MGPOCallback: " + msg)
         if opt is not None:
-            _check_not_deepspeed(opt)
             check_wrapper_options(opt)
             if find_mgpo(opt) is None and self._explicit is None:
                 warnings.warn(
