@@ -196,3 +196,131 @@ def test_report_pairs_each_method_with_lora_on_the_same_seed():
     assert row["d_exact_match"]["mean"] == pytest.approx(10.0)
     (agg,) = [r for r in report.aggregate(runs, cfg) if r["method"] == "lora"]
     assert agg["bump"]["mean"] == pytest.approx(sum(rises) / 3) and agg["final_train_loss"]["mean"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ dose presets
+def _rs_by_hand(word: str) -> str:
+    table = str.maketrans("abcdefghijklmnopqrstuvwxyz", "bcdefghijklmnopqrstuvwxyza")
+    return word[::-1].translate(table)
+
+
+def test_strings_task_is_deterministic_disjoint_and_correct():
+    from experiments.stability import strings
+
+    seed = int(torch.randint(0, 10_000, ()))
+    tr1, ev1 = strings.make_splits(300, 80, seed=seed)
+    tr2, ev2 = strings.make_splits(300, 80, seed=seed)
+    assert tr1 == tr2 and ev1 == ev2
+    assert strings.make_splits(300, 80, seed=seed + 1)[0] != tr1
+    assert not {e.word for e in ev1} & {e.word for e in tr1} and len({e.word for e in ev1}) == len(ev1)
+    for e in tr1 + ev1:
+        assert e.tag == "RS" and 4 <= len(e.word) <= 8 and e.word.isalpha() and e.word.islower()
+        assert e.prompt == f"RS:{e.word}=" and e.target == _rs_by_hand(e.word) + "\n"
+    assert strings.apply_tag("RS", "abyz") == "azcb" and strings.apply_tag("D", "abz") == "zay"
+    assert strings.apply_tag("C", "kiwi") == "kiwi" and strings.apply_tag("R", "kiwi") == "iwik"
+    # the pre-training mixture holds the four single operations and never the fine-tuning composition
+    pre = strings.pretrain_examples(400, seed=seed)
+    assert {e.tag for e in pre} == set(strings.PRETRAIN_TAGS) and strings.FINETUNE_TAG not in strings.PRETRAIN_TAGS
+    tok = strings.CharTokenizer()
+    (ids, plen), = strings.encode(tok, [tr1[0]])
+    assert tok.decode(ids) == tr1[0].prompt + tr1[0].target and plen == len(tr1[0].prompt)
+    assert tok.token_to_id("<pad>") == 0 and tok.token_to_id("<eos>") == 1 and len(set(ids)) <= len(tok)
+
+
+def test_paired_ci_against_a_hand_computation():
+    from experiments.stability import dose
+
+    # d = 1, 2, 3, 4, 6: mean 3.2, sd = sqrt(14.8 / 4), t_{0.975, 4} = 2.776, half-width 2.776 sd / sqrt(5)
+    half = 2.776 * math.sqrt(14.8 / 4) / math.sqrt(5)
+    ci = dose.paired_ci([1.0, 2.0, 3.0, 4.0, 6.0, math.nan, None])
+    assert ci["n"] == 5 and ci["mean"] == pytest.approx(3.2) and ci["below"] == 0
+    assert ci["lo"] == pytest.approx(3.2 - half, rel=1e-9) and ci["hi"] == pytest.approx(3.2 + half, rel=1e-9)
+    assert half == pytest.approx(2.388, abs=1e-3)
+    neg = dose.paired_ci([-0.5, 0.1, -0.2])
+    assert neg["below"] == 2 and neg["lo"] < neg["mean"] < neg["hi"]
+    for df, t in ((1, 12.706), (4, 2.776), (9, 2.262), (30, 2.042), (60, 2.000), (120, 1.980)):
+        assert dose.t975(df) == pytest.approx(t, abs=2e-3)
+    assert dose.paired_ci([2.0])["mean"] == 2.0 and math.isnan(dose.paired_ci([2.0])["lo"])
+
+
+def test_choose_cells_takes_the_largest_bump_where_lora_learned():
+    from experiments.stability import dose
+
+    def row(r, lr, b, learned):
+        return {"rank": r, "lr": lr, "bump": {"mean": b}, "learned": learned}
+
+    rows = [row(8, 1e-2, 0.1, True), row(128, 2e-2, 3.0, False), row(128, 1e-2, 1.2, True),
+            row(32, 1e-2, 0.4, True)]
+    assert dose.choose_cells(rows, 2) == [(128, 1e-2), (32, 1e-2)]
+    assert dose.choose_cells(rows, 1) == [(128, 1e-2)]
+    assert dose.choose_cells([row(8, 1e-3, 1.0, False)], 2) == []
+
+
+@pytest.mark.parametrize("adaptive_norm", [True, False])
+def test_recorded_mgpo_eps_norm_is_the_applied_one_and_the_noise_replays_it(adaptive_norm):
+    """The noise control's ‖ε‖ per step is MGPO's: mgpo_eps_norm() against ε measured through the public API,
+    with gradients small enough that the floor on ḡ acts on some steps."""
+    from experiments.stability import dose
+
+    shapes = [(6, 4), (9,)]
+    ps = [torch.randn(s, requires_grad=True) for s in shapes]
+    rho, floor = 0.02, 0.1
+    opt = MGPO(ps, lr=1e-2, weight_decay=0.0, rho=rho, ema_beta=0.9, adaptive_norm=adaptive_norm, gbar_floor=floor)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
+    noise = IsotropicNoise([p.detach().clone() for p in ps], generator=gen)
+    floored = 0
+    for t in range(8):
+        scale = (0.01 if t < 3 else 3.0) * (0.5 + float(torch.rand(())))  # floored first, then not
+        for p, s in zip(ps, shapes):
+            p.grad = scale * torch.randn(s) / 5
+        opt.apply_perturbation()
+        opt.step()
+        want = dose.mgpo_eps_norm(opt, rho, adaptive_norm, floor)
+        floored += adaptive_norm and float(opt.global_state["gbar"]) < floor
+        theta = [p.detach().clone() for p in ps]
+        opt.apply_perturbation()
+        eps = float(torch.sqrt(sum(((p.detach() - a) ** 2).sum() for a, p in zip(theta, ps))))
+        opt.eval()
+        opt.train()
+        assert want == pytest.approx(eps, rel=1e-4)
+        before = [q.clone() for q in noise.params]
+        noise.apply(want)
+        moved = float(torch.sqrt(sum(((q - b) ** 2).sum() for q, b in zip(noise.params, before))))
+        assert moved == pytest.approx(want, rel=1e-4) and noise.last_norm == want
+        noise.remove()
+        assert all(torch.equal(q, b) for q, b in zip(noise.params, before))
+    assert floored == (3 if adaptive_norm else 0)
+    assert dose.mgpo_eps_norm(opt, 0.0, adaptive_norm, floor) == 0.0
+
+
+def test_dose_tiny_preset_end_to_end(tmp_path):
+    from experiments.stability import main
+
+    argv = ["--preset", "dose-tiny", "--device", "cpu", "--out-dir", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--mgpo-backend", "reference"]
+    assert main(argv) == 0
+    (js,) = (tmp_path / "out").glob("*stability-dose-tiny.json")
+    res = json.loads(js.read_text())
+    assert res["benchmark"] == "stability-dose" and res["command"].startswith("python -m experiments.stability")
+    assert len(res["scan"]) == 2
+    best = max(res["scan_rows"], key=lambda r: r["bump"]["mean"])
+    assert [tuple(c) for c in res["cells"]] == [(best["rank"], best["lr"])]
+    rank = best["rank"]
+    runs = res["runs"]
+    assert len(runs) == 2 * (1 + 3)  # 2 seeds x (rho 0, then MGPO / w/o APN / noise at rho 0.05)
+    by = {(r["seed"], r["variant"], r["rho"]): r for r in runs}
+    assert all(r["rank"] == rank for r in runs)
+    assert not set(res["scan_seeds"]) & set(res["config"]["seeds"])
+    for s in (0, 1):
+        # same init and batches for every run of a seed: the first step (eps = 0 everywhere) is identical
+        assert len({r["losses"][0] for r in runs if r["seed"] == s}) == 1
+        assert all(e == 0.0 for e in by[(s, "mgpo", 0.0)]["eps"])
+        mg, nz = by[(s, "mgpo", 0.05)], by[(s, "noise", 0.05)]
+        assert mg["eps"][0] == 0.0 and mg["eps"][1] > 0 and nz["eps"] == pytest.approx(mg["eps"], rel=1e-3)
+        assert all(e == pytest.approx(0.05) for e in by[(s, "mgpo-noapn", 0.05)]["eps"][1:])
+    rows = [r for r in res["dose_rows"] if r["variant"] != "lora"]
+    assert len(rows) == 3 and all(r["d_bump"]["n"] == 2 for r in rows)
+    out = tmp_path / "out"
+    for suffix in ("", "-bump", "-eval-loss", "-exact-match"):
+        assert (out / f"{js.stem}{suffix}.png").exists(), suffix
+    assert "95% CI" in (out / f"{js.stem}.md").read_text()

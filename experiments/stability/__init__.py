@@ -21,6 +21,8 @@ import torch
 
 from mgpo_kernels.bench import common as C
 
+from ._cli import command_line
+
 _BASE_SMALL = dict(hidden=64, intermediate=172, layers=2, heads=4, vocab=1024, seq=128, corpus_bytes=2_000_000,
                    pretrain_steps=300, pretrain_batch=16, pretrain_lr=3e-3)
 _TASK = dict(n_train=4000, n_eval=256, batch=16, warmup_frac=0.05, weight_decay=0.0, ranks=[8, 32, 128],
@@ -39,19 +41,25 @@ PRESETS: Dict[str, Dict[str, Any]] = {
              "seq": 256, "corpus_bytes": 12_000_000, "pretrain_steps": 2000, "pretrain_batch": 64,
              "pretrain_lr": 1e-3, "n_train": 20000, "n_eval": 1024, "batch": 32, "steps": 300,
              "lrs": [2e-4, 1e-3, 4e-3, 1.6e-2], "smooth": 30},
+    # the dose-response study on a task LoRA learns (experiments/stability/dose.py): dose, dose-cuda, dose-tiny
     # for the tests: seconds
     "tiny": {**_BASE_SMALL, **_TASK, "hidden": 32, "intermediate": 64, "heads": 2, "vocab": 300,
              "corpus_bytes": 200_000, "pretrain_steps": 2, "pretrain_batch": 2, "seq": 32, "n_train": 64,
              "n_eval": 8, "batch": 4, "steps": 2, "ranks": [4], "lrs": [1e-3], "n_seeds": 1, "smooth": 2},
 }
+from .dose import PRESETS as _DOSE_PRESETS  # noqa: E402
+
+PRESETS.update(_DOSE_PRESETS)
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="quick (<10 min on a CPU), default (<1 h on a CPU), cuda (an H200, a few minutes), tiny; "
-                         "default: cuda on a CUDA device, else default")
-    sp.add_argument("--ranks", type=int, nargs="+", default=None, help="LoRA ranks r (alpha = r)")
-    sp.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates")
+                         "dose (the dose-response in rho on a task LoRA learns, a 2-core CPU), dose-cuda (the "
+                         "same on a GPU), dose-tiny; default: cuda on a CUDA device, else default")
+    sp.add_argument("--ranks", type=int, nargs="+", default=None,
+                    help="LoRA ranks r (alpha = r); the dose presets: of the scan")
+    sp.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates (the dose presets: of the scan)")
     sp.add_argument("--methods", nargs="+", default=None,
                     help="subset of: lora mgpo mgpo-noapn noise mgpo-neg (default: all)")
     sp.add_argument("--seeds", type=int, default=None, help="number of seeds (from --seed on)")
@@ -124,11 +132,26 @@ def run(args) -> Dict[str, Any]:
     if args.report_only:
         payload = json.loads(open(args.report_only).read())
         name = args.name or f"stability-{payload['config']['preset']}"
+        if payload.get("benchmark") == "stability-dose":
+            from . import dose
+
+            return dose.finish(payload, args.out_dir, device, name, not args.no_chart)
         return finish(payload, args.out_dir, device, name, not args.no_chart)
+    if args.preset and PRESETS[args.preset].get("study") == "dose":
+        from . import dose
+
+        if args.methods:
+            raise SystemExit("--methods: the dose presets run their own grid (ρ x APN x noise control)")
+        cfg = dict(PRESETS[args.preset], preset=args.preset, mgpo_backend=args.mgpo_backend)
+        if args.seeds is not None:
+            cfg["n_seeds"] = args.seeds
+        if args.weight_decay is not None:
+            cfg["weight_decay"] = args.weight_decay
+        return dose.run(args, cfg, device)
     cfg = resolve_config(args)
     progress = not args.no_progress
     payload: Dict[str, Any] = {
-        "benchmark": "stability", "date": C.now_iso(), "command": C.command_line(), "preset": cfg["preset"],
+        "benchmark": "stability", "date": C.now_iso(), "command": command_line(), "preset": cfg["preset"],
         "device": str(device), "machine": C.machine_info(device), "versions": C.versions(),
     }
     t0 = time.perf_counter()

@@ -30,11 +30,13 @@ class IsotropicNoise:
         return self.rho / self.gbar if self.adaptive_norm else self.rho
 
     @torch.no_grad()
-    def apply(self) -> None:
-        """Save θ and move the parameters to θ + ε, ε ~ isotropic with ‖ε‖ = :meth:`norm` (global over tensors)."""
+    def apply(self, norm: Optional[float] = None) -> None:
+        """Save θ and move the parameters to θ + ε, ε ~ isotropic with ‖ε‖ = ``norm`` (global over tensors):
+        by default :meth:`norm`, from this run's own ḡ; the dose-response presets pass the ‖ε‖ an MGPO run applied
+        at the same step."""
         if self._saved is not None:
             raise RuntimeError("apply() twice without remove()")
-        target = self.norm()
+        target = self.norm() if norm is None else float(norm)
         self._saved = [p.detach().clone() for p in self.params]
         self.last_norm = 0.0
         if target == 0.0:
