@@ -159,11 +159,32 @@ def _configs_worker(rank, port, out):
             mgpo = engine.optimizer.optimizer
             results[name] = {"records": records, "steps": float(mgpo.global_state["step"]),
                              "applied_after_eval": mgpo.perturbation_applied}
+        results["accelerate"] = _accelerate_run(rank)
         torch.save(results, os.path.join(out, f"configs{rank}.pt"))
         _finish()
     except BaseException:
         traceback.print_exc()
         raise
+
+
+def _accelerate_run(rank):
+    """accelerate's DeepSpeed plugin (ZeRO-2, two groups) in a plain loop: Accelerator.prepare(model, MGPO)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_config(2, "fp32", 0.0))
+    acc = Accelerator(deepspeed_plugin=plugin, cpu=True)
+    model = make_net()
+    opt = MGPO(groups_of(model, 2), lr=LR, **KW)
+    model, opt = acc.prepare(model, opt)
+    rows = slice(rank * MICRO, (rank + 1) * MICRO)
+    for t in range(STEPS):
+        x, y = batch(t)
+        model.train()
+        acc.backward(loss_fn(model(x[rows]), y[rows]))
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().float().clone() for p in model.parameters()]
 
 
 def reference(name, steps=STEPS):
@@ -199,12 +220,12 @@ def ds_results(tmp_path_factory):
 
 
 def _tol(name):
-    # fp32: the same arithmetic up to the order of the sums (rank partitions, gloo's all-reduce): 1e-5 relative.
-    # bf16: each rank computes its forward/backward in bf16 on half the batch and the gradients are averaged in
-    # bf16 buckets, where one process sums the whole batch: the gradients differ by ~2^-8 relative; Adam's
-    # normalised update turns that into differences of a small fraction of lr per step, then the weights are
-    # rounded to bf16 in the model copy (2^-8 relative).  Bound: 2^-7 relative + lr/2 absolute after 4 steps.
-    return (1e-5, 1e-6) if CONFIGS[name][1] == "fp32" else (2 ** -7, LR / 2)
+    # fp32: the same arithmetic up to the order of the sums (rank partitions, gloo's all-reduce): 1e-5 relative
+    # (measured: <= 3e-7 relative).  bf16: the model copy is compared (what the forward uses); each rank runs its
+    # forward/backward in bf16 on half the batch and the gradients are averaged over the ranks, where one process
+    # sums the whole batch, so the fp32 masters may differ by rounding and a weight may land one bf16 step (2^-8
+    # relative) away.  Measured here: identical.
+    return (1e-5, 1e-6) if CONFIGS[name][1] == "fp32" else (2 ** -8, 1e-6)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -412,3 +433,20 @@ def test_hf_trainer_with_deepspeed_equals_one_process(tmp_path):
             torch.testing.assert_close(got[rank]["lora"][n], ref[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
         assert got[rank]["dropped"] is not None and "optimizer_cls_and_kwargs" in got[rank]["dropped"], \
             got[rank]["dropped"]
+
+
+def test_accelerate_deepspeed_plugin_equals_one_process(ds_results):
+    ref = reference("z1-fp32-2groups")[-1]["theta"]  # the same model, groups and batches (the stage is DeepSpeed's)
+    for res in ds_results:
+        for a, b in zip(res["accelerate"], ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cpuinfo_serves_deepspeed_and_pytest_benchmark():
+    """deepspeed needs py-cpuinfo and pytest-benchmark py-cpuinfo2: both install a top-level ``cpuinfo`` package,
+    so whichever pip wrote last is the one both import; it must serve both."""
+    import cpuinfo
+
+    assert isinstance(cpuinfo.get_cpu_info(), dict)
+    pytest.importorskip("pytest_benchmark.plugin")
+    from deepspeed.ops.op_builder.builder import OpBuilder  # noqa: F401 - imports cpuinfo at module level

@@ -40,11 +40,13 @@ def _callback_bases() -> Tuple[type, ...]:
     return tuple(bases)
 
 
-#: strategies MGPO cannot be exact under: DeepSpeed hands the optimizer flat fp32 partitions of the master weights
-#: (per-rank norms, eval()/train() not reaching the model's weights); Lightning's FSDPStrategy is FSDP1, whose
+#: strategies MGPO is not tested or cannot be exact under: Lightning's DeepSpeedStrategy (MGPO supports DeepSpeed
+#: ZeRO through deepspeed.initialize, accelerate and the HF Trainer, see _deepspeed.py; Lightning's strategy drives
+#: its own checkpointing and precision plugins, not tested with MGPO); Lightning's FSDPStrategy is FSDP1, whose
 #: ``use_orig_params`` parameters are plain tensors holding per-rank slices (per-rank norms, undetectable by MGPO).
 _REFUSED_STRATEGIES = {
-    "DeepSpeedStrategy": "DeepSpeed hands the optimizer flat partitions of its fp32 master weights",
+    "DeepSpeedStrategy": "Lightning's DeepSpeedStrategy is not tested with MGPO (MGPO supports DeepSpeed ZeRO "
+                         "through deepspeed.initialize, accelerate's DeepSpeed plugin and the Hugging Face Trainer)",
     "FSDPStrategy": "FSDP1 hands the optimizer per-rank slices of the parameters as plain tensors",
 }
 
