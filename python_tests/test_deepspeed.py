@@ -24,6 +24,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mgpo_kernels import MGPO  # noqa: E402
+from mgpo_kernels.integrations.common import find_mgpo  # noqa: E402
 
 WORLD = 2
 STEPS = 4
@@ -33,6 +34,7 @@ KW = dict(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, rho=0.1, ema_beta=0.8)
 
 #: name -> (stage, dtype, groups, DeepSpeed gradient_clipping, MGPO max_grad_norm)
 CONFIGS = {
+    "z0-fp32-2groups": (0, "fp32", 2, 0.0, None),  # no ZeRO: MGPO holds the model's parameters, as under DDP
     "z1-fp32-2groups": (1, "fp32", 2, 0.0, None),
     "z2-fp32-2groups-dsclip": (2, "fp32", 2, 0.05, None),
     "z2-fp32-1group-mgpoclip": (2, "fp32", 1, 0.0, 0.05),
@@ -156,7 +158,7 @@ def _configs_worker(rank, port, out):
         results = {}
         for name in CONFIGS:
             engine, records = train_ds(rank, name)
-            mgpo = engine.optimizer.optimizer
+            mgpo = find_mgpo(engine.optimizer)
             results[name] = {"records": records, "steps": float(mgpo.global_state["step"]),
                              "applied_after_eval": mgpo.perturbation_applied}
         results["accelerate"] = _accelerate_run(rank)
