@@ -2,10 +2,12 @@
 tensor count of LLaMA-2-7B LoRA on all linear layers. Prints medians side by side for MGPO (its step and the apply
 pass the training forward runs before it: theta at rest) and fused AdamW.
 
-    .venv/bin/python benchmarks/host_overhead.py [--backend cpp] [--tensors 448] [--cold]
+    .venv/bin/python benchmarks/host_overhead.py [--backend cpp] [--tensors 448] [--cold] [--threads N]
 
 --cold writes 200 MB before every timed step, as a real step's streaming passes leave the caches: the host
-objects (tensors, state dicts) are then read from memory, which is what a step of large tensors pays (2 threads).
+objects (tensors, state dicts) are then read from memory, which is what a step of large tensors pays (2 threads
+by default).  On a machine shared with other jobs, ``--threads 1`` keeps a descheduled OpenMP thread from
+stalling a pass's barrier (which then measures the scheduler, not the host path).
 """
 import argparse
 import time
@@ -25,10 +27,11 @@ def main():
     ap.add_argument("--tensors", type=int, default=448)
     ap.add_argument("--numel", type=int, default=8)
     ap.add_argument("--cold", action="store_true", help="flush the caches before every timed step")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 warm, 2 cold)")
     args = ap.parse_args()
     if args.cold:
         return cold(args)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads or 1)
     ps = params_with_grads([(args.numel,)] * args.tensors, param_std=1.0, grad_std=1.0)
     opt = MGPO(ps, backend=args.backend)
     adam = torch.optim.AdamW(ps, fused=True)
@@ -41,13 +44,13 @@ def main():
         times = time_interleaved({"mgpo": mgpo_iteration, "adamw": adam.step}, STEPS_PER_LINE, warmup_rounds=1)
         print(f"MGPO[{opt.backend}] apply + step {percentile(times['mgpo'], 50) * 1e3:.3f} ms | torch AdamW(fused) step "
               f"{percentile(times['adamw'], 50) * 1e3:.3f} ms  ({args.tensors} tensors of {args.numel} elements, "
-              "1 thread)")
+              f"{torch.get_num_threads()} thread(s))")
 
 
 def cold(args) -> None:
     from mgpo_kernels import _host_cache
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads or 2)
     ps = params_with_grads([(args.numel,)] * args.tensors, seed=9)
     ps2 = params_with_grads([(args.numel,)] * args.tensors, seed=9)
     opt = MGPO(ps, lr=1e-4, rho=0.05, backend=args.backend)
@@ -67,7 +70,7 @@ def cold(args) -> None:
             f()
             times[k].append(time.perf_counter() - t0)
     print("  ".join(f"{k} {percentile(v, 50) * 1e3:.3f} ms" for k, v in times.items()),
-          f"(cold caches, {args.tensors} tensors of {args.numel} elements, 2 threads)")
+          f"(cold caches, {args.tensors} tensors of {args.numel} elements, {torch.get_num_threads()} thread(s))")
 
 
 if __name__ == "__main__":
