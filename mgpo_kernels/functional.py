@@ -140,11 +140,11 @@ _INSTANCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _backend_for(step: Tensor, name: str, groups: List[GroupTensors]):
-    """The backend of this global state, resolved as ``MGPO`` resolves it (``backends.resolve_for``: "auto" also
+    """The backend of this global state, resolved as ``MGPO`` resolves it (``backends.resolve``: "auto" also
     skips a backend that refuses one of the parameters' layouts, saying so once)."""
     held = _INSTANCES.get(step)
     if held is None or held[0] != name:
-        held = (name, _backends.resolve_for(name, step.device, [{"params": g.params} for g in groups]))
+        held = (name, _backends.resolve(name, step.device, [{"params": g.params} for g in groups]))
         _INSTANCES[step] = held
     return held[1]
 

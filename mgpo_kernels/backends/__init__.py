@@ -229,7 +229,19 @@ def _fix_for(name: str, why: str) -> str:
     return why
 
 
-def _warn_fallback(chosen: str, device: torch.device, stacklevel: int) -> None:
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from its caller's frame, for the first frame outside this package (the
+    user's code, wherever in the package the resolution was asked for)."""
+    import sys
+
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(pkg):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_fallback(chosen: str, device: torch.device) -> None:
     """Warn once per (device type, chosen backend, reasons) when "auto" settles below what the device could run."""
     if os.environ.get("MGPO_NO_FALLBACK_WARNING") == "1":
         return
@@ -241,12 +253,11 @@ def _warn_fallback(chosen: str, device: torch.device, stacklevel: int) -> None:
     whys = "; ".join(f"{n!r} is not usable: {_fix_for(n, w)}" for n, w in missed)
     warnings.warn(f"MGPO backend='auto' on {device.type} uses the slower {chosen!r} backend: {whys}. "
                   f"(`python -m mgpo_kernels` shows every backend; MGPO_NO_FALLBACK_WARNING=1 silences this.)",
-                  MGPOFallbackWarning, stacklevel=stacklevel)
+                  MGPOFallbackWarning, stacklevel=_user_stacklevel())
 
 
-def _auto(device: torch.device, param_groups=None, stacklevel: int = 4) -> Backend:
-    """The fastest usable backend; ``stacklevel``: its warnings' stack level counted from this function (1), to
-    point at the user's code."""
+def _auto(device: torch.device, param_groups) -> Backend:
+    """The fastest usable backend that takes every parameter's memory layout."""
     usable = sorted((n for n in available_backends(device) if _loaded[n].priority(device) >= 0),
                     key=lambda n: -_loaded[n].priority(device))
     params = [p for g in param_groups for p in g["params"]] if param_groups is not None else []
@@ -258,29 +269,29 @@ def _auto(device: torch.device, param_groups=None, stacklevel: int = 4) -> Backe
                 _warned_fallback.add(skipped[0])
                 warnings.warn(f"MGPO backend='auto': not using {skipped[0][0]!r} because {skipped[0][1]}; using "
                               f"{n!r} instead (make the parameters contiguous to get the fused kernels)",
-                              stacklevel=stacklevel)
+                              stacklevel=_user_stacklevel())
             else:
-                _warn_fallback(n, device, stacklevel + 1)
+                _warn_fallback(n, device)
             return _loaded[n]()
         skipped.append((n, why))
     return _loaded["reference"]()
 
 
-def resolve_for(name: str, device, param_groups) -> Backend:
-    """As :func:`resolve`, and "auto" skips a backend that refuses one of the parameters' memory layouts (the
-    fused kernels need dense tensors), saying so once."""
-    if name != "auto":
-        return resolve(name, device)
-    return _auto(torch.device(device), param_groups, stacklevel=4)  # user -> MGPO.__init__ -> resolve_for
+def resolve(name: str, device, param_groups=None) -> Backend:
+    """An instance of the backend called ``name``: the one resolver of ``MGPO`` and the functional form.
 
-
-def resolve(name: str, device) -> Backend:
-    """An instance of the backend called ``name`` ("auto" picks the fastest usable one for ``device``, and warns
-    once if that is slower than what the device could run, saying why)."""
+    "auto" picks the fastest usable backend for ``device`` that takes the memory layout of every parameter of
+    ``param_groups`` (dicts with ``"params"``; the fused kernels need dense tensors), and warns once when that is
+    slower than what the device could run, saying why.  A named backend is used as it is, or refused with the
+    reason it is not usable here."""
     device = torch.device(device)
     if name == "auto":
-        return _auto(device, stacklevel=3)
+        return _auto(device, param_groups)
     why = unavailable_reason(name, device)  # raises ValueError for unknown names
     if why is not None:
         raise RuntimeError(f"MGPO backend {name!r} is not usable on {device}: {why}")
     return _loaded[name]()
+
+
+def resolve_for(name: str, device, param_groups) -> Backend:  # the old name, until optimizer.py calls resolve
+    return resolve(name, device, param_groups)
