@@ -7,7 +7,7 @@
 // and its device type as `static constexpr c10::DeviceType kType`, and registers them with
 // register_device_ops<Device>(m) in its TORCH_LIBRARY_IMPL block.  Every op builds the plan first (make_plan checks
 // all arguments), so nothing is modified by a call that is refused.  The same entry points are also recorded per
-// device type (device_entry) for a KeptPlan (kept_plan.cpp), which calls them without the dispatcher.
+// device type (device_entry) for a KeptPlan (host_path.cpp), which calls them without the dispatcher.
 #pragma once
 #include <torch/library.h>
 
@@ -55,14 +55,16 @@ struct DeviceEntry {
   at::Tensor (*step)(MGPO_PLAN_PARAMS);
   at::Tensor (*reduce_sums)(MGPO_PLAN_PARAMS);
   void (*finish_step)(MGPO_PLAN_PARAMS, const at::Tensor& sums);
+  void (*perturb)(at::TensorList params, at::TensorList exp_avgs, at::TensorList masters,
+                  at::IntArrayRef master_index, const at::Tensor& coef, bool apply);
 };
-void set_device_entry(c10::DeviceType type, DeviceEntry entry);  // kept_plan.cpp
+void set_device_entry(c10::DeviceType type, DeviceEntry entry);  // host_path.cpp
 const DeviceEntry* device_entry(c10::DeviceType type);           // nullptr: no kernels for that device type
 
 template <typename Device>
 void register_device_ops(torch::Library& m) {
   set_device_entry(Device::kType, DeviceEntry{&DeviceOps<Device>::step, &DeviceOps<Device>::reduce_sums,
-                                              &DeviceOps<Device>::finish_step});
+                                              &DeviceOps<Device>::finish_step, &DeviceOps<Device>::perturb});
   m.impl("step", &DeviceOps<Device>::step);
   m.impl("reduce_sums", &DeviceOps<Device>::reduce_sums);
   m.impl("finish_step", &DeviceOps<Device>::finish_step);

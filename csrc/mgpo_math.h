@@ -31,34 +31,18 @@ constexpr int kScalSize = 4;
 
 enum DTypeCode { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-MGPO_FN bool mgpo_isfinite(double x) {
+// The device's functions under nvcc's device pass, the compiler's builtins on the host (no <cmath>: see above).
 #if defined(__CUDA_ARCH__)
-  return isfinite(x);
+MGPO_FN bool mgpo_isfinite(double x) { return isfinite(x); }
+MGPO_FN double mgpo_sqrt(double x) { return sqrt(x); }
+MGPO_FN double mgpo_pow(double x, double y) { return pow(x, y); }
+MGPO_FN float mgpo_sqrtf(float x) { return sqrtf(x); }  // IEEE-rounded with nvcc's default -prec-sqrt=true
 #else
-  return __builtin_isfinite(x);
+MGPO_FN bool mgpo_isfinite(double x) { return __builtin_isfinite(x); }
+MGPO_FN double mgpo_sqrt(double x) { return __builtin_sqrt(x); }
+MGPO_FN double mgpo_pow(double x, double y) { return __builtin_pow(x, y); }
+MGPO_FN float mgpo_sqrtf(float x) { return __builtin_sqrtf(x); }  // vectorizes (vsqrtps) with -fno-math-errno
 #endif
-}
-MGPO_FN double mgpo_sqrt(double x) {
-#if defined(__CUDA_ARCH__)
-  return sqrt(x);
-#else
-  return __builtin_sqrt(x);
-#endif
-}
-MGPO_FN double mgpo_pow(double x, double y) {
-#if defined(__CUDA_ARCH__)
-  return pow(x, y);
-#else
-  return __builtin_pow(x, y);
-#endif
-}
-MGPO_FN float mgpo_sqrtf(float x) {
-#if defined(__CUDA_ARCH__)
-  return sqrtf(x);  // IEEE-rounded with nvcc's default -prec-sqrt=true
-#else
-  return __builtin_sqrtf(x);  // vectorizes (vsqrtps) with -fno-math-errno
-#endif
-}
 
 // ------------------------------------------------------------------------------------------ scalar stage
 struct ScalarConfig {

@@ -1,7 +1,7 @@
 // torch.ops.mgpo.*: schemas (the kernels register in cpu/ops_cpu.cpp and cuda/ops_cuda.cu through
 // device_ops.h; the fake implementations are registered from Python in mgpo_kernels/backends/cpp.py), plus a
-// small Python module mgpo_kernels._C with build information, the hyper-parameter table's layout, KeptPlan
-// (kept_plan.cpp) and the host cache's helpers (host_cache.cpp).
+// small Python module mgpo_kernels._C with build information, the hyper-parameter table's layout and the host
+// path's helpers (host_path.cpp: KeptPlan and the host cache's reads).
 //
 // One MGPO step = pass 1 -> (reduce_hook on the float64 sums) -> scalar stage -> pass 2.
 #include <pybind11/pybind11.h>  // Python.h first
@@ -19,8 +19,7 @@ const char* current_isa_name();
 std::vector<std::string> available_isas();
 void set_isa(const std::string& name);
 }  // namespace cpu
-void bind_kept_plan(pybind11::module_& m);   // kept_plan.cpp
-void bind_host_cache(pybind11::module_& m);  // host_cache.cpp
+void bind_host_path(pybind11::module_& m);  // host_path.cpp
 }  // namespace mgpo
 
 // The step plan's arguments (csrc/step_plan.h; mgpo_kernels/backends/plan.py builds them), with the alias
@@ -62,6 +61,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &mgpo::cpu::set_isa, "Switch the CPU kernels' instruction set (tests and benchmarks)");
   m.attr("HYPER_OPTION_COUNT") = (int)mgpo::kHyperOptions;
   m.attr("HYPER_GROUP_COUNT") = (int)mgpo::kHyperPerGroup;
-  mgpo::bind_kept_plan(m);
-  mgpo::bind_host_cache(m);
+  mgpo::bind_host_path(m);
 }

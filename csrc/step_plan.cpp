@@ -45,27 +45,41 @@ void check_dense_param(const at::Tensor& p, size_t i) {
               "contiguous or use backend='reference'");
 }
 
-// (of a dense parameter `ref`, checked first)
-void check_same_layout(const at::Tensor& t, const at::Tensor& ref, const char* what, size_t i) {
+// t is strided, of ref's shape and on ref's device (ref: a dense parameter, or its first moment, checked first);
+// returns whether it also has ref's memory layout (the same strides on every dimension of size > 1).
+bool check_like(const at::Tensor& t, const at::Tensor& ref, const char* what, size_t i) {
   TORCH_CHECK(t.layout() == at::kStrided, "mgpo: ", what, " of tensor ", i, " has layout ", t.layout(),
               ": sparse and other non-strided tensors are not supported");
   TORCH_CHECK(t.sizes() == ref.sizes(), "mgpo: ", what, " of tensor ", i, " has shape ", t.sizes(),
               ", expected ", ref.sizes());
   TORCH_CHECK(t.device() == ref.device(), "mgpo: ", what, " of tensor ", i, " is on ", t.device(), ", expected ",
               ref.device());
-  if (ref.numel() <= 1) return;
-  for (int64_t d = 0; d < ref.dim(); ++d) {
-    TORCH_CHECK(ref.size(d) == 1 || t.stride(d) == ref.stride(d), "mgpo: ", what, " of tensor ", i,
-                " has strides ", t.strides(), " but its parameter has strides ", ref.strides(),
-                ": they must share the memory layout (the cpp backend processes them as flat memory)");
-  }
+  if (ref.numel() <= 1) return true;
+  for (int64_t d = 0; d < ref.dim(); ++d)
+    if (ref.size(d) != 1 && t.stride(d) != ref.stride(d)) return false;
+  return true;
 }
 
 float* state_ptr(const at::Tensor& t, const at::Tensor& ref, const char* what, size_t i) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, "mgpo: ", what, " of tensor ", i, " must be float32, got ",
               t.scalar_type());
-  check_same_layout(t, ref, what, i);
+  TORCH_CHECK(check_like(t, ref, what, i), "mgpo: ", what, " of tensor ", i, " has strides ", t.strides(),
+              " but its parameter has strides ", ref.strides(),
+              ": they must share the memory layout (the cpp backend processes them as flat memory)");
   return t.data_ptr<float>();
+}
+
+// The gradient of tensor i as the kernels read it: flat memory in the order of `ref` (its parameter, or for pass
+// 1 alone its first moment, which has the parameter's layout). Autograd gives a gradient its parameter's layout;
+// one assigned in another (a transposed or sliced view) is copied into that layout for this call, before any
+// stage runs (the copy lives in plan.keep_alive), so the kernels see the same values in the expected order.
+const void* grad_ptr(const at::Tensor& g, const at::Tensor& ref, at::ScalarType param_dtype, size_t i,
+                     CheckedPlan& plan) {
+  TORCH_CHECK(g.scalar_type() == param_dtype, "mgpo: grad of tensor ", i, " has dtype ", g.scalar_type(),
+              ", its parameter ", param_dtype);
+  if (check_like(g, ref, "grad", i)) return g.data_ptr();
+  plan.keep_alive.push_back(at::empty_like(ref, ref.options().dtype(param_dtype)).copy_(g));
+  return plan.keep_alive.back().data_ptr();
 }
 
 // A one-element tensor the kernels read (or write) as a float32 on `dev`; `convert`: another dtype or device is
@@ -116,7 +130,7 @@ PlanTensor base_tensor(const at::Tensor& p, const at::Tensor& m, at::TensorList 
 
 // Pass 1's view of tensor i: m dense (float32), g (if any) in m's layout; nothing it does not read.
 PlanTensor reduce_tensor(const at::Tensor& p, const at::Tensor* g, const at::Tensor& m, size_t i,
-                         const at::Device& dev) {
+                         const at::Device& dev, CheckedPlan& plan) {
   TORCH_CHECK(m.device() == dev, "mgpo: exp_avg of tensor ", i, " is on ", m.device(), ", tensor 0 on ", dev);
   TORCH_CHECK(m.scalar_type() == at::kFloat, "mgpo: exp_avg of tensor ", i, " must be float32, got ",
               m.scalar_type());
@@ -126,11 +140,8 @@ PlanTensor reduce_tensor(const at::Tensor& p, const at::Tensor* g, const at::Ten
   t.numel = m.numel();
   t.dtype = kF32;
   if (g) {
-    TORCH_CHECK(g->scalar_type() == p.scalar_type(), "mgpo: grad of tensor ", i, " has dtype ", g->scalar_type(),
-                ", its parameter ", p.scalar_type());
+    t.g = grad_ptr(*g, m, p.scalar_type(), i, plan);
     t.dtype = dtype_code(g->scalar_type());
-    check_same_layout(*g, m, "grad", i);
-    t.g = g->data_ptr();
   }
   return t;
 }
@@ -247,7 +258,7 @@ CheckedPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use) {
     prefetch_ahead(i, n, use, params, grads, exp_avgs, exp_avg_sqs, steps);
     const at::Tensor& p = params[i];
     if (use == PlanUse::kReduce) {
-      plan.tensors.push_back(reduce_tensor(p, tensor_at(grads, i), exp_avgs[i], i, dev));
+      plan.tensors.push_back(reduce_tensor(p, tensor_at(grads, i), exp_avgs[i], i, dev, plan));
       plan.tensors.back().group = group;
       continue;
     }
@@ -255,10 +266,7 @@ CheckedPlan make_plan(MGPO_PLAN_PARAMS, PlanUse use) {
     t.v = state_ptr(exp_avg_sqs[i], p, "exp_avg_sq", i);
     t.group = group;
     if (const at::Tensor* g = tensor_at(grads, i)) {
-      TORCH_CHECK(g->scalar_type() == p.scalar_type(), "mgpo: grad of tensor ", i, " has dtype ", g->scalar_type(),
-                  ", its parameter ", p.scalar_type());
-      check_same_layout(*g, p, "grad", i);
-      t.g = g->data_ptr();
+      t.g = grad_ptr(*g, p, p.scalar_type(), i, plan);
       t.step = scalar_ptr(steps[i], dev, "step", " of tensor ", (int64_t)i, false, plan);
       plan.steps_with_grad.push_back(t.step);
     }

@@ -62,7 +62,8 @@ struct CheckedPlan {
   int64_t* skipped = nullptr;
   const float* grad_scale = nullptr;  // nullptr when absent
   const float* found_inf = nullptr;
-  std::vector<at::Tensor> keep_alive;  // float32 copies on the device that pointers above point into
+  std::vector<at::Tensor> keep_alive;  // copies the pointers above point into (scalars as float32 on the device,
+                                       // gradients in their parameter's layout)
 };
 
 // The op arguments above, in schema order: one list for make_plan and every op's C++ signature (device_ops.h).

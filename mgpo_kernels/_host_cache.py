@@ -1,16 +1,19 @@
-"""The per-step host path: tensor lists built once and reused while the same parameters have gradients.
+"""The optimizer's tensor lists (``GroupTensors``), collected from ``param_groups`` and ``state`` and reused while
+the same parameters have gradients.
 
-A step of 448 LoRA tensors spent ~0.9 ms in Python and argument conversion (as much as 5 % of a CPU step at r=8,
-and all of a GPU step's time on the host), so in the normal training loop the lists are reused: the check is
-C-speed (the same parameters, the None pattern of their gradients, and that every state tensor is still the one
-cached), and only the gradients and the groups' hyper-parameters are read anew.  The same list objects are passed
-every step, so a backend may cache what it derives from them (the cpp backend's flattened op arguments and its
-``_C.KeptPlan``).
+``collect`` reads every group (allocating the state of a parameter with its first gradient); that costs ~0.9 ms of
+Python for 448 LoRA tensors (as much as 5 % of a CPU step at r=8, all of a GPU step's time on the host).  So in a
+steady training loop ``build`` keeps the lists and ``lookup`` reuses them while they are current: the same
+parameters, the same None pattern of their gradients, the same state dict items and, in every state dict, the same
+state tensors (the usual loops that move optimizer state to a device replace them); only the gradients and the
+groups' hyper-parameters are read anew.  The same list objects are passed every step, so a backend may keep what it
+derives from them (``backends/plan.PlanCache``: the flat op arguments and the cpp backend's ``_C.KeptPlan``).
 
-With the caches cold after a step's streaming passes, Python's own loops wait for one object's cache misses at a
-time (reading 448 ``p.grad``: 0.20 ms, ``_C.grads_of``: 0.08 ms; benchmarks/results/2026-12-02-cpu-host-probes.txt).
-With the extension built, the checks and the gradients run in C++ loops (csrc/host_cache.cpp) that compare pointers where identity is the question and overlap the misses of
-several objects; without it, the same checks run in Python.
+The checks are C++ loops (``_C.same_items``, ``dict_is``, ``values_are``, ``grads_of``: csrc/host_path.cpp): with
+the caches cold after a step's streaming passes, Python's loops wait for one object's cache misses at a time, and
+with them the apply + step of 448 tiny tensors took 0.52 ms instead of 0.35 warm, 0.1 ms more each cold
+(benchmarks/results/2026-12-07-cpu-host-overhead-before-house.txt).  Without the extension nothing is reused
+(the reference backend's step costs a hundred times the lookup).
 """
 from __future__ import annotations
 
@@ -21,7 +24,16 @@ from typing import List, Optional
 
 import torch
 
+from ._distributed import local
 from .backends.base import GroupTensors
+
+try:
+    from ._C import dict_is as _dict_is
+    from ._C import grads_of as _grads_of
+    from ._C import same_items as _same_items
+    from ._C import values_are as _values_are
+except ImportError:  # pragma: no cover - the extension is not built (or disabled): every step collects
+    _grads_of = None
 
 _GRAD = operator.attrgetter("grad")
 _PLAIN = (torch.nn.Parameter, torch.Tensor)  # their ``grad`` is the autograd field, which _C.grads_of reads
@@ -29,30 +41,44 @@ _KEY = "_group_cache"
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "step", "master_param")  # the order of _Entry.tensors[1:]
 
 
-def _py_same_items(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(map(operator.is_, a, b))
+def init_state(opt, p) -> dict:
+    """``opt.state[p]``, allocated (AdamW's moments and step, and the fp32 master of a bf16/fp16 parameter) if
+    empty."""
+    st = opt.state[p]
+    if len(st) == 0:
+        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if p.dtype != torch.float32:
+            # the parameter holds theta here (at rest, or perturbed by coef * m = 0)
+            st["master_param"] = p.detach().clone(memory_format=torch.preserve_format).float()
+            opt._at_rest.has_masters = True
+    return st
 
 
-def _py_dict_is(d: dict, keys: list, values: list) -> bool:
-    return (len(d) == len(keys) and all(map(operator.is_, d.keys(), keys))
-            and all(map(operator.is_, d.values(), values)))
-
-
-def _py_values_are(dicts: list, key: str, expected: list) -> bool:
-    try:
-        return len(dicts) == len(expected) and all(map(operator.is_, map(dict.get, dicts, itertools.repeat(key)),
-                                                       expected))
-    except TypeError:  # an item is not a dict
-        return False
-
-
-try:  # the same checks and gradients in C++ (csrc/host_cache.cpp)
-    from ._C import dict_is as _dict_is
-    from ._C import grads_of as _grads_of
-    from ._C import same_items as _same_items
-    from ._C import values_are as _values_are
-except ImportError:  # pragma: no cover - the extension is not built
-    _same_items, _dict_is, _values_are, _grads_of = _py_same_items, _py_dict_is, _py_values_are, None
+def collect(opt, with_grads: bool) -> List[GroupTensors]:
+    """The tensors of every group that have state (allocating it for new gradients); ``with_grads=False``: every
+    gradient None (the apply pass)."""
+    out = []
+    for group in opt.param_groups:
+        params, grads, ms, vs, masters, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            if with_grads and p.grad is not None:
+                st = init_state(opt, p)
+            else:
+                st = opt.state.get(p)
+                if not isinstance(st, dict) or not st:
+                    continue
+            params.append(local(p).detach())
+            grads.append(local(p.grad) if (with_grads and p.grad is not None) else None)
+            ms.append(local(st["exp_avg"]))
+            vs.append(local(st["exp_avg_sq"]))
+            masters.append(local(st["master_param"]) if "master_param" in st else None)
+            steps.append(st["step"])
+        b1, b2 = group["betas"]
+        out.append(GroupTensors(params, grads, ms, vs, masters, steps, group["lr"], b1, b2,
+                                group["eps"], group["weight_decay"]))
+    return out
 
 
 @dataclass
@@ -72,6 +98,9 @@ def drop(opt) -> None:
 
 
 def build(opt, groups: List[GroupTensors]) -> None:
+    """Keep ``groups`` (just collected, with gradients) for the next steps."""
+    if _grads_of is None:
+        return
     entries = []
     for group, g in zip(opt.param_groups, groups):
         ps = list(group["params"])
@@ -82,7 +111,7 @@ def build(opt, groups: List[GroupTensors]) -> None:
             params_ref=ps,
             none_mask=list(map(operator.is_, (p.grad for p in ps), itertools.repeat(None))),
             keep=None if all(has_state) else has_state,
-            plain=_grads_of is not None and all(type(p) in _PLAIN for p in ps),
+            plain=all(type(p) in _PLAIN for p in ps),
             dicts=[opt.state[p] for p in with_state],
             tensors=(with_state, g.exp_avgs, g.exp_avg_sqs, g.steps, g.masters),
         ))

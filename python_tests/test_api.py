@@ -649,15 +649,6 @@ def test_deepcopy_and_pickle_give_a_working_optimizer(backend):
         assert torch.equal(a.detach(), b.detach())
 
 
-def test_host_cache_python_fallbacks_follow_every_change(monkeypatch):
-    """Without the extension the host cache's checks and gradient reads run in Python: the same two runs."""
-    for name in ("same_items", "dict_is", "values_are"):
-        monkeypatch.setattr(_host_cache, f"_{name}", getattr(_host_cache, f"_py_{name}"))
-    monkeypatch.setattr(_host_cache, "_grads_of", None)
-    test_cached_host_path_follows_every_change("reference")
-    test_state_tensors_replaced_between_steps_are_used("reference")
-
-
 def test_no_gradient_outlives_zero_grad(backend):
     """The per-step caches hold no gradient: after zero_grad(set_to_none=True) the gradients of every step are
     freed (a cached copy of the first step's gradients once kept a whole extra set alive)."""

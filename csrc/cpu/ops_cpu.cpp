@@ -17,21 +17,32 @@ namespace mgpo {
 namespace cpu {
 
 // ------------------------------------------------------------------------------------------ ISA choice
-static const IsaKernels* detect_isa() {
-  const char* env = std::getenv("MGPO_CPU_ISA");
-  const std::string want = env ? env : "";
+// The instruction sets this CPU runs, narrowest first: base always; avx2 and avx512 where
+// the CPU has every extension their translation unit is compiled for (isa_avx2.cpp, isa_avx512.cpp).
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out{"base"};
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (want == "base") return isa_base();
-  if (want == "avx2" && has2) return isa_avx2();
-  if ((want.empty() || want == "avx512") && has512) return isa_avx512();
-  if (has2) return isa_avx2();
+  const bool fma_f16c = __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (fma_f16c && __builtin_cpu_supports("avx2")) out.push_back("avx2");
+  if (fma_f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    out.push_back("avx512");
 #endif
-  return isa_base();
+  return out;
+}
+
+static const IsaKernels* kernels_of(const std::string& name) {
+  return name == "avx512" ? isa_avx512() : name == "avx2" ? isa_avx2() : isa_base();
+}
+
+// MGPO_CPU_ISA=base|avx2|avx512 if this CPU runs it, else the widest it runs.
+static const IsaKernels* detect_isa() {
+  const char* env = std::getenv("MGPO_CPU_ISA");
+  const std::vector<std::string> isas = available_isas();
+  for (const std::string& n : isas)
+    if (env != nullptr && n == env) return kernels_of(n);
+  return kernels_of(isas.back());
 }
 
 static std::atomic<const IsaKernels*> g_isa{nullptr};
@@ -47,25 +58,10 @@ const IsaKernels* current_isa() {
 
 const char* current_isa_name() { return current_isa()->name; }
 
-std::vector<std::string> available_isas() {
-  std::vector<std::string> out{"base"};
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    out.push_back("avx2");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
-    out.push_back("avx512");
-#endif
-  return out;
-}
-
 void set_isa(const std::string& name) {
-  for (const auto& n : available_isas()) {
+  for (const std::string& n : available_isas()) {
     if (n == name) {
-      const IsaKernels* k = name == "base" ? isa_base() : name == "avx2" ? isa_avx2() : isa_avx512();
-      g_isa.store(k);
+      g_isa.store(kernels_of(n));
       return;
     }
   }

@@ -441,6 +441,16 @@ static void for_each_launch(size_t n, size_t cap, Fits&& fits, Launch&& launch) 
 }
 static bool always(size_t, size_t) { return true; }
 
+// A pass's kernel table: make(pt) for every tensor of the plan that has elements (an empty one gets no block).
+template <typename Arg, typename Make>
+static std::vector<Arg> launch_table(const CheckedPlan& plan, Make&& make) {
+  std::vector<Arg> out;
+  out.reserve(plan.tensors.size());
+  for (const PlanTensor& pt : plan.tensors)
+    if (pt.numel != 0) out.push_back(make(pt));
+  return out;
+}
+
 // One block per kChunk elements: sets block_start of t[0, count) and returns the launch's number of blocks.
 template <typename TensorArg>
 static int64_t assign_blocks(TensorArg* t, size_t count) {
@@ -461,20 +471,11 @@ struct CudaStages {
     const int64_t G = (int64_t)plan.groups.size();
     TORCH_CHECK(G < 32768, "mgpo: at most 32767 param groups");
     c10::cuda::CUDAGuard guard(plan.device);
-    std::vector<RedTensorArg> ts;
-    ts.reserve(plan.tensors.size());
+    const std::vector<RedTensorArg> ts = launch_table<RedTensorArg>(plan, [](const PlanTensor& pt) {
+      return RedTensorArg{pt.g, pt.m, pt.numel, 0, (int16_t)pt.group, (int8_t)(pt.g != nullptr ? pt.dtype : kF32), 0};
+    });
     int64_t total = 0;
-    for (const PlanTensor& pt : plan.tensors) {
-      if (pt.numel == 0) continue;
-      RedTensorArg t{};
-      t.g = pt.g;
-      t.m = pt.m;
-      t.numel = pt.numel;
-      t.group = (int16_t)pt.group;
-      t.dtype = (int8_t)(pt.g != nullptr ? pt.dtype : kF32);
-      ts.push_back(t);
-      total += nblocks(t.numel);
-    }
+    for (const RedTensorArg& t : ts) total += nblocks(t.numel);
     TORCH_CHECK(total < (int64_t(1) << 31), "mgpo: too many chunks");
     const auto f64 = at::TensorOptions().dtype(at::kDouble).device(plan.device);
     if (total == 0) return at::zeros({kSumsPerGroup * G}, f64);
@@ -549,23 +550,12 @@ struct CudaStages {
   static void update(const CheckedPlan& plan, const at::Tensor& scal) {
     c10::cuda::CUDAGuard guard(plan.device);
     const int64_t G = (int64_t)plan.groups.size();
-    std::vector<UpdTensorArg> ts;
+    // the plan's group of each entry (an entry's own `group` is set per launch, relative to its group table)
     std::vector<int> tgroup;
-    ts.reserve(plan.tensors.size());
-    for (const PlanTensor& pt : plan.tensors) {
-      if (pt.numel == 0) continue;
-      UpdTensorArg t{};
-      t.p = pt.p;
-      t.g = pt.g;
-      t.m = pt.m;
-      t.v = pt.v;
-      t.master = pt.master;
-      t.step = pt.step;
-      t.numel = pt.numel;
-      t.dtype = (int8_t)pt.dtype;
-      ts.push_back(t);
+    const std::vector<UpdTensorArg> ts = launch_table<UpdTensorArg>(plan, [&](const PlanTensor& pt) {
       tgroup.push_back(pt.group);
-    }
+      return UpdTensorArg{pt.p, pt.g, pt.m, pt.v, pt.master, pt.step, pt.numel, 0, 0, (int8_t)pt.dtype, 0};
+    });
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     UpdArgs args;
     args.h.scal = scal.data_ptr<float>();

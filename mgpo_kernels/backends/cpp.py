@@ -8,12 +8,16 @@ One step is three stages over every tensor of every group, all taking the step p
 3. pass 2 over (p or master, g, m, v): restore, AdamW; theta_{t+1} is left at rest.
 
 ``mgpo::step`` runs the three in one call; with a reduce_hook (FSDP2 all-reduce) ``mgpo::reduce_sums`` runs
-pass 1, the hook the sums, ``mgpo::finish_step`` the rest. ``mgpo::perturb`` is the apply pass of the training forward (and eval()'s removal). Nothing is read
-back to the host. Fake implementations make the ops traceable by torch.compile.
+pass 1, the hook the sums, ``mgpo::finish_step`` the rest. ``mgpo::perturb`` is the apply pass of the training
+forward (and eval()'s removal). Nothing is read back to the host. Fake implementations make the ops traceable by
+torch.compile, whose graph records the ops.
 
-In a steady eager loop (the same tensors step after step) the step runs through ``_C.KeptPlan`` instead: the same
-kernels and checks, but the persistent lists (parameters, moments, step counts) cross into C++ once instead of at
-every step, which halves the step's host time on 448 LoRA tensors (csrc/kept_plan.cpp).
+Eagerly, the same entry points run through a ``_C.KeptPlan`` (csrc/host_path.cpp): the plan's persistent lists
+(parameters, moments, step counts) cross into C++ once, when the plan cache's lists change, and each call passes
+only what changes (the gradients, the table, tensor lrs, GradScaler's inputs; the coefficient for perturb), which
+halves the host time of a step of 448 LoRA tensors.  make_plan (csrc/step_plan.cpp) checks every tensor at every
+call, before anything is modified, and copies a gradient assigned in another layout than its parameter's into
+that layout.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .base import SUMS_PER_GROUP, Backend, GlobalState, GroupTensors, StepConfig
-from .plan import PlanCache, StepPlan, flatten
+from .plan import PlanCache, flatten
 
 try:
     from mgpo_kernels import _C  # noqa: F401  (loads the .so, which registers torch.ops.mgpo.*)
@@ -65,21 +69,6 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-def _same_layout(g: Tensor, p: Tensor) -> bool:
-    return g.numel() <= 1 or (_dense(g) and all(n == 1 or a == b for n, a, b in zip(p.shape, g.stride(), p.stride())))
-
-
-def _conform_grads(params: List[Tensor], grads: List[Optional[Tensor]]) -> Optional[List[Optional[Tensor]]]:
-    """The kernels walk a gradient as flat memory in its parameter's order, so it needs the parameter's strides
-    (what autograd produces).  A gradient assigned in another layout (a transposed or sliced view, say) is copied
-    into the parameter's layout for this step; None if every gradient already has it (nothing to fix)."""
-    if not any(g is not None and g.layout == torch.strided and g.shape == p.shape and not _same_layout(g, p)
-               for p, g in zip(params, grads)):
-        return None
-    return [g if g is None or g.layout != torch.strided or g.shape != p.shape or _same_layout(g, p)
-            else torch.empty_like(p, dtype=g.dtype).copy_(g) for p, g in zip(params, grads)]
-
-
 class CppBackend(Backend):
     name = "cpp"
 
@@ -111,17 +100,21 @@ class CppBackend(Backend):
     checks_inputs = True  # make_plan (csrc/step_plan.cpp) checks everything before anything is modified
 
     def __init__(self):
-        self._plans = PlanCache()
+        self._plans = PlanCache(hold=_C.KeptPlan)
 
     @torch.no_grad()
     def perturb(self, groups: List[GroupTensors], coef: Tensor, apply: bool) -> None:
-        """The apply pass (and eval()'s removal) as one pass-2 launch with no gradients: p = (p - restore*m) + apply*m, the step's own
-        element math (so ``train()`` after ``eval()`` puts back exactly what ``step()`` wrote)."""
+        """The apply pass (and eval()'s removal) as one pass 2 with no gradients: p = (p - restore*m) + apply*m,
+        the step's own element math (so ``train()`` after ``eval()`` puts back exactly what ``step()`` wrote)."""
         if not any(g.params for g in groups):
             return
-        # the step's flat lists when these are the step's (cached) group lists
-        flat = flatten(groups) if torch.compiler.is_compiling() else self._plans._flat_lists(groups)
-        params, _, ms, _, masters, master_index, _, _ = flat
+        if torch.compiler.is_compiling():
+            params, _, ms, _, masters, master_index, _, _ = flatten(groups)
+        else:
+            params, _, ms, _, masters, master_index, _, _ = self._plans.lists(groups)
+            kept = self._plans.held  # the step's held lists, while these are the step's group lists
+            if kept is not None:
+                return kept.perturb(coef, apply)
         _ops.perturb(params, ms, masters, master_index, coef, apply)
 
     @torch.no_grad()
@@ -131,30 +124,18 @@ class CppBackend(Backend):
 
             return ReferenceBackend().step(groups, gstate, cfg)
         plan = self._plans.build(groups, gstate, cfg)
-        if cfg.reduce_hook is None:  # one call: pass 1 -> scalar stage -> pass 2
-            kept = None if torch.compiler.is_compiling() else self._plans.kept(plan, _C.KeptPlan)
-            if kept is None:
-                _with_conformed_grads(lambda p: _ops.step(*p), plan)
-            else:
-                _with_conformed_grads(lambda p: kept.step(p.grads, p.hyper, p.lr_tensors, p.grad_scale, p.found_inf),
-                                      plan)
+        kept = None if torch.compiler.is_compiling() else self._plans.held
+        if kept is None:  # the ops, with every argument (under torch.compile the graph records them)
+            step, reduce_sums, finish_step, args = _ops.step, _ops.reduce_sums, _ops.finish_step, tuple(plan)
+        else:  # the held lists, and what changes per step
+            step, reduce_sums, finish_step = kept.step, kept.reduce_sums, kept.finish_step
+            args = (plan.grads, plan.hyper, plan.lr_tensors, plan.grad_scale, plan.found_inf)
+        if cfg.reduce_hook is None:
+            step(*args)  # pass 1 -> scalar stage -> pass 2
             return
-        sums, plan = _with_conformed_grads(lambda p: _ops.reduce_sums(*p), plan)
+        sums = reduce_sums(*args)
         cfg.reduce_hook(sums)
-        _ops.finish_step(*plan, sums)
-
-
-def _with_conformed_grads(run, plan: StepPlan):
-    """run(plan), retried once with the gradients copied into their parameters' layout when it refused (before
-    anything changed) a gradient assigned in another layout; returns (result, the plan used)."""
-    try:
-        return run(plan), plan
-    except RuntimeError:
-        conformed = _conform_grads(plan.params, plan.grads)
-        if conformed is None:
-            raise
-        plan = plan._replace(grads=conformed)
-        return run(plan), plan
+        finish_step(*args, sums)
 
 
 BACKEND = CppBackend

@@ -9,8 +9,9 @@ same argument list, in this order (csrc/step_plan.h says what each is)::
 ``hyper`` is one float64 CPU table: the optimizer-wide options (``HYPER_OPTIONS``), then ``HYPER_PER_GROUP``
 values per group; a float lr is in the table, a tensor lr in ``lr_tensors`` (read on the device at every step).
 A :class:`PlanCache` keeps the flattened lists while the optimizer passes the same (cached) group lists, and the
-table while the hyper-parameters do not change, so a steady training loop builds neither; and, for a backend that
-holds the persistent lists on its side (the cpp backend's ``_C.KeptPlan``), that held copy (:meth:`PlanCache.kept`).
+table while the hyper-parameters do not change, so a steady training loop builds neither; a backend that holds the
+persistent lists on its side (the cpp backend's ``_C.KeptPlan``) keeps that held copy in it too, under the same
+rule.
 """
 from __future__ import annotations
 
@@ -107,68 +108,54 @@ def flatten(groups: List[GroupTensors]) -> tuple:
 
 
 class PlanCache:
-    """One backend instance's last plan: the flat lists (but the gradients) are rebuilt only when the optimizer
-    passes other list objects (other parameters with gradients), the table only when a value changes.  The cache holds the source
-    lists, so their identity cannot be confused with new lists at a reused address."""
+    """One backend instance's plan lists: the flat lists (all but the gradients, which are taken fresh at every
+    step) are rebuilt only when the optimizer passes other list objects (other parameters with gradients, a new
+    state), the table only when a value changes.  ``hold`` (the cpp backend's ``_C.KeptPlan``), if given, makes the
+    backend's own copy of the persistent lists (``held``), under the same rule.  The cache keeps the source lists,
+    so their identity cannot be confused with new lists at a reused address; it never keeps a gradient."""
 
-    def __init__(self):
-        self._src = None
+    def __init__(self, hold: Optional[Callable] = None):
+        self._hold = hold
+        self._src = None  # the groups' lists the entries below were made from
         self._flat = None
+        self._held = None  # (the global state's tensors, the held copy)
         self._hyper_key = None
         self._hyper = None
-        self._reused = False  # the last build passed the flat lists of the build before
-        self._kept_key = None
-        self._kept = None
+
+    def lists(self, groups: List[GroupTensors]) -> tuple:
+        """``flatten(groups)`` without the gradients (None in their place), from the cache while the lists are
+        those of the last call."""
+        src = [(g.params, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps) for g in groups]
+        old = self._src
+        if old is None or len(old) != len(src) or any(a is not b for o, s in zip(old, src) for a, b in zip(o, s)):
+            self._src, self._held = src, None  # the old held copy is released before a new one is made
+            flat = flatten(groups)
+            self._flat = (flat[0], None) + tuple(flat[2:])
+        return self._flat
 
     def build(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> StepPlan:
         device = gstate.step.device
         vals = hyper_values(groups, cfg)
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            flat = flatten(groups)
-            hyper = torch.tensor(vals, dtype=torch.float64)
+        gs = [gstate.step, gstate.gbar, gstate.coef, gstate.skipped]
+        if torch.compiler.is_compiling():
+            flat, hyper = flatten(groups), torch.tensor(vals, dtype=torch.float64)
         else:
-            flat = self._flat_lists(groups)
-            # gradients are taken fresh at every step (the optimizer may refill a cached list)
+            flat = self.lists(groups)
             flat = flat[:1] + ([gr for g in groups for gr in g.grads],) + flat[2:]
             if vals != self._hyper_key:
-                self._hyper_key = vals
-                self._hyper = torch.tensor(vals, dtype=torch.float64)
+                self._hyper_key, self._hyper = vals, torch.tensor(vals, dtype=torch.float64)
             hyper = self._hyper
-        return StepPlan(*flat, hyper, lr_tensors(groups, device),
-                        [gstate.step, gstate.gbar, gstate.coef, gstate.skipped],
-                        _device_scalar(cfg.grad_scale, device), _device_scalar(cfg.found_inf, device))
+            if self._hold is not None and (self._held is None or any(a is not b for a, b in zip(self._held[0], gs))):
+                self._held = None
+                self._held = (gs, self._hold(*flat[:1], *flat[2:], gs))  # params, exp_avgs, ..., group_sizes, gstate
+        return StepPlan(*flat, hyper, lr_tensors(groups, device), gs, _device_scalar(cfg.grad_scale, device),
+                        _device_scalar(cfg.found_inf, device))
 
-    def _flat_lists(self, groups: List[GroupTensors]) -> tuple:
-        src = [(g.params, g.exp_avgs, g.exp_avg_sqs, g.masters, g.steps) for g in groups]
-        old = self._src
-        if old is not None and len(old) == len(src) and all(
-                a is b for o, s in zip(old, src) for a, b in zip(o, s)):
-            self._reused = True
-            return self._flat
-        self._src = src
-        flat = flatten(groups)
-        # without the gradients, which build() takes fresh: held here they would keep the first step's gradient
-        # tensors alive after zero_grad(set_to_none=True) (a whole extra set of gradients in memory)
-        self._flat = (flat[0], None) + tuple(flat[2:])
-        self._reused = False
-        return self._flat
-
-    def kept(self, plan: StepPlan, make: Callable):
-        """A held copy of ``plan``'s persistent lists (params, exp_avgs, exp_avg_sqs, masters, master_index, steps,
-        group_sizes, gstate), made by ``make`` with those eight arguments, once the same flat lists come a second
-        time (a steady training loop; a one-off call gains nothing from holding them); None before that.  A new
-        copy is made whenever the lists or the global state's tensors are other objects than the held ones."""
-        if not self._reused or plan.params is not self._flat[0]:
-            return None
-        key = (plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.masters, plan.steps, *plan.gstate)
-        held = self._kept_key
-        if held is None or len(held) != len(key) or any(a is not b for a, b in zip(held, key)):
-            self._kept = None  # release the old copy before making the new one
-            self._kept = make(plan.params, plan.exp_avgs, plan.exp_avg_sqs, plan.masters, plan.master_index,
-                              plan.steps, plan.group_sizes, plan.gstate)
-            self._kept_key = key
-        return self._kept
+    @property
+    def held(self):
+        """The held copy of the lists of the last :meth:`build` (None before one, under torch.compile, or once
+        :meth:`lists` saw other lists)."""
+        return None if self._held is None else self._held[1]
 
 
 def _device_scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
