@@ -303,18 +303,20 @@ def _refusals():
     cases = {
         "offload": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
                     "zero_force_ds_cpu_optimizer": False},
+        "elastic_checkpoint": {"zero_optimization": {"stage": 2, "elastic_checkpoint": True}},
+        "stage 0": {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}},
     }
     for what, extra in cases.items():
         model = make_net()
         opt = MGPO(model.parameters(), lr=LR, **KW)
         cfg = ds_config(2, "fp32", 0.0)
         cfg.update(extra)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-        x, y = batch(0)
-        engine.backward(loss_fn(engine(x[:MICRO]), y[:MICRO]))
-        try:
+        msgs[what] = None
+        try:  # at deepspeed.initialize (the stage-0 wrappers step once there) or at the first step
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+            x, y = batch(0, torch.bfloat16 if cfg["bf16"]["enabled"] else torch.float32)
+            engine.backward(loss_fn(engine(x[:MICRO]), y[:MICRO]))
             engine.step()
-            msgs[what] = None
         except NotImplementedError as e:
             msgs[what] = str(e)
     return msgs
@@ -349,8 +351,8 @@ def test_load_checkpoint_in_fresh_processes_continues_the_run(ds_resume, name):
 def test_unsupported_configurations_are_refused(ds_resume):
     saved, _ = ds_resume
     for rank in range(WORLD):
-        msg = saved[rank]["refusals"]["offload"]
-        assert msg is not None and "offload" in msg
+        for what, msg in saved[rank]["refusals"].items():
+            assert msg is not None and what in msg, (what, msg)
 
 
 # ------------------------------------------------------------------------------------ the Hugging Face Trainer
@@ -379,7 +381,7 @@ def lora_weights(model):
 def _trainer_worker(rank, port, out):
     _init(rank, port)
     try:
-        from test_hf_trainer import TRAIN, make_model
+        from test_hf_trainer import EVAL, TRAIN, make_model
         from transformers import Trainer
 
         from mgpo_kernels.integrations.hf import MGPOCallback, mgpo_optimizer_cls_and_kwargs
@@ -392,7 +394,9 @@ def _trainer_worker(rank, port, out):
         mgpo = trainer.optimizer.optimizer
         while not isinstance(mgpo, MGPO):
             mgpo = mgpo.optimizer
-        result = {"lora": lora_weights(trainer.model), "steps": float(mgpo.global_state["step"])}
+        result = {"lora": lora_weights(trainer.model), "steps": float(mgpo.global_state["step"]),
+                  "eval": trainer.evaluate(EVAL)["eval_loss"]}
+        trainer.save_model(os.path.join(out, "saved"))  # rank 0 writes the adapter
         # optimizers=(MGPO(...), None) under DeepSpeed: transformers drops it; MGPOCallback says so
         model = make_model()
         from mgpo_kernels.integrations.hf import mgpo_for_peft
@@ -416,8 +420,10 @@ def _trainer_worker(rank, port, out):
 @pytest.mark.filterwarnings("ignore")
 def test_hf_trainer_with_deepspeed_equals_one_process(tmp_path):
     """Trainer(deepspeed=ZeRO-2 config, optimizer_cls_and_kwargs=MGPO with LoRA+ groups) on 2 ranks of 2 rows
-    equals the Trainer without DeepSpeed on one process of 4 rows (its clipping = DeepSpeed's gradient_clipping)."""
-    from test_hf_trainer import TRAIN, make_model
+    equals the Trainer without DeepSpeed on one process of 4 rows (its clipping = DeepSpeed's gradient_clipping):
+    the weights, the evaluation (at theta) and the adapter save_model() writes (theta)."""
+    from safetensors.torch import load_file
+    from test_hf_trainer import EVAL, TRAIN, make_model
     from transformers import Trainer
 
     from mgpo_kernels.integrations.hf import mgpo_optimizer_cls_and_kwargs
@@ -425,14 +431,21 @@ def test_hf_trainer_with_deepspeed_equals_one_process(tmp_path):
     spawn(_trainer_worker, str(tmp_path))
     got = [torch.load(os.path.join(tmp_path, f"trainer{r}.pt")) for r in range(WORLD)]
     model = make_model()
-    Trainer(model=model, args=trainer_args(str(tmp_path / "ref"), 2 * WORLD, False), train_dataset=TRAIN,
-            optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(**TRAINER_KW)).train()
+    ref_trainer = Trainer(model=model, args=trainer_args(str(tmp_path / "ref"), 2 * WORLD, False),
+                          train_dataset=TRAIN, optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(**TRAINER_KW))
+    ref_trainer.train()
     ref = lora_weights(model)
+    ref_eval = ref_trainer.evaluate(EVAL)["eval_loss"]
+    saved = load_file(os.path.join(tmp_path, "saved", "adapter_model.safetensors"))
+    assert len(saved) == len(ref)
+    for n, v in saved.items():
+        torch.testing.assert_close(v.float(), ref[n.replace(".weight", ".default.weight")], rtol=1e-5, atol=1e-6)
     for rank in range(WORLD):
         assert got[rank]["steps"] == TRAINER_STEPS
         assert got[rank]["lora"].keys() == ref.keys()
         for n in ref:
             torch.testing.assert_close(got[rank]["lora"][n], ref[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+        assert got[rank]["eval"] == pytest.approx(ref_eval, rel=1e-5)
         assert got[rank]["dropped"] is not None and "optimizer_cls_and_kwargs" in got[rank]["dropped"], \
             got[rank]["dropped"]
 
