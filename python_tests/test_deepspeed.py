@@ -43,7 +43,10 @@ CONFIGS = {
     "z1-bf16-2groups-dsclip": (1, "bf16", 2, 0.05, None),
     "z2-bf16-2groups": (2, "bf16", 2, 0.0, None),
     "z3-bf16-2groups": (3, "bf16", 2, 0.0, None),
+    "z3-fp32-2groups-accum2": (3, "fp32", 2, 0.0, None),
 }
+#: gradient accumulation: the rank's rows in micro-batches of one (eps is applied once, at the first of them)
+ACCUM = {"z3-fp32-2groups-accum2": 2}
 
 
 class Net(nn.Module):
@@ -82,8 +85,8 @@ def loss_fn(out, y):
     return (out.float() - y.float()).square().mean()
 
 
-def ds_config(stage, dtype, clip):
-    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
+def ds_config(stage, dtype, clip, accum=1):
+    return {"train_micro_batch_size_per_gpu": MICRO // accum, "gradient_accumulation_steps": accum,
             "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
             "gradient_clipping": clip, "bf16": {"enabled": dtype == "bf16"}, "steps_per_print": 10 ** 9,
             "wall_clock_breakdown": False}
@@ -130,19 +133,26 @@ def spawn(fn, *args):
 def train_ds(rank, name, steps=STEPS, start=0, engine=None):
     """Train configuration ``name`` on this rank's rows; returns (engine, per-step records)."""
     stage, dtype, ngroups, clip, mgn = CONFIGS[name]
+    accum = ACCUM.get(name, 1)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     if engine is None:
         model = make_net()
         opt = MGPO(groups_of(model, ngroups), lr=LR, max_grad_norm=mgn, **KW)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, dtype, clip))
-    rows = slice(rank * MICRO, (rank + 1) * MICRO)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                               config=ds_config(stage, dtype, clip, accum))
+    per = MICRO // accum
     records = []
     for t in range(start, start + steps):
         x, y = batch(t, torch_dtype)
         engine.train()
-        loss = loss_fn(engine(x[rows]), y[rows])
-        engine.backward(loss)
-        engine.step()
+        losses = []
+        for k in range(accum):  # DeepSpeed steps at the last micro-batch only
+            rows = slice(rank * MICRO + k * per, rank * MICRO + (k + 1) * per)
+            loss = loss_fn(engine(x[rows]), y[rows])
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+        loss = torch.stack(losses).mean()
         engine.eval()
         with torch.no_grad():  # the evaluation DeepSpeed users run between steps: theta
             x_all, y_all = batch(t, torch_dtype)
