@@ -211,6 +211,8 @@ class DeepSpeedLink:
             raise RuntimeError("MGPO under DeepSpeed got a tensor that is not one of DeepSpeed's fp32 partitions")
         if i in self.pending:  # a new DeepSpeed step began without the bracket (the first one): settle the last
             self.settle()
+        if not self.pending:  # the first call of this DeepSpeed step
+            opt._warn_missed_apply()
         if flat.grad is None:
             return
         for a, b in self.padding[i]:

@@ -309,11 +309,11 @@ class MGPO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._warn_missed_apply()
         link = self.__dict__.get("_deepspeed")  # DeepSpeed ZeRO drives this optimizer (_deepspeed.py)
         if link is not None:
             link.step(self, self._step_config)
             return loss
+        self._warn_missed_apply()
         groups = None if torch.compiler.is_compiling() else _host_cache.lookup(self)
         if groups is not None:  # same parameters, same gradient pattern as the cached step (plain tensors)
             cfg = self._config(cached=True)
