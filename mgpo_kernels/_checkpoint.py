@@ -30,6 +30,7 @@ from torch import Tensor
 from ._checks import (MODE_KEY, OPTION_NAMES, check_adamw_flags, check_global_scalar, check_group_hparams,
                       check_option)
 from ._distributed import dtensor_mesh, local
+from .backends.base import move_eps
 
 GLOBAL_KEYS = ("step", "gbar", "coef", "skipped")
 MIRRORED_KEYS = ("step", "gbar", "coef")
@@ -201,11 +202,28 @@ def _post_hook(opt) -> None:
     stash = opt._at_rest.__dict__.pop("load_stash", None)
     if stash is None:  # pragma: no cover - torch's load without our pre-hook
         return
+    extra = stash["globals"]
+    for group in opt.param_groups:  # options from the saved groups; 0.1.0 kept them under "mgpo"; AdamW has none
+        for k in OPTION_NAMES:
+            if k not in group:
+                group[k] = extra[k] if (extra is not None and k in extra) else stash["options"][k]
+        group[MODE_KEY] = stash["training"]  # the mode is the optimizer's now, not the checkpoint's
+    _finish_load(opt, list(_pairs(opt)), stash["fp32"], extra, stash["legacy"], every_global=True)
+
+
+def _finish_load(opt, loaded, fp32: Dict[int, Dict[str, Tensor]], saved_globals, holds: Dict[int, str],
+                 every_global: bool) -> None:
+    """The steps both loads share (torch's, through the post-hook, and a wrapper's that filled ``opt.state``
+    itself), once the loaded per-parameter states ``loaded`` ((param, state) pairs) are in ``opt.state``: each state
+    made fp32 on its parameter's device (``fp32``: the dict's own tensors where torch cast them to a bf16/fp16
+    parameter's dtype) and without the mirrored keys, each bf16/fp16 parameter given its master, the global scalars
+    taken (``every_global``: those the dict lacks are zeroed), the host cache dropped, eps removed from a 0.1.0
+    checkpoint's weights (``holds``) and the next training forward armed to apply the loaded eps."""
     from . import _host_cache
 
     _host_cache.drop(opt)  # the state tensors are new
-    for p, st in _pairs(opt):
-        saved = stash["fp32"].get(id(p), {})
+    for p, st in loaded:
+        saved = fp32.get(id(p), {})
         for k in _MIRROR_KEYS:
             st.pop(k, None)
         # copies: torch's cast returns the dict's own tensors where nothing changes, and the steps would then
@@ -220,23 +238,21 @@ def _post_hook(opt) -> None:
         # the saved master is kept even where the parameter differs now: weights loaded next (the same
         # checkpoint's) make them agree again; otherwise the parameter wins when eps is next applied or the next
         # step runs (sync_masters), whatever the order of the loads
-        master = saved.get("master_param")
+        master = saved.get("master_param", st.get("master_param"))
         opt._at_rest.has_masters = True
         st["master_param"] = (master.detach().to(device=p.device, dtype=torch.float32, copy=True)
                               if master is not None else p.detach().float().clone())
-
     g = opt._gstate  # in place: wrappers that copied the optimizer's __dict__ (Lightning) share this object
-    extra = stash["globals"]
     for k in GLOBAL_KEYS:
-        getattr(g, k).zero_()
-        if extra is not None and k in extra:
-            getattr(g, k).copy_(torch.as_tensor(extra[k]).reshape(()))
-    for group in opt.param_groups:  # options from the saved groups; 0.1.0 kept them under "mgpo"; AdamW has none
-        for k in OPTION_NAMES:
-            if k not in group:
-                group[k] = extra[k] if (extra is not None and k in extra) else stash["options"][k]
-        group[MODE_KEY] = stash["training"]  # the mode is the optimizer's now, not the checkpoint's
-    _settle_legacy(opt, stash["legacy"])
+        if saved_globals is not None and k in saved_globals:
+            getattr(g, k).copy_(torch.as_tensor(saved_globals[k]).reshape(()))
+        elif every_global:
+            getattr(g, k).zero_()
+    # 0.1.0: remove eps from the parameters that hold theta + eps (the model weights it saved while training)
+    perturbed = [(local(p).detach(), local(st["exp_avg"]), local(st["master_param"]) if "master_param" in st else None)
+                 for p, st in _pairs(opt) if holds.get(id(p)) == "perturbed"]
+    if perturbed:
+        move_eps(*(list(t) for t in zip(*perturbed)), g.coef, apply=False)
     _loaded(opt)
 
 
@@ -250,18 +266,6 @@ def _loaded(opt) -> None:
         _at_rest.arm(opt)
     else:
         _at_rest.disarm(rest)
-
-
-def _settle_legacy(opt, holds: Dict[int, str]) -> None:
-    """0.1.0: remove eps from the parameters that hold theta + eps (the model weights it saved while training)."""
-    if not holds:
-        return
-    coef = opt._gstate.coef
-    for p, st in _pairs(opt):
-        if holds.get(id(p)) == "perturbed" and "master_param" not in st:
-            local(p).detach().sub_(local(st["exp_avg"]) * coef)
-        elif holds.get(id(p)) == "perturbed":
-            local(p).detach().copy_(local(st["master_param"]))
 
 
 def install_load_hooks(opt) -> None:
@@ -300,8 +304,7 @@ def sync_masters(groups) -> None:
 def adopt_bypassed_load(opt) -> None:
     """Finish a load that bypassed ``load_state_dict``: ``ZeroRedundancyOptimizer.load_state_dict`` copies the saved
     per-parameter states into its local optimizer's ``state`` itself.  The mirrored keys only a saved state carries
-    say so: the global scalars are taken from them and the state made fp32.  No parameter is written (theta at
-    rest), except eps removed from a 0.1.0 checkpoint's weights."""
+    say so: the global scalars are taken from them, and the load finishes as torch's does (``_finish_load``)."""
     found = [(p, st) for p, st in _pairs(opt) if any(k in st for k in _MIRROR_KEYS)]
     if not found:
         return
@@ -312,21 +315,4 @@ def adopt_bypassed_load(opt) -> None:
                 check_global_scalar(k, st[f"mgpo_{k}"], f"loaded state of parameter {i} (mgpo_{k})")
     holds = _legacy_holds(opt, [(p, st.get(LEGACY_FINGERPRINT_KEY)) for p, st in found])
     saved = None if first is None else {k: first[f"mgpo_{k}"] for k in MIRRORED_KEYS}
-    for p, st in found:
-        for k in _MIRROR_KEYS:
-            st.pop(k, None)
-        st["step"] = torch.as_tensor(st["step"]).detach().to(device=p.device, dtype=torch.float32).reshape(())
-        for key in _FP32_KEYS:
-            if key in st:
-                st[key] = st[key].detach().to(device=p.device, dtype=torch.float32)
-        if "master_param" in st:
-            opt._at_rest.has_masters = True
-    g = opt._gstate
-    if saved is not None:
-        for k in MIRRORED_KEYS:
-            getattr(g, k).copy_(torch.as_tensor(saved[k]).reshape(()))
-    from . import _host_cache
-
-    _host_cache.drop(opt)
-    _settle_legacy(opt, holds)
-    _loaded(opt)
+    _finish_load(opt, found, {}, saved, holds, every_global=False)

@@ -142,26 +142,25 @@ class Backend:
         """Move the parameters between theta (``apply=False``) and theta + coef*m (``apply=True``).
 
         ``apply=True`` is the apply pass of theta at rest (the first training forward after a step); ``apply=False``
-        removes eps again (``eval()`` or a load between that forward and the step).  The arithmetic is the step's
-        (``p - coef*m``, ``theta + coef*m``: product rounded, then the sum; not ``addcmul_``, which may fuse them),
-        so a step's restore removes exactly what this applied.  Multi-tensor (``torch._foreach_*``) ops.
-        """
-        plain_p, plain_m, lp_p, lp_m, lp_master = [], [], [], [], []
-        for g in groups:
-            for p, m, master in zip(g.params, g.exp_avgs, g.masters):
-                if master is None:
-                    plain_p.append(p)
-                    plain_m.append(m)
-                else:
-                    lp_p.append(p)
-                    lp_m.append(m)
-                    lp_master.append(master)
-        if plain_p:
-            delta = torch._foreach_mul(plain_m, coef)
-            (torch._foreach_add_ if apply else torch._foreach_sub_)(plain_p, delta)
-        if lp_p:
-            if apply:
-                vals = torch._foreach_add(lp_master, torch._foreach_mul(lp_m, coef))
-            else:
-                vals = lp_master
-            torch._foreach_copy_(lp_p, vals)
+        removes eps again (``eval()`` or a load between that forward and the step).  Generic: :func:`move_eps`."""
+        move_eps([p for g in groups for p in g.params], [m for g in groups for m in g.exp_avgs],
+                 [x for g in groups for x in g.masters], coef, apply)
+
+
+@torch.no_grad()
+def move_eps(params: List[Tensor], exp_avgs: List[Tensor], masters: List[Optional[Tensor]], coef: Tensor,
+             apply: bool) -> None:
+    """The one place in Python where eps = coef*m is applied to or removed from parameters, in place: an fp32
+    parameter becomes ``p + coef*m`` (apply) or ``p - coef*m`` (remove), the product rounded, then the sum (not
+    ``addcmul_``, which may fuse them: this is the kernels' and the reference step's arithmetic, so a step's restore
+    removes exactly what this applied); a bf16/fp16 parameter becomes ``master + coef*m`` or ``master`` (its fp32
+    master holds theta exactly).  Multi-tensor (``torch._foreach_*``) ops."""
+    plain_p = [p for p, x in zip(params, masters) if x is None]
+    plain_m = [m for m, x in zip(exp_avgs, masters) if x is None]
+    lp = [(p, m, x) for p, m, x in zip(params, exp_avgs, masters) if x is not None]
+    if plain_p:
+        (torch._foreach_add_ if apply else torch._foreach_sub_)(plain_p, torch._foreach_mul(plain_m, coef))
+    if lp:
+        lp_p, lp_m, lp_master = (list(t) for t in zip(*lp))
+        torch._foreach_copy_(lp_p, torch._foreach_add(lp_master, torch._foreach_mul(lp_m, coef)) if apply
+                             else lp_master)
