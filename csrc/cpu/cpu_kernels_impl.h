@@ -166,6 +166,8 @@ static inline void finish_nograd(const double* lanes, const float* __restrict__ 
 // per 16 elements, about 32 GB/s per core even in L2). Written out: per 16 elements 4 conversions from memory
 // and 6 FMAs, lane l of the scheme above in vector lane l. bf16 and fp16 gradients are widened in registers
 // (shift; vcvtph2ps, exact) on the way.
+// The same five helpers twice, once per vector width, on purpose: each is one intrinsic of its ISA, and a
+// generic wrapper over both would hide which instruction a loop compiles to.
 #if defined(MGPO_ISA_AVX512)
 using VecD = __m512d;  // 8 lanes
 constexpr int kVecLanes = 8;
