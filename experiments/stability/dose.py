@@ -41,6 +41,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "mgpo-noapn": {"label": "MGPO w/o APN", "adaptive_norm": False},
     "noise": {"label": "random noise, ‖ε‖ of MGPO (APN)", "adaptive_norm": None},
 }
+#: a run "solves" the task when its held-out exact match reaches this (outcomes in the bump cells are bimodal)
+SOLVED = 0.5
 METRICS = (("bump", "bump (training loss)", 1.0), ("eval_loss", "held-out loss", 1.0),
            ("exact_match", "held-out exact match (points)", 100.0))
 
@@ -371,6 +373,7 @@ def dose_rows(runs: List[Dict[str, Any]], cfg: Dict[str, Any], cells) -> List[Di
                     continue
                 row = {"cell": name, "variant": v, "rho": rho, "n": len(rs),
                        "diverged": sum(x["diverged"] for x in rs),
+                       "solved": sum(x["exact_match"] >= SOLVED for x in rs),
                        "eps_rel_mean": metrics.mean_std([
                            (sum(x["eps"]) / max(1, len(x["eps"]))) / x["theta_norm_end"] for x in rs
                            if x["theta_norm_end"]])["mean"]}
@@ -379,6 +382,23 @@ def dose_rows(runs: List[Dict[str, Any]], cfg: Dict[str, Any], cells) -> List[Di
                     row["d_" + m] = paired_ci([_metric(x, m, cfg) - _metric(zero[(x["rank"], x["lr"], x["seed"])],
                                                                               m, cfg) for x in rs])
                 out.append(row)
+    return out
+
+
+def direction_rows(runs: List[Dict[str, Any]], cfg: Dict[str, Any], cells) -> List[Dict[str, Any]]:
+    """MGPO (APN) against the noise that replayed its ‖ε‖ (same cell, seed and ρ): does the momentum direction
+    matter beyond the size of the move (the paper's Table 4)?  Paired differences MGPO − noise, 95% t intervals."""
+    by = {(x["variant"], x["rank"], x["lr"], x["seed"], x["rho"]): x for x in runs}
+    groups = [((r, lr), [(r, lr)]) for r, lr in cells] + ([("all", list(cells))] if len(cells) > 1 else [])
+    out = []
+    for name, cs in groups:
+        for rho in [x for x in cfg["rhos"] if x > 0]:
+            pairs = [(a, by[("noise",) + k[1:]]) for k, a in by.items()
+                     if k[0] == "mgpo" and k[4] == rho and (k[1], k[2]) in cs and ("noise",) + k[1:] in by]
+            if pairs:
+                out.append({"cell": name, "rho": rho, "n": len(pairs),
+                            **{"d_" + m: paired_ci([_metric(a, m, cfg) - _metric(b, m, cfg) for a, b in pairs])
+                               for m, _, _ in METRICS}})
     return out
 
 
@@ -439,7 +459,7 @@ def markdown(payload: Dict[str, Any]) -> str:
               "Δ < 0.  Exact match in points.  ‖ε‖/‖θ‖: the run's mean ‖ε‖ over its steps / ‖θ‖ of the "
               "adapters at the end.", ""]
     head = ["cell", "method", "ρ", "n", "bump", "Δ bump", "lower", "held-out loss", "Δ held-out loss", "lower",
-            "exact match %", "Δ exact match", "‖ε‖/‖θ‖"]
+            "exact match %", "Δ exact match", f"solved (≥ {SOLVED:.0%})", "‖ε‖/‖θ‖"]
     body = []
     for r in payload["dose_rows"]:
         lab = "LoRA (ρ = 0)" if r["variant"] == "lora" else VARIANTS[r["variant"]]["label"]
@@ -448,8 +468,19 @@ def markdown(payload: Dict[str, Any]) -> str:
                      metrics_pm(r["eval_loss"]), _ci(r["d_eval_loss"], 3) if "d_eval_loss" in r else "",
                      r["d_eval_loss"]["below"] if "d_eval_loss" in r else "", metrics_pm(r["exact_match"], 1),
                      _ci(r["d_exact_match"], 1) if "d_exact_match" in r else "",
+                     f"{r.get('solved')}/{r['n']}" if r.get("solved") is not None else "",
                      f"{r['eps_rel_mean']:.1e}" if r.get("eps_rel_mean") else ""])
-    lines.append(C.md_table(head, body, "ll" + "r" * 11))
+    lines.append(C.md_table(head, body, "ll" + "r" * 12))
+    drows = payload.get("direction_rows") or []
+    if drows:
+        lines += ["", "## 3. Direction: MGPO (APN) against random noise of the same ‖ε‖ at every step", "",
+                  "Δ = MGPO − the noise run that replayed its ‖ε‖ (same cell, seed, ρ); mean [95% CI, t], "
+                  "(pairs with Δ < 0 / pairs).", ""]
+        body = [[_cell_name(r["cell"]), f"{r['rho']:g}", r["n"]]
+                + [f"{_ci(r['d_' + m], nd)} ({r['d_' + m]['below']}/{r['d_' + m]['n']})"
+                   for m, nd in (("bump", 3), ("eval_loss", 3), ("exact_match", 1))] for r in drows]
+        lines.append(C.md_table(["cell", "ρ", "n", "Δ bump", "Δ held-out loss", "Δ exact match (points)"], body,
+                                "lrrrrr"))
     return "\n".join(lines)
 
 
@@ -579,6 +610,7 @@ def finish(payload: Dict[str, Any], out_dir, device, name: str, chart: bool) -> 
         x["eps"] = [float(f"{v:.4g}") for v in x["eps"]]
     payload.setdefault("loadavg_at_end", [round(x, 2) for x in os.getloadavg()])
     payload["dose_rows"] = dose_rows(payload["runs"], cfg, cells) if cells else []
+    payload["direction_rows"] = direction_rows(payload["runs"], cfg, cells) if cells else []
     md = markdown(payload) + note + f"\n\nTotal wall time {payload['total_s'] / 60:.1f} min.\n"
     res = C.publish(out_dir, device, name, payload, md, charts if chart else None)
     if chart and cells:
