@@ -283,8 +283,16 @@ class DeepSpeedLink:
                 lp.copy_(torch.add(flat, torch.mul(st["exp_avg"], coef)))  # product rounded, then the sum
         z = self.zero
         if self.stage3:
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
             for i in range(len(self.flats)):
                 z._unflatten_partitioned_parameters(i)
+            # a gathered parameter (the persistent ones, gathered after every step) holds the old values: release
+            # it (its partition stays), then gather the persistent ones again; the others are gathered at their
+            # module's forward, from the partitions
+            gathered = [p for g in self.model_groups for p in g if p.ds_status == ZeroParamStatus.AVAILABLE]
+            if gathered:
+                gathered[0].partition(gathered)
             if z.persistent_parameters:
                 z.persistent_parameters[0].all_gather(z.persistent_parameters)
         else:

@@ -375,14 +375,15 @@ TRAINER_STEPS = 4
 TRAINER_KW = dict(lr=3e-3, rho=0.05, ema_beta=0.9, loraplus_lr_ratio=4.0)
 
 
-def trainer_args(out, per_device, ds):
+def trainer_args(out, per_device, ds, stage=2):
     from transformers import TrainingArguments
 
     cfg = None
     if ds:
         cfg = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-               "zero_optimization": {"stage": 2}, "bf16": {"enabled": False}, "steps_per_print": 10 ** 9}
+               "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+               "bf16": {"enabled": False}, "steps_per_print": 10 ** 9}
     return TrainingArguments(output_dir=out, per_device_train_batch_size=per_device, max_steps=TRAINER_STEPS,
                              lr_scheduler_type="constant", max_grad_norm=0.5, use_cpu=True, report_to=[],
                              save_strategy="no", logging_strategy="no", seed=0, deepspeed=cfg,
@@ -393,7 +394,7 @@ def lora_weights(model):
     return {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def _trainer_worker(rank, port, out):
+def _trainer_worker(rank, port, out, stage):
     _init(rank, port)
     try:
         from test_hf_trainer import EVAL, TRAIN, make_model
@@ -402,16 +403,26 @@ def _trainer_worker(rank, port, out):
         from mgpo_kernels.integrations.hf import MGPOCallback, mgpo_optimizer_cls_and_kwargs
 
         model = make_model()
-        trainer = Trainer(model=model, args=trainer_args(os.path.join(out, "t"), 2, True), train_dataset=TRAIN,
+        trainer = Trainer(model=model, args=trainer_args(os.path.join(out, "t"), 2, True, stage), train_dataset=TRAIN,
                           optimizer_cls_and_kwargs=mgpo_optimizer_cls_and_kwargs(**TRAINER_KW),
                           callbacks=[MGPOCallback()])
         trainer.train()
         mgpo = trainer.optimizer.optimizer
         while not isinstance(mgpo, MGPO):
             mgpo = mgpo.optimizer
-        result = {"lora": lora_weights(trainer.model), "steps": float(mgpo.global_state["step"]),
-                  "eval": trainer.evaluate(EVAL)["eval_loss"]}
+        eval_loss = trainer.evaluate(EVAL)["eval_loss"]
         trainer.save_model(os.path.join(out, "saved"))  # rank 0 writes the adapter
+        params = [p for n, p in trainer.model.named_parameters() if "lora_" in n]
+        if stage == 3:
+            with deepspeed.zero.GatheredParameters(params):
+                lora = lora_weights(trainer.model)
+        else:
+            lora = lora_weights(trainer.model)
+        result = {"lora": lora, "steps": float(mgpo.global_state["step"]), "eval": eval_loss, "dropped": None}
+        if stage == 3:
+            torch.save(result, os.path.join(out, f"trainer{rank}.pt"))
+            _finish()
+            return
         # optimizers=(MGPO(...), None) under DeepSpeed: transformers drops it; MGPOCallback says so
         model = make_model()
         from mgpo_kernels.integrations.hf import mgpo_for_peft
@@ -433,8 +444,9 @@ def _trainer_worker(rank, port, out):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_hf_trainer_with_deepspeed_equals_one_process(tmp_path):
-    """Trainer(deepspeed=ZeRO-2 config, optimizer_cls_and_kwargs=MGPO with LoRA+ groups) on 2 ranks of 2 rows
+@pytest.mark.parametrize("stage", [2, 3])
+def test_hf_trainer_with_deepspeed_equals_one_process(tmp_path, stage):
+    """Trainer(deepspeed=ZeRO-2 or ZeRO-3 config, optimizer_cls_and_kwargs=MGPO with LoRA+ groups) on 2 ranks of 2 rows
     equals the Trainer without DeepSpeed on one process of 4 rows (its clipping = DeepSpeed's gradient_clipping):
     the weights, the evaluation (at theta) and the adapter save_model() writes (theta)."""
     from safetensors.torch import load_file
@@ -443,7 +455,7 @@ def test_hf_trainer_with_deepspeed_equals_one_process(tmp_path):
 
     from mgpo_kernels.integrations.hf import mgpo_optimizer_cls_and_kwargs
 
-    spawn(_trainer_worker, str(tmp_path))
+    spawn(_trainer_worker, str(tmp_path), stage)
     got = [torch.load(os.path.join(tmp_path, f"trainer{r}.pt")) for r in range(WORLD)]
     model = make_model()
     ref_trainer = Trainer(model=model, args=trainer_args(str(tmp_path / "ref"), 2 * WORLD, False),
@@ -461,8 +473,9 @@ def test_hf_trainer_with_deepspeed_equals_one_process(tmp_path):
         for n in ref:
             torch.testing.assert_close(got[rank]["lora"][n], ref[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
         assert got[rank]["eval"] == pytest.approx(ref_eval, rel=1e-5)
-        assert got[rank]["dropped"] is not None and "optimizer_cls_and_kwargs" in got[rank]["dropped"], \
-            got[rank]["dropped"]
+        if stage == 2:  # optimizers=(MGPO, None), dropped by transformers, is reported (once is enough)
+            assert got[rank]["dropped"] is not None and "optimizer_cls_and_kwargs" in got[rank]["dropped"], \
+                got[rank]["dropped"]
 
 
 def test_accelerate_deepspeed_plugin_equals_one_process(ds_results):
