@@ -35,8 +35,9 @@ def _signatures():
         fn=k.mgpo_update_kernel,
         signature=dict(tab_ptr=i64p, blk_ptr=i64p, grp_lr_ptr=i64p, hyp_ptr=f64p, sums_ptr=f64p,
                        g_step_ptr=f32p, g_gbar_ptr=f32p, g_coef_ptr=f32p, g_skipped_ptr=i64p, scale_ptr=f32p,
-                       found_inf_ptr=f32p, counter_ptr=i32p, n_blocks="i32", n_tensors="i32", n_groups="i32",
-                       iters="i32", BLOCK="constexpr", TBLOCK="constexpr", TAB_W="constexpr", HYP_W="constexpr"),
+                       found_inf_ptr=f32p, counter_ptr=i32p, pending_ptr=f32p, n_blocks="i32", n_tensors="i32",
+                       n_groups="i32", iters="i32", BLOCK="constexpr", TBLOCK="constexpr", TAB_W="constexpr",
+                       HYP_W="constexpr"),
         constexprs=dict(BLOCK=k.BLOCK, TBLOCK=k.TBLOCK, TAB_W=k.TAB_W, HYP_W=k.HYP_W),
     )
     kernels = {"reduce": reduce, "update": update}

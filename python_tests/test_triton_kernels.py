@@ -308,7 +308,8 @@ PTRS = {
                                sums_ptr="*fp64", counter_ptr="*i32"),
     "mgpo_update_kernel": dict(tab_ptr="*i64", blk_ptr="*i64", grp_lr_ptr="*i64", hyp_ptr="*fp64", sums_ptr="*fp64",
                                g_step_ptr="*fp32", g_gbar_ptr="*fp32", g_coef_ptr="*fp32", g_skipped_ptr="*i64",
-                               scale_ptr="*fp32", found_inf_ptr="*fp32", counter_ptr="*i32"),
+                               scale_ptr="*fp32", found_inf_ptr="*fp32", counter_ptr="*i32",
+                               pending_ptr="*fp32"),
 }
 CONSTS = {"mgpo_reduce_kernel": dict(BLOCK=1024, RBLOCK=tk.RBLOCK, TAB_W=tk.TAB_W),
           "mgpo_update_kernel": dict(BLOCK=1024, TBLOCK=tk.TBLOCK, TAB_W=tk.TAB_W, HYP_W=tk.HYP_W)}

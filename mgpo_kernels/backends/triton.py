@@ -112,6 +112,7 @@ class _Entry:
         self.counters = torch.zeros(2, dtype=torch.int32, device=device)
         self.counter_reduce = self.counters[0:1]
         self.counter_update = self.counters[1:2]
+        self.pending = torch.zeros(2, dtype=torch.float32, device=device)  # the update's new gbar, coef (kernel doc)
         self.lr_slots = torch.zeros(max(self.n_groups, 1), dtype=torch.float32, device=device)
         # filled by _build_tensor_table / _set_hyper
         self.addr_key: Optional[list] = None
@@ -356,7 +357,7 @@ def _launch_update_here(entry: _Entry, sums: Tensor, gstate: GlobalState, scale:
     _k.mgpo_update_kernel[(entry.n_blocks,)](
         entry.tab, entry.blk, entry.grp_lr, entry.hyp, sums,
         gstate.step, gstate.gbar, gstate.coef, gstate.skipped, scale, found_inf, entry.counter_update,
-        entry.n_blocks, entry.n_tensors, entry.n_groups, entry.iters,
+        entry.pending, entry.n_blocks, entry.n_tensors, entry.n_groups, entry.iters,
         BLOCK=entry.block, TBLOCK=_k.TBLOCK, TAB_W=_k.TAB_W, HYP_W=_k.HYP_W, num_warps=entry.num_warps,
         **_COMPILE_OPTIONS,
     )

@@ -1,6 +1,7 @@
-"""The Triton kernels of the ``triton`` backend: one launch for the reduce pass, one for the update pass.
+"""The Triton kernels of the ``triton`` backend: the reduce pass, the update pass (a step: two launches) and the
+apply pass (theta at rest's eps, applied by a training forward: one launch).
 
-Both kernels walk a *block table* (program -> (tensor index, first element)) and a *tensor table* (one row of
+Every kernel walks a *block table* (program -> (tensor index, first element)) and a *tensor table* (one row of
 int64 per tensor: addresses of p, g, m, v, master, step, the element count and a meta word), so one launch covers
 every tensor of every param group whatever their number, sizes and dtypes.  A program never straddles tensors:
 it handles ``iters * BLOCK`` consecutive elements of one tensor (``iters`` and every count are runtime values).
@@ -8,27 +9,41 @@ it handles ``iters * BLOCK`` consecutive elements of one tensor (``iters`` and e
 Tensor table row (``TAB_W`` int64):
   0 p  1 g (0: no grad this step)  2 m  3 v  4 master (0: fp32 param)  5 step  6 numel
   7 meta = has_grad | dtype_code << 1 | aligned << 3 | group << 8        dtype_code: 0 fp32, 1 bf16, 2 fp16
-``aligned`` says every address of the row and the block table's own address are 16-byte aligned: full blocks
-of such a tensor take the FULL path: no mask, and pointers formed as ``blk_ptr`` (a kernel argument, which
-Triton specializes as 16-byte aligned) ``+ ((addr - blk_addr) // 16) * (16 / elem_size)``, from which the
-compiler *derives* the alignment and emits 16-byte vector accesses.  An address cast with ``int_to_ptr`` carries
-no alignment for the compiler (even with ``tl.multiple_of``, checked on the sm_90 PTX), and no hint is asserted
-anywhere, so a misaligned view cannot be miscompiled: it takes the masked path.
+The dtype code is a runtime value (one launch mixes dtypes), uniform within a program: its branches do not
+diverge.  ``aligned`` says every address of the row and the block table's own address are 16-byte aligned: full
+blocks of such a tensor are compiled as the ``FULL`` specialisation of a chunk (a ``tl.constexpr``): no mask, and
+pointers formed as ``blk_ptr`` (a kernel argument, which Triton specializes as 16-byte aligned)
+``+ ((addr - blk_addr) // 16) * (16 / elem_size)``, from which the compiler *derives* the alignment and emits
+16-byte vector accesses (``_ptr``).  An address cast with ``int_to_ptr`` carries no alignment for the compiler
+(even with ``tl.multiple_of``, checked on the sm_90 PTX), and no hint is asserted anywhere, so a misaligned view
+cannot be miscompiled: it takes the masked path.  Each kernel's loop therefore calls its chunk function twice,
+``FULL=True`` for an aligned full block and ``FULL=False`` for the rest: two compiled bodies, on purpose.
 
 Hyper table ``hyp`` (float64, rows of ``HYP_W``): row 0 is global, row 1 + k is param group k.
   row 0: sign*rho, ema_beta, 1-ema_beta, max_grad_norm, has_clip, adaptive, perturbed, has_scale, has_found_inf,
          gbar_floor (the bound on the perturbation; 0: none)
   row 1+k: lr (used when the group's lr address is 0), b1, 1-b1, b2, 1-b2, eps, wd, b1*b1, 2*b1*(1-b1), (1-b1)**2
 
+Memory traffic per element (fp32 parameter / bf16 or fp16 parameter; m, v and the master are fp32):
+  reduce  reads g, m                                     8 B / 6 B   (m only for a tensor without gradient: 4 B)
+  update  reads p (or the master), g, m, v; writes p, m, v (and the master)          28 B / 28 B
+          (a tensor without gradient: reads p or the master, and m; writes p: 12 B / 10 B)
+  apply   reads p or master, m; writes p                 12 B / 10 B
+
 Deterministic, no float atomics: each program of the reduce pass writes its 4 partial sums (float64); the last
-program to finish (an int32 ticket counter: the classic "last block" pattern) adds the partials group by group
-in a fixed order into ``sums`` and resets the counter.  The update pass computes the scalar stage redundantly in
-every program (a few float64 flops on the 4 * groups sums) and its last program writes the optimizer-wide
-scalars and the per-tensor step counts, after every program has read the old ones.
+program to finish (an int32 ticket counter: the classic "last block" pattern, ``_is_last_program``) adds the
+partials group by group in a fixed order into ``sums`` and resets the counter.  The update pass computes the
+scalar stage redundantly in every program (a few float64 flops on the 4 * groups sums) and its last program
+writes the optimizer-wide scalars and the per-tensor step counts, after every program has read the old ones
+(program 0 hands it the new gbar and coef through ``pending``, 2 fp32 of the backend's tables).
 
 bf16 is loaded and stored as its uint16 bits with integer conversions (exactly c10::BFloat16's round to nearest
 even): the interpreter truncates ``.to(tl.bfloat16)``, and this gives the same bits on the CPU and the GPU.
-Helpers are few on purpose: under the interpreter every call of a ``@triton.jit`` helper costs ~1 ms.
+Arithmetic that must round like the reference (products rounded, then summed) relies on the launch option
+``enable_fp_fusion=False`` (backends/triton.py); divisions and square roots are IEEE (``div_rn``, ``sqrt_rn``).
+
+The helpers (``@triton.jit`` functions) are inlined by the compiler.  Under TRITON_INTERPRET=1 they are called as
+plain Python functions (``_call_helpers_directly_when_interpreted``, at the end of this module).
 """
 from __future__ import annotations
 
@@ -42,39 +57,113 @@ RBLOCK = 256  # partial rows per iteration of the final sum
 TBLOCK = 256  # tensor rows per iteration of the step-count update
 
 
+# ------------------------------------------------------------------------------------------ element access
+
+@triton.jit
+def _ptr(base_ptr, addr, offs, DTYPE: tl.constexpr, FULL: tl.constexpr):
+    """Pointers to elements ``offs`` of the ``DTYPE`` tensor at the integer address ``addr``.  ``FULL`` (every
+    address 16-byte aligned): relative to ``base_ptr``, an aligned kernel argument, so that the compiler knows the
+    alignment (module doc); otherwise a plain cast, of unknown alignment."""
+    if FULL:
+        per_16_bytes: tl.constexpr = 128 // DTYPE.primitive_bitwidth
+        base = base_ptr.to(tl.pointer_type(DTYPE), bitcast=True)
+        return base + ((addr - base_ptr.to(tl.int64)) // 16) * per_16_bytes + offs
+    else:
+        return addr.to(tl.pointer_type(DTYPE)) + offs
+
+
+@triton.jit
+def _load(ptrs, mask, FULL: tl.constexpr):
+    """A chunk's elements: unmasked in a full block, else 0 beyond the tensor's end."""
+    if FULL:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
+def _store(ptrs, x, mask, FULL: tl.constexpr):
+    if FULL:
+        tl.store(ptrs, x)
+    else:
+        tl.store(ptrs, x, mask=mask)
+
+
+@triton.jit
+def _load_grad(base_ptr, g_addr, code, offs, mask, FULL: tl.constexpr):
+    """The gradient in fp32 (exact for every dtype): fp32, bf16 (its bits shifted into an fp32's), or fp16."""
+    if code == 0:
+        g = _load(_ptr(base_ptr, g_addr, offs, tl.float32, FULL), mask, FULL)
+    elif code == 1:
+        bits = _load(_ptr(base_ptr, g_addr, offs, tl.uint16, FULL), mask, FULL)
+        g = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        g = _load(_ptr(base_ptr, g_addr, offs, tl.float16, FULL), mask, FULL).to(tl.float32)
+    return g
+
+
+@triton.jit
+def _load_theta(base_ptr, p_addr, ma_addr, code, offs, mask, FULL: tl.constexpr):
+    """The fp32 storage of theta: an fp32 parameter itself (which may hold theta + eps), else the fp32 master."""
+    if code == 0:
+        theta = _load(_ptr(base_ptr, p_addr, offs, tl.float32, FULL), mask, FULL)
+    else:
+        theta = _load(_ptr(base_ptr, ma_addr, offs, tl.float32, FULL), mask, FULL)
+    return theta
+
+
+@triton.jit
+def _store_param(base_ptr, p_addr, code, offs, mask, x, FULL: tl.constexpr):
+    """Writes fp32 ``x`` into the parameter, rounded to its dtype to nearest even (bf16: by integer arithmetic,
+    NaN as c10's canonical 0x7FC0)."""
+    if code == 0:
+        _store(_ptr(base_ptr, p_addr, offs, tl.float32, FULL), x, mask, FULL)
+    elif code == 1:
+        u = x.to(tl.uint32, bitcast=True)
+        bits = tl.where(x != x, 0x7FC0, (u + (((u >> 16) & 1) + 0x7FFF)) >> 16).to(tl.uint16)
+        _store(_ptr(base_ptr, p_addr, offs, tl.uint16, FULL), bits, mask, FULL)
+    else:
+        _store(_ptr(base_ptr, p_addr, offs, tl.float16, FULL), x.to(tl.float16), mask, FULL)
+
+
+# ------------------------------------------------------------------------------------------ shared structure
+
+@triton.jit
+def _block(tab_ptr, blk_ptr, pid, iters, BLOCK: tl.constexpr, TAB_W: tl.constexpr):
+    """Program ``pid``'s block: its tensor's row of the tensor table (module doc) and its element range.
+
+    Returns (p, g, m, v, master, step addresses, start, end, has_grad, dtype code, aligned, group); what a
+    kernel does not use is not loaded in its compiled code."""
+    t = tl.load(blk_ptr + 2 * pid)
+    start = tl.load(blk_ptr + 2 * pid + 1)
+    row = tab_ptr + t * TAB_W
+    end = tl.minimum(start + iters * BLOCK, tl.load(row + 6))
+    meta = tl.load(row + 7)
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5), start, end, (meta & 1) != 0, (meta >> 1) & 3, ((meta >> 3) & 1) != 0, meta >> 8)
+
+
+@triton.jit
+def _is_last_program(counter_ptr, n_blocks):
+    """True in the one program that finishes last (the "last block" ticket; acq_rel: it sees every other
+    program's writes).  That program must reset the counter to 0 for the next launch."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == n_blocks - 1
+
+
 # ----------------------------------------------------------------------------------------------- reduce pass
 
 @triton.jit
-def _reduce_chunk(base_ptr, g_addr, m_addr, code, has_grad, offs, mask, acc_gg, acc_mg, acc_mm,
-                  FULL: tl.constexpr):
-    if FULL:  # 16-byte aligned full block: pointers relative to an aligned kernel argument (see module doc)
-        base_i = base_ptr.to(tl.int64)
-        m_ptr = base_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + ((m_addr - base_i) // 16) * 4 + offs
-        m = tl.load(m_ptr)
-    else:
-        m = tl.load(m_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
-    m = m.to(tl.float64)
+def _reduce_chunk(base_ptr, g_addr, m_addr, code, has_grad, start, end, acc_gg, acc_mg, acc_mm,
+                  BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """Adds one chunk's g*g, m*g and m*m (float64) to the per-lane accumulators.  Reads m (4 B), g (2 or 4 B)."""
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < end
+    m = _load(_ptr(base_ptr, m_addr, offs, tl.float32, FULL), mask, FULL).to(tl.float64)
     acc_mm += m * m
     if has_grad:
-        if code == 0:
-            if FULL:
-                g32_ptr = base_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + ((g_addr - base_i) // 16) * 4
-                g = tl.load(g32_ptr + offs).to(tl.float64)
-            else:
-                g = tl.load(g_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0).to(tl.float64)
-        elif code == 1:
-            if FULL:
-                gb_ptr = base_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + ((g_addr - base_i) // 16) * 8
-                raw = tl.load(gb_ptr + offs)
-            else:
-                raw = tl.load(g_addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
-            g = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(tl.float64)
-        else:
-            if FULL:
-                gh_ptr = base_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + ((g_addr - base_i) // 16) * 8
-                g = tl.load(gh_ptr + offs).to(tl.float64)
-            else:
-                g = tl.load(g_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float64)
+        g = _load_grad(base_ptr, g_addr, code, offs, mask, FULL).to(tl.float64)
         acc_gg += g * g
         acc_mg += m * g
     return acc_gg, acc_mg, acc_mm
@@ -86,32 +175,23 @@ def mgpo_reduce_kernel(
     n_blocks, n_groups, iters,
     BLOCK: tl.constexpr, RBLOCK: tl.constexpr, TAB_W: tl.constexpr,
 ):
+    """Pass 1: ``sums[4k:4k+4] = [|g|^2, <m, g>, |m|^2 (with grad), |m|^2 (without grad)]`` of group k, float64,
+    over the raw gradients and m_{t-1} (base.py's layout).  Reads g and m; writes its 4 partials to ``part``, and
+    the last program ``sums``.  Modifies no tensor of the optimizer."""
     pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(blk_ptr + 2 * pid)
-    start = tl.load(blk_ptr + 2 * pid + 1)
-    row = tab_ptr + t * TAB_W
-    g_addr = tl.load(row + 1)
-    m_addr = tl.load(row + 2)
-    numel = tl.load(row + 6)
-    meta = tl.load(row + 7)
-    has_grad = (meta & 1) != 0
-    code = (meta >> 1) & 3
-    aligned = ((meta >> 3) & 1) != 0
-    end = tl.minimum(start + iters * BLOCK, numel)
-
+    _, g_addr, m_addr, _, _, _, start, end, has_grad, code, aligned, _ = _block(tab_ptr, blk_ptr, pid, iters,
+                                                                                BLOCK, TAB_W)
     acc_gg = tl.zeros([BLOCK], dtype=tl.float64)
     acc_mg = tl.zeros([BLOCK], dtype=tl.float64)
     acc_mm = tl.zeros([BLOCK], dtype=tl.float64)
-    lane = tl.arange(0, BLOCK).to(tl.int64)
     for it in range(0, iters):
         base = tl.multiple_of(start + it * BLOCK, BLOCK)
-        offs = base + lane
-        if aligned & (base + BLOCK <= end):
-            acc_gg, acc_mg, acc_mm = _reduce_chunk(blk_ptr, g_addr, m_addr, code, has_grad, offs, offs < end,
-                                                   acc_gg, acc_mg, acc_mm, True)
+        if aligned & (base + BLOCK <= end):  # the FULL specialisation (module doc)
+            acc_gg, acc_mg, acc_mm = _reduce_chunk(blk_ptr, g_addr, m_addr, code, has_grad, base, end,
+                                                   acc_gg, acc_mg, acc_mm, BLOCK, True)
         elif base < end:
-            acc_gg, acc_mg, acc_mm = _reduce_chunk(blk_ptr, g_addr, m_addr, code, has_grad, offs, offs < end,
-                                                   acc_gg, acc_mg, acc_mm, False)
+            acc_gg, acc_mg, acc_mm = _reduce_chunk(blk_ptr, g_addr, m_addr, code, has_grad, base, end,
+                                                   acc_gg, acc_mg, acc_mm, BLOCK, False)
     # one reduction for the 4 partial sums: [gg, mg, mm (with grad), mm (without grad)]
     acc_mm_ng = tl.where(has_grad, 0.0, acc_mm)
     acc_mm = tl.where(has_grad, acc_mm, 0.0)
@@ -120,9 +200,7 @@ def mgpo_reduce_kernel(
     tl.store(part_ptr + 4 * pid + tl.arange(0, 4), tl.sum(part, axis=0))
 
     # the last program to finish adds the partials in a fixed order (deterministic), then resets the ticket
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if ticket == n_blocks - 1:
+    if _is_last_program(counter_ptr, n_blocks):
         rows = tl.arange(0, RBLOCK).to(tl.int64)
         cols = tl.arange(0, 4).to(tl.int64)
         for k in range(0, n_groups):
@@ -140,110 +218,10 @@ def mgpo_reduce_kernel(
 # ----------------------------------------------------------------------------------------------- update pass
 
 @triton.jit
-def _update_chunk(base_ptr, p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, start, end,
-                  c, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2,
-                  BLOCK: tl.constexpr, FULL: tl.constexpr):
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)  # here, so that each path gets its own layout
-    mask = offs < end
-    if FULL:  # 16-byte aligned full block: pointers relative to an aligned kernel argument (see module doc)
-        base_i = base_ptr.to(tl.int64)
-        b32 = base_ptr.to(tl.pointer_type(tl.float32), bitcast=True)
-        m_ptr = b32 + ((m_addr - base_i) // 16) * 4 + offs
-        v_ptr = b32 + ((v_addr - base_i) // 16) * 4 + offs
-        ma_ptr = b32 + ((ma_addr - base_i) // 16) * 4 + offs
-        p32_ptr = b32 + ((p_addr - base_i) // 16) * 4 + offs
-        m = tl.load(m_ptr)
-    else:
-        m_ptr = m_addr.to(tl.pointer_type(tl.float32)) + offs
-        v_ptr = v_addr.to(tl.pointer_type(tl.float32)) + offs
-        ma_ptr = ma_addr.to(tl.pointer_type(tl.float32)) + offs
-        p32_ptr = p_addr.to(tl.pointer_type(tl.float32)) + offs
-        m = tl.load(m_ptr, mask=mask, other=0.0)
-    if code == 0:  # fp32 parameter: theta = p - coef_old * m, in place
-        if FULL:
-            theta = tl.load(p32_ptr) - restore * m
-        else:
-            theta = tl.load(p32_ptr, mask=mask, other=0.0) - restore * m
-    else:  # bf16/fp16: the fp32 master copy holds theta
-        if FULL:
-            theta = tl.load(ma_ptr)
-        else:
-            theta = tl.load(ma_ptr, mask=mask, other=0.0)
-    if has_grad:
-        # AdamW exactly as torch.optim.AdamW (and the reference backend), fp32, IEEE division and sqrt
-        if code == 0:
-            if FULL:
-                g32_ptr = b32 + ((g_addr - base_i) // 16) * 4
-                g = tl.load(g32_ptr + offs)
-            else:
-                g = tl.load(g_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
-        elif code == 1:
-            if FULL:
-                gb_ptr = base_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + ((g_addr - base_i) // 16) * 8
-                raw = tl.load(gb_ptr + offs)
-            else:
-                raw = tl.load(g_addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
-            g = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        else:
-            if FULL:
-                gh_ptr = base_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + ((g_addr - base_i) // 16) * 8
-                g = tl.load(gh_ptr + offs).to(tl.float32)
-            else:
-                g = tl.load(g_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
-        if FULL:
-            v = tl.load(v_ptr)
-        else:
-            v = tl.load(v_ptr, mask=mask, other=0.0)
-        gt = g * c
-        theta = theta * decay
-        m = m * b1 + gt * omb1
-        v = v * b2 + gt * gt * omb2
-        denom = tl.math.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
-        theta = theta - tl.math.div_rn(step_size * m, denom)
-        if FULL:
-            tl.store(m_ptr, m)
-            tl.store(v_ptr, v)
-        else:
-            tl.store(m_ptr, m, mask=mask)
-            tl.store(v_ptr, v, mask=mask)
-        if code != 0:
-            if FULL:
-                tl.store(ma_ptr, theta)
-            else:
-                tl.store(ma_ptr, theta, mask=mask)
-    # p = theta + apply * m (rounded to the parameter dtype): apply = 0 in a step (theta at rest), coef in the
-    # apply pass
-    new_p = theta + apply * m
-    if code == 0:
-        if FULL:
-            tl.store(p32_ptr, new_p)
-        else:
-            tl.store(p32_ptr, new_p, mask=mask)
-    elif code == 1:
-        u = new_p.to(tl.uint32, bitcast=True)
-        bits = tl.where(new_p != new_p, 0x7FC0, (u + (((u >> 16) & 1) + 0x7FFF)) >> 16).to(tl.uint16)
-        if FULL:
-            pb_ptr = base_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + ((p_addr - base_i) // 16) * 8
-            tl.store(pb_ptr + offs, bits)
-        else:
-            tl.store(p_addr.to(tl.pointer_type(tl.uint16)) + offs, bits, mask=mask)
-    else:
-        if FULL:
-            ph_ptr = base_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + ((p_addr - base_i) // 16) * 8
-            tl.store(ph_ptr + offs, new_p.to(tl.float16))
-        else:
-            tl.store(p_addr.to(tl.pointer_type(tl.float16)) + offs, new_p.to(tl.float16), mask=mask)
-
-
-@triton.jit(do_not_specialize=["n_blocks", "n_tensors", "n_groups", "iters"])
-def mgpo_update_kernel(
-    tab_ptr, blk_ptr, grp_lr_ptr, hyp_ptr, sums_ptr,
-    g_step_ptr, g_gbar_ptr, g_coef_ptr, g_skipped_ptr, scale_ptr, found_inf_ptr, counter_ptr,
-    n_blocks, n_tensors, n_groups, iters,
-    BLOCK: tl.constexpr, TBLOCK: tl.constexpr, TAB_W: tl.constexpr, HYP_W: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    # ---- scalar stage (every program, float64): reference.scalar_stage, same formulas and order
+def _scalar_stage(hyp_ptr, sums_ptr, n_groups, g_step_ptr, g_gbar_ptr, scale_ptr, found_inf_ptr,
+                  HYP_W: tl.constexpr):
+    """reference.scalar_stage, same formulas and order, float64: (c, skip, gbar_new, coef_new) from the sums.
+    c turns a raw gradient into g_t (unscale, then clip); skip: the gradients are not finite (or found_inf)."""
     rho_s = tl.load(hyp_ptr + 0)
     ema = tl.load(hyp_ptr + 1)
     one_m_ema = tl.load(hyp_ptr + 2)
@@ -291,33 +269,99 @@ def mgpo_update_kernel(
     coef = rho_s / denom
     ok = ((coef - coef) == 0.0) & (denom > 0.0)
     coef_new = tl.where(ok, coef, 0.0).to(tl.float32)
+    return c, skip, gbar_new, coef_new
 
-    # ---- restore, AdamW one chunk of one tensor (theta_{t+1} at rest: nothing is re-applied, apply = 0).  A
-    # skipped step (non-finite gradients) still removes the eps a training forward applied, with no gradients.
+
+@triton.jit
+def _adamw_scalars(h, lr, step_addr):
+    """AdamW's per-tensor scalars as torch.optim.AdamW computes them, from group row ``h`` of the hyper table and
+    the tensor's step count before this step: in float64 from the exact betas (b**step by squaring), each
+    rounded to fp32 once where the element math uses it.  Returns (lr / bc1, sqrt(bc2), 1 - lr * wd)."""
+    n = (tl.load(step_addr.to(tl.pointer_type(tl.float32))) + 1.0).to(tl.int64)
+    x1 = tl.load(h + 1).to(tl.float64)
+    x2 = tl.load(h + 3).to(tl.float64)
+    pw1 = tl.full([], 1.0, tl.float64)
+    pw2 = tl.full([], 1.0, tl.float64)
+    while n > 0:
+        odd = (n & 1) != 0
+        pw1 = tl.where(odd, pw1 * x1, pw1)
+        pw2 = tl.where(odd, pw2 * x2, pw2)
+        x1 = x1 * x1
+        x2 = x2 * x2
+        n = n >> 1
+    lr64 = lr.to(tl.float64)
+    step_size = (lr64 / (1.0 - pw1)).to(tl.float32)
+    sqrt_bc2 = tl.sqrt(1.0 - pw2).to(tl.float32)
+    decay = (1.0 - lr64 * tl.load(h + 6).to(tl.float64)).to(tl.float32)
+    return step_size, sqrt_bc2, decay
+
+
+@triton.jit
+def _update_chunk(base_ptr, p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, start, end,
+                  c, restore, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2,
+                  BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """Restore theta, AdamW (torch.optim.AdamW's fp32 element math, IEEE division and sqrt), write theta_{t+1}
+    into p (theta at rest: no eps).  fp32 parameter: reads p, g, m, v, writes p, m, v; bf16/fp16: reads the
+    master, g, m, v, writes p, m, v and the master.  Without a gradient: reads p (or the master) and m, writes p
+    (theta: eps removed)."""
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < end
+    # the fp32 pointers formed once, up front: formed at their uses, the same code took 73 VGPRs instead of 57 on
+    # gfx942, and spilled on sm_90 or sm_100 in other arrangements (2026-12-07-triton-after-house.txt)
+    m_ptr = _ptr(base_ptr, m_addr, offs, tl.float32, FULL)
+    v_ptr = _ptr(base_ptr, v_addr, offs, tl.float32, FULL)
+    ma_ptr = _ptr(base_ptr, ma_addr, offs, tl.float32, FULL)
+    p32_ptr = _ptr(base_ptr, p_addr, offs, tl.float32, FULL)
+    m = _load(m_ptr, mask, FULL)
+    if code == 0:  # an fp32 parameter holds theta + restore * m: theta = p - restore * m, product rounded first
+        theta = _load(p32_ptr, mask, FULL) - restore * m
+    else:
+        theta = _load(ma_ptr, mask, FULL)
+    if has_grad:
+        gt = _load_grad(base_ptr, g_addr, code, offs, mask, FULL) * c
+        v = _load(v_ptr, mask, FULL)
+        theta = theta * decay
+        m = m * b1 + gt * omb1
+        v = v * b2 + gt * gt * omb2
+        denom = tl.math.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
+        theta = theta - tl.math.div_rn(step_size * m, denom)
+        _store(m_ptr, m, mask, FULL)
+        _store(v_ptr, v, mask, FULL)
+        if code != 0:
+            _store(ma_ptr, theta, mask, FULL)
+    _store_param(base_ptr, p_addr, code, offs, mask, theta, FULL)
+
+
+@triton.jit(do_not_specialize=["n_blocks", "n_tensors", "n_groups", "iters"])
+def mgpo_update_kernel(
+    tab_ptr, blk_ptr, grp_lr_ptr, hyp_ptr, sums_ptr,
+    g_step_ptr, g_gbar_ptr, g_coef_ptr, g_skipped_ptr, scale_ptr, found_inf_ptr, counter_ptr, pending_ptr,
+    n_blocks, n_tensors, n_groups, iters,
+    BLOCK: tl.constexpr, TBLOCK: tl.constexpr, TAB_W: tl.constexpr, HYP_W: tl.constexpr,
+):
+    """Pass 2: the scalar stage (every program), then restore + AdamW on its block (``_update_chunk``: p, m, v and
+    the master in place); the last program writes the optimizer-wide scalars (step, gbar, coef or skipped) and
+    the step counts of the tensors with a gradient.  A skipped step (non-finite gradients) still removes the eps
+    a training forward applied (``perturbed``), with no gradients, and changes nothing else."""
+    pid = tl.program_id(0).to(tl.int64)
+    c, skip, gbar_new, coef_new = _scalar_stage(hyp_ptr, sums_ptr, n_groups, g_step_ptr, g_gbar_ptr, scale_ptr,
+                                                found_inf_ptr, HYP_W)
+    # the new gbar and coef are written by the last program, after every program has read the old ones; program 0
+    # hands them over through ``pending`` (2 fp32), rather than every program keeping them live through its loop
+    # (sm_80: 95 registers instead of 80) or the last one computing them again in its branch (gfx942: 78 VGPRs
+    # instead of 57; benchmarks/results/2026-12-07-triton-after-house.txt)
+    if pid == 0:
+        tl.store(pending_ptr + 0, gbar_new.to(tl.float32))
+        tl.store(pending_ptr + 1, coef_new)
     perturbed = tl.load(hyp_ptr + 6) != 0.0
     if (skip == 0) | perturbed:
         c32 = c.to(tl.float32)
-        coef_old = tl.load(g_coef_ptr)
-        restore = tl.where(perturbed, coef_old, 0.0)
-        apply = tl.where(perturbed, 0.0, 0.0)
-
-        t = tl.load(blk_ptr + 2 * pid)
-        start = tl.load(blk_ptr + 2 * pid + 1)
-        row = tab_ptr + t * TAB_W
-        p_addr = tl.load(row + 0)
-        g_addr = tl.load(row + 1)
-        m_addr = tl.load(row + 2)
-        v_addr = tl.load(row + 3)
-        ma_addr = tl.load(row + 4)
-        st_addr = tl.load(row + 5)
-        numel = tl.load(row + 6)
-        meta = tl.load(row + 7)
-        has_grad = ((meta & 1) != 0) & (skip == 0)
-        code = (meta >> 1) & 3
-        aligned = ((meta >> 3) & 1) != 0
-        grp = meta >> 8
+        restore = tl.where(perturbed, tl.load(g_coef_ptr), 0.0)
+        p_addr, g_addr, m_addr, v_addr, ma_addr, st_addr, start, end, has_grad, code, aligned, grp = _block(
+            tab_ptr, blk_ptr, pid, iters, BLOCK, TAB_W)
+        has_grad = has_grad & (skip == 0)
         h = hyp_ptr + (1 + grp) * HYP_W
-        lr_addr = tl.load(grp_lr_ptr + grp)
+        lr_addr = tl.load(grp_lr_ptr + grp)  # a tensor lr read in place (0: the table's float lr)
         if lr_addr != 0:
             lr = tl.load(lr_addr.to(tl.pointer_type(tl.float32)))
         else:
@@ -327,46 +371,23 @@ def mgpo_update_kernel(
         b2 = tl.load(h + 3).to(tl.float32)
         omb2 = tl.load(h + 4).to(tl.float32)
         eps = tl.load(h + 5).to(tl.float32)
-        # AdamW's per-tensor scalars as torch.optim.AdamW computes them: in fp64 from the exact betas (b**step by
-        # squaring), each rounded to fp32 once where the element math uses it
-        n = (tl.load(st_addr.to(tl.pointer_type(tl.float32))) + 1.0).to(tl.int64)
-        x1 = tl.load(h + 1).to(tl.float64)
-        x2 = tl.load(h + 3).to(tl.float64)
-        pw1 = tl.full([], 1.0, tl.float64)
-        pw2 = tl.full([], 1.0, tl.float64)
-        while n > 0:
-            odd = (n & 1) != 0
-            pw1 = tl.where(odd, pw1 * x1, pw1)
-            pw2 = tl.where(odd, pw2 * x2, pw2)
-            x1 = x1 * x1
-            x2 = x2 * x2
-            n = n >> 1
-        lr64 = lr.to(tl.float64)
-        bc1 = 1.0 - pw1
-        bc2 = 1.0 - pw2
-        step_size = (lr64 / bc1).to(tl.float32)
-        sqrt_bc2 = tl.sqrt(bc2).to(tl.float32)
-        decay = (1.0 - lr64 * tl.load(h + 6).to(tl.float64)).to(tl.float32)
-
-        end = tl.minimum(start + iters * BLOCK, numel)
+        step_size, sqrt_bc2, decay = _adamw_scalars(h, lr, st_addr)
         for it in range(0, iters):
             base = tl.multiple_of(start + it * BLOCK, BLOCK)
-            if aligned & (base + BLOCK <= end):
+            if aligned & (base + BLOCK <= end):  # the FULL specialisation (module doc)
                 _update_chunk(blk_ptr, p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, base, end,
-                              c32, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, BLOCK, True)
+                              c32, restore, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, BLOCK, True)
             elif base < end:
                 _update_chunk(blk_ptr, p_addr, g_addr, m_addr, v_addr, ma_addr, code, has_grad, base, end,
-                              c32, restore, apply, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, BLOCK, False)
+                              c32, restore, decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, BLOCK, False)
 
     # the last program to finish writes the new scalars and step counts: every program has read the old ones
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if ticket == n_blocks - 1:
+    if _is_last_program(counter_ptr, n_blocks):
         if skip:
             tl.store(g_skipped_ptr, tl.load(g_skipped_ptr) + 1)
         else:
-            tl.store(g_gbar_ptr, gbar_new.to(tl.float32))
-            tl.store(g_coef_ptr, coef_new)
+            tl.store(g_gbar_ptr, tl.load(pending_ptr + 0, volatile=True))
+            tl.store(g_coef_ptr, tl.load(pending_ptr + 1, volatile=True))
             tl.store(g_step_ptr, tl.load(g_step_ptr) + 1.0)
             rows = tl.arange(0, TBLOCK).to(tl.int64)
             for r0 in range(0, n_tensors, TBLOCK):
@@ -383,34 +404,54 @@ def mgpo_update_kernel(
 
 # ----------------------------------------------------------------------------------------------- apply pass
 
+@triton.jit
+def _apply_chunk(base_ptr, p_addr, m_addr, ma_addr, code, coef, start, end, BLOCK: tl.constexpr,
+                 FULL: tl.constexpr):
+    """p = theta + coef * m (product rounded, then the sum: base.Backend.perturb's arithmetic), theta being p
+    itself or the fp32 master.  Reads p (or the master) and m, writes p."""
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < end
+    theta = _load_theta(base_ptr, p_addr, ma_addr, code, offs, mask, FULL)
+    m = _load(_ptr(base_ptr, m_addr, offs, tl.float32, FULL), mask, FULL)
+    _store_param(base_ptr, p_addr, code, offs, mask, theta + coef * m, FULL)
+
+
 @triton.jit(do_not_specialize=["iters"])
 def mgpo_apply_kernel(tab_ptr, blk_ptr, coef_ptr, iters, BLOCK: tl.constexpr, TAB_W: tl.constexpr):
-    """Theta at rest: eps = coef * m applied by the first training forward after a step, p = theta + coef * m
-    (theta: p itself, or the fp32 master), with the update pass's element code (no gradient, restore 0), so the
-    next step's restore removes exactly this.  Reads p (or the master) and m, writes p; nothing while coef = 0.
-    The tensor table is the update pass's (its gradient, v and step columns are not read); its row is read as the
-    update kernel reads it, written out again on purpose (a helper costs ~1 ms a call under the interpreter)."""
+    """Theta at rest: eps = coef * m applied by the first training forward after a step (``_apply_chunk``), so
+    that the next step's restore removes exactly this.  Nothing is read or written while coef = 0.  The tensor
+    table is the update pass's layout (its gradient, v and step columns are not read)."""
     pid = tl.program_id(0).to(tl.int64)
     coef = tl.load(coef_ptr)
     if coef != 0.0:
-        t = tl.load(blk_ptr + 2 * pid)
-        start = tl.load(blk_ptr + 2 * pid + 1)
-        row = tab_ptr + t * TAB_W
-        p_addr = tl.load(row + 0)
-        m_addr = tl.load(row + 2)
-        ma_addr = tl.load(row + 4)
-        numel = tl.load(row + 6)
-        meta = tl.load(row + 7)
-        code = (meta >> 1) & 3
-        aligned = ((meta >> 3) & 1) != 0
-        one = tl.full([], 1.0, tl.float32)
-        zero = tl.full([], 0.0, tl.float32)
-        end = tl.minimum(start + iters * BLOCK, numel)
+        p_addr, _, m_addr, _, ma_addr, _, start, end, _, code, aligned, _ = _block(tab_ptr, blk_ptr, pid, iters,
+                                                                                  BLOCK, TAB_W)
         for it in range(0, iters):
             base = tl.multiple_of(start + it * BLOCK, BLOCK)
-            if aligned & (base + BLOCK <= end):
-                _update_chunk(blk_ptr, p_addr, m_addr, m_addr, m_addr, ma_addr, code, False, base, end,
-                              one, zero, coef, one, one, zero, one, zero, one, zero, one, BLOCK, True)
+            if aligned & (base + BLOCK <= end):  # the FULL specialisation (module doc)
+                _apply_chunk(blk_ptr, p_addr, m_addr, ma_addr, code, coef, base, end, BLOCK, True)
             elif base < end:
-                _update_chunk(blk_ptr, p_addr, m_addr, m_addr, m_addr, ma_addr, code, False, base, end,
-                              one, zero, coef, one, one, zero, one, zero, one, zero, one, BLOCK, False)
+                _apply_chunk(blk_ptr, p_addr, m_addr, ma_addr, code, coef, base, end, BLOCK, False)
+
+
+# ------------------------------------------------------------------------------------------ the interpreter
+
+def _call_helpers_directly_when_interpreted() -> None:
+    """Under TRITON_INTERPRET=1, each call of a ``@triton.jit`` helper from a kernel first patches
+    ``triton.language`` again (about 0.15 ms a call, a few dozen calls per chunk), although the kernel's launch
+    has already patched it for all of its programs.  The helpers are therefore replaced here by their
+    interpreted bodies (the interpreter's own rewrite of each one), called as plain Python functions while a
+    kernel runs: the same code and results, without the per-call patching.  Nothing changes for compiled
+    kernels (no interpreter: the helpers stay JIT functions, inlined by the compiler) nor for the kernels
+    themselves (still launched through the interpreter, which patches the language around each launch)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return
+    module = globals()
+    for name, fn in list(module.items()):
+        if name.startswith("_") and isinstance(fn, InterpretedFunction) and hasattr(fn, "rewrite"):
+            module[name] = fn.rewrite()
+
+
+_call_helpers_directly_when_interpreted()
