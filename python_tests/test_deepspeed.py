@@ -48,6 +48,9 @@ CONFIGS = {
 }
 #: gradient accumulation: the rank's rows in micro-batches of one (eps is applied once, at the first of them)
 ACCUM = {"z3-fp32-2groups-accum2": 2}
+#: nothing between steps (no evaluation, no gathering to record theta, which releases the parameters again): under
+#: ZeRO-3, DeepSpeed then keeps the small "persistent" parameters gathered from one step to the next forward
+NO_EVAL = {"z3-fp32-2groups-accum2"}
 
 
 class Net(nn.Module):
@@ -154,10 +157,14 @@ def train_ds(rank, name, steps=STEPS, start=0, engine=None):
             engine.step()
             losses.append(loss.detach().float())
         loss = torch.stack(losses).mean()
-        engine.eval()
-        with torch.no_grad():  # the evaluation DeepSpeed users run between steps: theta
-            x_all, y_all = batch(t, torch_dtype)
-            eval_loss = loss_fn(engine(x_all), y_all)
+        eval_loss = torch.tensor(float("nan"))
+        if name not in NO_EVAL:
+            engine.eval()
+            with torch.no_grad():  # the evaluation DeepSpeed users run between steps: theta
+                x_all, y_all = batch(t, torch_dtype)
+                eval_loss = loss_fn(engine(x_all), y_all)
+        if name in NO_EVAL and t != start + steps - 1:
+            continue
         records.append({"loss": loss.detach().float().clone(), "eval": eval_loss.float().clone(),
                         "theta": full_params(engine, stage)})
     return engine, records
@@ -253,12 +260,13 @@ def test_zero_equals_one_process(ds_results, name):
         assert got["steps"] == STEPS
         assert not got["applied_after_eval"]
         assert not got["mgpo_warnings"]  # e.g. a "no training forward applied the perturbation" between groups
-        for t, (g, r) in enumerate(zip(got["records"], ref)):
+        for t, (g, r) in enumerate(zip(got["records"], ref[-len(got["records"]):])):
             for a, b in zip(g["theta"], r["theta"]):
                 torch.testing.assert_close(a, b, rtol=rtol, atol=atol,
                                            msg=lambda m: f"{name} rank {rank} step {t}: theta differs: {m}")
             # the training loss was taken at theta + eps (the same eps as one process), the evaluation at theta
-            torch.testing.assert_close(g["eval"], r["eval"], rtol=max(rtol, 1e-5) * 10, atol=atol)
+            if name not in NO_EVAL:
+                torch.testing.assert_close(g["eval"], r["eval"], rtol=max(rtol, 1e-5) * 10, atol=atol)
         losses = torch.stack([res[name]["records"][-1]["loss"] for res in ds_results]).mean()
         torch.testing.assert_close(losses, ref[-1]["loss"], rtol=max(rtol, 1e-5) * 10, atol=atol)
 
