@@ -1,4 +1,6 @@
-"""MGPO as two multi-tensor Triton kernels: a reduce pass and an update pass (see triton_kernels.py).
+"""MGPO as multi-tensor Triton kernels: a step is a reduce pass and an update pass, and theta at rest's eps is
+applied by an apply pass (see triton_kernels.py); one launch each (``_launch_reduce``, ``_launch_update``,
+``_launch_apply``).
 
 Per step: one launch of the reduce kernel (deterministic partial sums -> the float64 ``sums`` of base.py's
 layout), ``cfg.reduce_hook(sums)`` if set, one launch of the update kernel (scalar stage in every program,
@@ -168,6 +170,12 @@ class _Prepared:
         self.entry = entry
         self.writeback = writeback
 
+    def write_back(self) -> None:
+        """Copies the dense temporaries of non-contiguous tensors back, after the kernel that wrote them."""
+        for dst, src in self.writeback:
+            if dst is not None:
+                dst.copy_(src)
+
 
 def _prepare(tables: Tables, plan: StepPlan, device: torch.device) -> _Prepared:
     """The device tables in ``tables`` for these tensors, rebuilt only where an address, size or dtype changed."""
@@ -336,31 +344,34 @@ def _device_guard(device: torch.device):
 
 
 def _launch_reduce(entry: _Entry, sums: Tensor) -> None:
+    """The reduce pass: ``sums`` (float64, base.py's layout) from the gradients and m."""
     with _device_guard(entry.device):
-        _launch_reduce_here(entry, sums)
-
-
-def _launch_reduce_here(entry: _Entry, sums: Tensor) -> None:
-    _k.mgpo_reduce_kernel[(entry.n_blocks,)](
-        entry.tab, entry.blk, entry.grp_blk, entry.partials, sums, entry.counter_reduce,
-        entry.n_blocks, entry.n_groups, entry.iters,
-        BLOCK=entry.block, RBLOCK=_k.RBLOCK, TAB_W=_k.TAB_W, num_warps=entry.num_warps, **_COMPILE_OPTIONS,
-    )
+        _k.mgpo_reduce_kernel[(entry.n_blocks,)](
+            entry.tab, entry.blk, entry.grp_blk, entry.partials, sums, entry.counter_reduce,
+            entry.n_blocks, entry.n_groups, entry.iters,
+            BLOCK=entry.block, RBLOCK=_k.RBLOCK, TAB_W=_k.TAB_W, num_warps=entry.num_warps, **_COMPILE_OPTIONS,
+        )
 
 
 def _launch_update(entry: _Entry, sums: Tensor, gstate: GlobalState, scale: Tensor, found_inf: Tensor) -> None:
+    """The update pass: scalar stage, restore, AdamW, step counts and the optimizer-wide scalars, in place."""
     with _device_guard(entry.device):
-        _launch_update_here(entry, sums, gstate, scale, found_inf)
+        _k.mgpo_update_kernel[(entry.n_blocks,)](
+            entry.tab, entry.blk, entry.grp_lr, entry.hyp, sums,
+            gstate.step, gstate.gbar, gstate.coef, gstate.skipped, scale, found_inf, entry.counter_update,
+            entry.pending, entry.n_blocks, entry.n_tensors, entry.n_groups, entry.iters,
+            BLOCK=entry.block, TBLOCK=_k.TBLOCK, TAB_W=_k.TAB_W, HYP_W=_k.HYP_W, num_warps=entry.num_warps,
+            **_COMPILE_OPTIONS,
+        )
 
 
-def _launch_update_here(entry: _Entry, sums: Tensor, gstate: GlobalState, scale: Tensor, found_inf: Tensor):
-    _k.mgpo_update_kernel[(entry.n_blocks,)](
-        entry.tab, entry.blk, entry.grp_lr, entry.hyp, sums,
-        gstate.step, gstate.gbar, gstate.coef, gstate.skipped, scale, found_inf, entry.counter_update,
-        entry.pending, entry.n_blocks, entry.n_tensors, entry.n_groups, entry.iters,
-        BLOCK=entry.block, TBLOCK=_k.TBLOCK, TAB_W=_k.TAB_W, HYP_W=_k.HYP_W, num_warps=entry.num_warps,
-        **_COMPILE_OPTIONS,
-    )
+def _launch_apply(entry: _Entry, coef: Tensor) -> None:
+    """The apply pass: p = theta + coef * m (nothing while coef is 0 on the device)."""
+    with _device_guard(entry.device):
+        _k.mgpo_apply_kernel[(entry.n_blocks,)](
+            entry.tab, entry.blk, coef.reshape(1) if coef.dim() == 0 else coef, entry.iters,
+            BLOCK=entry.block, TAB_W=_k.TAB_W, num_warps=entry.num_warps, **_COMPILE_OPTIONS,
+        )
 
 
 def _reduce(tables: Tables, plan: StepPlan) -> Tuple[Tensor, _Prepared]:
@@ -377,9 +388,7 @@ def _update(prep: _Prepared, plan: StepPlan, sums: Tensor):
     scale = gstate.coef if plan.grad_scale is None else plan.grad_scale  # not read when absent
     found_inf = gstate.coef if plan.found_inf is None else plan.found_inf
     _launch_update(prep.entry, sums, gstate, scale, found_inf)
-    for dst, src in prep.writeback:
-        if dst is not None:
-            dst.copy_(src)
+    prep.write_back()
 
 
 # ------------------------------------------------------------------------------------------------- custom ops
@@ -502,14 +511,8 @@ class TritonBackend(Backend):
         plan = StepPlan(params, [None] * len(params), ms, vs, masters, master_index, steps, sizes, None,
                         plan_lr_tensors(groups, device), [], None, None)
         prep = _prepare(self._apply_tables, plan, device)
-        entry = prep.entry
-        with _device_guard(device):
-            _k.mgpo_apply_kernel[(entry.n_blocks,)](
-                entry.tab, entry.blk, coef.reshape(1) if coef.dim() == 0 else coef, entry.iters,
-                BLOCK=entry.block, TAB_W=_k.TAB_W, num_warps=entry.num_warps, **_COMPILE_OPTIONS)
-        for dst, src in prep.writeback:
-            if dst is not None:
-                dst.copy_(src)
+        _launch_apply(prep.entry, coef)
+        prep.write_back()
 
     @torch.no_grad()
     def step(self, groups: List[GroupTensors], gstate: GlobalState, cfg: StepConfig) -> None:
