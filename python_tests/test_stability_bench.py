@@ -320,6 +320,13 @@ def test_dose_tiny_preset_end_to_end(tmp_path):
         assert all(e == pytest.approx(0.05) for e in by[(s, "mgpo-noapn", 0.05)]["eps"][1:])
     rows = [r for r in res["dose_rows"] if r["variant"] != "lora"]
     assert len(rows) == 3 and all(r["d_bump"]["n"] == 2 for r in rows)
+    (zero,) = [r for r in res["dose_rows"] if r["variant"] == "lora"]
+    for r in rows + [zero]:
+        want = [x for x in runs if x["variant"] == ("mgpo" if r is zero else r["variant"]) and x["rho"] == r["rho"]]
+        assert r["solved"] == sum(x["exact_match"] >= 0.5 for x in want)
+    (d,) = res["direction_rows"]
+    diffs = [by[(s, "mgpo", 0.05)]["eval_loss"] - by[(s, "noise", 0.05)]["eval_loss"] for s in (0, 1)]
+    assert d["n"] == 2 and d["d_eval_loss"]["mean"] == pytest.approx(sum(diffs) / 2)
     out = tmp_path / "out"
     for suffix in ("", "-bump", "-eval-loss", "-exact-match"):
         assert (out / f"{js.stem}{suffix}.png").exists(), suffix

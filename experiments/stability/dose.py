@@ -364,7 +364,8 @@ def dose_rows(runs: List[Dict[str, Any]], cfg: Dict[str, Any], cells) -> List[Di
         z = [x for k, x in zero.items() if (k[0], k[1]) in cs]
         out.append({"cell": name, "variant": "lora", "rho": 0.0, "n": len(z),
                     **{m: metrics.mean_std([_metric(x, m, cfg) for x in z]) for m, _, _ in METRICS},
-                    "eps_rel_mean": 0.0, "diverged": sum(x["diverged"] for x in z)})
+                    "eps_rel_mean": 0.0, "diverged": sum(x["diverged"] for x in z),
+                    "solved": sum(x["exact_match"] >= SOLVED for x in z)})
         for v in cfg["variants"]:
             for rho in [x for x in cfg["rhos"] if x > 0]:
                 rs = [x for x in runs if x["variant"] == v and x["rho"] == rho and (x["rank"], x["lr"]) in cs
