@@ -22,10 +22,10 @@ import torch
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements-dev.txt pins it)")
 
 import torch.multiprocessing as mp  # noqa: E402
-from torch import nn  # noqa: E402
 
 from mgpo_kernels import MGPO  # noqa: E402
 from mgpo_kernels.integrations.common import find_mgpo  # noqa: E402
+from test_zero_redundancy import Ragged  # noqa: E402
 
 WORLD = 2
 STEPS = 4
@@ -53,17 +53,8 @@ ACCUM = {"z3-fp32-2groups-accum2": 2}
 NO_EVAL = {"z3-fp32-2groups-accum2"}
 
 
-class Net(nn.Module):
-    """Odd sizes (7x13, 13x5, a 1x5 row): DeepSpeed pads the partitions, and stage 3 pads per parameter."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(7, 13)
-        self.fc2 = nn.Linear(13, 5)
-        self.row = nn.Parameter(0.1 * torch.randn(1, 5))
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x))) + self.row
+#: odd sizes (7x13, 13x5, a 1x5 row): DeepSpeed pads the partitions, and stage 3 pads per parameter
+Net = Ragged
 
 
 def make_net(dtype=torch.float32) -> Net:
