@@ -19,6 +19,8 @@ import warnings
 import pytest
 import torch
 
+# these tests run DeepSpeed on the CPU (gloo) even on a GPU machine: its accelerator is chosen at import
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (requirements-dev.txt pins it)")
 
 import torch.multiprocessing as mp  # noqa: E402
