@@ -295,9 +295,10 @@ def test_availability_and_priority():
 
 
 _AOT = r'''
-import os, re, sys
+import os, re, subprocess, sys, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mgpo_kernels.backends import triton_kernels as tk
@@ -310,10 +311,12 @@ PTRS = {
                                g_step_ptr="*fp32", g_gbar_ptr="*fp32", g_coef_ptr="*fp32", g_skipped_ptr="*i64",
                                scale_ptr="*fp32", found_inf_ptr="*fp32", counter_ptr="*i32",
                                pending_ptr="*fp32"),
+    "mgpo_apply_kernel": dict(tab_ptr="*i64", blk_ptr="*i64", coef_ptr="*fp32"),
 }
 CONSTS = {"mgpo_reduce_kernel": dict(BLOCK=1024, RBLOCK=tk.RBLOCK, TAB_W=tk.TAB_W),
-          "mgpo_update_kernel": dict(BLOCK=1024, TBLOCK=tk.TBLOCK, TAB_W=tk.TAB_W, HYP_W=tk.HYP_W)}
-for fn in (tk.mgpo_reduce_kernel, tk.mgpo_update_kernel):
+          "mgpo_update_kernel": dict(BLOCK=1024, TBLOCK=tk.TBLOCK, TAB_W=tk.TAB_W, HYP_W=tk.HYP_W),
+          "mgpo_apply_kernel": dict(BLOCK=1024, TAB_W=tk.TAB_W)}
+for fn in (tk.mgpo_reduce_kernel, tk.mgpo_update_kernel, tk.mgpo_apply_kernel):
     ptrs, consts = PTRS[fn.__name__], CONSTS[fn.__name__]
     sig = {a: ptrs.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ptrs}  # as the JIT specializes them
@@ -321,14 +324,24 @@ for fn in (tk.mgpo_reduce_kernel, tk.mgpo_update_kernel):
                        options={"num_warps": 8, **tb._COMPILE_OPTIONS})
     ops = sorted(set(re.findall(r"(?:ld|st|atom|div|sqrt|fma)\.[a-z0-9._]+", k.asm["ptx"])))
     print(fn.__name__, " ".join(ops))
+    with tempfile.TemporaryDirectory() as d:  # ptxas -v: the spills of the code that runs on an H100/H200
+        with open(os.path.join(d, "k.ptx"), "w") as f:
+            f.write(k.asm["ptx"])
+        target = re.search(r"^\.target\s+(\S+)", k.asm["ptx"], re.M).group(1)
+        log = subprocess.run([get_ptxas(90).path, "-v", f"--gpu-name={target}", f.name, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True)
+    log = log.stdout + log.stderr if log.returncode == 0 else "failed: " + log.stderr
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)) if log[:7] != "failed:" else -1
+    print(fn.__name__ + ".ptxas", spills, *re.findall(r"Used (\d+) registers", log))
 '''
 
 
 def test_kernels_compile_for_h100_h200_with_vector_accesses(tmp_path):
-    """The interpreter checks semantics only: compile both kernels for sm_90 (no GPU needed, Triton's ptxas) to
-    catch what only the compiler rejects (branch types, loop-carried types), and check that full blocks use
-    16-byte vector accesses and that the update is IEEE (div.rn / sqrt.rn, no approximate division, and no fused
-    multiply-add: products are rounded before the sum, as in the reference and the C++/CUDA build)."""
+    """The interpreter checks semantics only: compile the three kernels for sm_90 (no GPU needed, Triton's ptxas)
+    as the JIT specializes them (16-byte aligned pointer arguments) to catch what only the compiler rejects (branch
+    types, loop-carried types), and check that full blocks use 16-byte vector accesses, that ptxas spills nothing,
+    and that the update is IEEE (div.rn / sqrt.rn, no approximate division, and no fused multiply-add: products
+    are rounded before the sum, as in the reference and the C++/CUDA build)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -344,8 +357,11 @@ def test_kernels_compile_for_h100_h200_with_vector_accesses(tmp_path):
     upd = lines["mgpo_update_kernel"]
     assert "st.global.v4.b32" in upd and "div.rn.f32" in upd and "sqrt.rn.f32" in upd, upd
     assert "approx" not in upd and "div.full" not in upd, upd
-    for name in ("mgpo_reduce_kernel", "mgpo_update_kernel"):
+    assert "ld.global.v4.b32" in lines["mgpo_apply_kernel"] and "st.global.v4.b32" in lines["mgpo_apply_kernel"]
+    for name in ("mgpo_reduce_kernel", "mgpo_update_kernel", "mgpo_apply_kernel"):
         assert "fma." not in lines[name], lines[name]
+        spills, *_ = lines[name + ".ptxas"].split()  # spill bytes (-1: ptxas failed), registers
+        assert spills == "0", (name, lines[name + ".ptxas"])
 
 
 def test_aligned_tensors_take_the_vector_path():
