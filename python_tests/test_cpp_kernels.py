@@ -580,7 +580,7 @@ def _no_kept_plan(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kept_plan_steps_are_the_ops_steps_bit_for_bit(dtype, monkeypatch):
     """Eagerly the cpp backend runs through a _C.KeptPlan (the persistent lists held in C++, made again when they
-    change); the run is bitwise the run through the ops alone, across missing gradients, a tensor lr changed
+    change), its apply pass too; the run is bitwise the run through the ops alone, across missing gradients, a tensor lr changed
     in place, GradScaler's unscale, ``p.data`` reassigned and a new param group."""
     shapes = [(5,), (3, 40), (16385,), (8, 33)]
     init = make_params(shapes, dtype, "cpu", seed=4)
@@ -605,6 +605,7 @@ def test_kept_plan_steps_are_the_ops_steps_bit_for_bit(dtype, monkeypatch):
                 if t == 8:
                     opt.add_param_group({"params": [extra]})
                     params.append(extra)
+                opt.apply_perturbation()  # the apply pass: KeptPlan.perturb, or the perturb op
                 grads = rand_grads([p.shape for p in params], dtype, "cpu", gen, none=(2,) if t == 3 else ())
                 set_grads(params, grads)
                 if t == 11:
