@@ -118,6 +118,7 @@ class DeepSpeedLink:
         self._index = {id(f): i for i, f in enumerate(self.flats)}
         self.pending = {}  # flat index -> (its sums all-reduced over the ranks, its group's beta1), this DeepSpeed step
         self.calls = 0
+        self._state_checked = False
         self._install_step_bracket(zero)
 
     # ------------------------------------------------------------------ setup
@@ -141,6 +142,19 @@ class DeepSpeedLink:
         if any(g.get("max_grad_norm") is not None for g in groups) and not getattr(zero, "compute_grad_norm", True):
             _refuse("MGPO's max_grad_norm with \"compute_grad_norm\": false",
                     "Use DeepSpeed's \"gradient_clipping\" instead, or let DeepSpeed compute the norm.")
+
+    def _check_loaded_state(self, opt) -> None:
+        """Refuse per-tensor state that came without MGPO's global scalars (gbar, coef, step): DeepSpeed's universal
+        checkpoints (``load_universal_checkpoint``) fill the partitions' moments themselves, bypassing
+        ``load_state_dict``; continuing would restart gbar and eps from zero with trained moments."""
+        self._state_checked = True
+        states = [opt.state.get(f) for f in self.flats]
+        if any(st for st in states) and float(opt._gstate.step) == 0.0:
+            raise RuntimeError(
+                "MGPO under DeepSpeed: the optimizer state of DeepSpeed's partitions was loaded without MGPO's "
+                "global scalars (gbar, coef, step count), as DeepSpeed's universal checkpoints do "
+                "(load_universal_checkpoint): the run would go on with gbar and eps restarted. Resume from the "
+                "checkpoint engine.save_checkpoint() wrote (the default format), with the same number of ranks.")
 
     @staticmethod
     def _stage3_padding(zero, i: int, rank: int):
@@ -215,6 +229,8 @@ class DeepSpeedLink:
             opt._warn_missed_apply()
         if flat.grad is None:
             return
+        if not self._state_checked:
+            self._check_loaded_state(opt)
         for a, b in self.padding[i]:
             flat.grad[a:b].zero_()
         st = opt._init_state(flat)

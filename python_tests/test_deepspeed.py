@@ -281,6 +281,7 @@ def _save_worker(rank, port, out):
             _, rest = train_ds(rank, name, steps=STEPS - HALF, start=HALF, engine=engine)
             results[name] = {"final": rest[-1]["theta"], "saved_theta": saved_theta}
         results["refusals"] = _refusals()
+        results["refusals"]["universal_checkpoint"] = _state_without_scalars(rank)
         torch.save(results, os.path.join(out, f"save{rank}.pt"))
         _finish()
     except BaseException:
@@ -311,6 +312,21 @@ def _load_worker(rank, port, out):
     except BaseException:
         traceback.print_exc()
         raise
+
+
+def _state_without_scalars(rank):
+    """Moments loaded without MGPO's global scalars (what a universal checkpoint load leaves): the first step of a
+    fresh link refuses it instead of restarting gbar and eps."""
+    engine, _ = train_ds(rank, "z2-fp32-2groups-dsclip", steps=1)
+    mgpo = find_mgpo(engine.optimizer)
+    for v in mgpo._gstate.tensors().values():  # as if only the per-tensor state had been restored
+        v.zero_()
+    del mgpo.__dict__["_deepspeed"]
+    try:
+        train_ds(rank, "z2-fp32-2groups-dsclip", steps=1, start=1, engine=engine)
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 def _refusals():
