@@ -307,7 +307,7 @@ def test_dose_tiny_preset_end_to_end(tmp_path):
     assert [tuple(c) for c in res["cells"]] == [(best["rank"], best["lr"])]
     rank = best["rank"]
     runs = res["runs"]
-    assert len(runs) == 2 * (1 + 3)  # 2 seeds x (rho 0, then MGPO / w/o APN / noise at rho 0.05)
+    assert len(runs) == 2 * (2 + 3)  # 2 seeds x (rho 0 by MGPO and by torch AdamW, MGPO / w/o APN / noise at 0.05)
     by = {(r["seed"], r["variant"], r["rho"]): r for r in runs}
     assert all(r["rank"] == rank for r in runs)
     assert not set(res["scan_seeds"]) & set(res["config"]["seeds"])
@@ -319,7 +319,11 @@ def test_dose_tiny_preset_end_to_end(tmp_path):
         assert mg["eps"][0] == 0.0 and mg["eps"][1] > 0 and nz["eps"] == pytest.approx(mg["eps"], rel=1e-3)
         assert all(e == pytest.approx(0.05) for e in by[(s, "mgpo-noapn", 0.05)]["eps"][1:])
     rows = [r for r in res["dose_rows"] if r["variant"] != "lora"]
-    assert len(rows) == 3 and all(r["d_bump"]["n"] == 2 for r in rows)
+    assert len(rows) == 4 and all(r["d_bump"]["n"] == 2 for r in rows)
+    (null,) = [r for r in rows if r["variant"] == "adamw"]
+    d0 = [by[(s, "adamw", 0.0)]["eval_loss"] - by[(s, "mgpo", 0.0)]["eval_loss"] for s in (0, 1)]
+    assert null["rho"] == 0.0 and null["d_eval_loss"]["mean"] == pytest.approx(sum(d0) / 2)
+    assert all(e == 0.0 for s in (0, 1) for e in by[(s, "adamw", 0.0)]["eps"])
     (zero,) = [r for r in res["dose_rows"] if r["variant"] == "lora"]
     for r in rows + [zero]:
         want = [x for x in runs if x["variant"] == ("mgpo" if r is zero else r["variant"]) and x["rho"] == r["rho"]]

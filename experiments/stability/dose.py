@@ -37,6 +37,9 @@ from .noise import IsotropicNoise
 
 #: the study's variants: label, MGPO's adaptive_norm (None: the noise control)
 VARIANTS: Dict[str, Dict[str, Any]] = {
+    # a second rho = 0 run: torch.optim.AdamW instead of MGPO at rho = 0 -- the same arithmetic up to floating-point
+    # rounding, so its difference from rho = 0 is what a perturbation of rounding size does (the null)
+    "adamw": {"label": "torch AdamW (ρ = 0; rounding only)", "adaptive_norm": None},
     "mgpo": {"label": "MGPO (APN)", "adaptive_norm": True},
     "mgpo-noapn": {"label": "MGPO w/o APN", "adaptive_norm": False},
     "noise": {"label": "random noise, ‖ε‖ of MGPO (APN)", "adaptive_norm": None},
@@ -212,7 +215,10 @@ def finetune(base_model, data: Dict[str, Any], variant: str, rho: float, rank: i
     model = sweep.add_lora(base_model, rank, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     noise = None
-    if variant == "noise":
+    if variant == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg["weight_decay"])
+        apn, rho = True, 0.0
+    elif variant == "noise":
         if eps_schedule is None:
             raise ValueError("the noise control replays an MGPO run's ‖ε‖: pass eps_schedule")
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg["weight_decay"])
@@ -245,7 +251,7 @@ def finetune(base_model, data: Dict[str, Any], variant: str, rho: float, rank: i
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if noise is None:
+        if noise is None and variant != "adamw":
             next_eps = mgpo_eps_norm(opt, rho, apn, cfg["gbar_floor"])
         v = loss.item()
         losses.append(v)
@@ -253,7 +259,7 @@ def finetune(base_model, data: Dict[str, Any], variant: str, rho: float, rank: i
             diverged = True
             break
     train_s = time.perf_counter() - t0
-    if noise is None:
+    if noise is None and variant != "adamw":
         with opt.unperturbed():
             eval_loss, em = task.evaluate(model, data["eval_batches"])
             theta_norm = _norm(params)
@@ -308,9 +314,12 @@ def dose_plan(cfg: Dict[str, Any], cells) -> List[Tuple[int, float, int, str, fl
     for seed in cfg["seeds"]:
         for rank, lr in cells:
             plan.append((rank, lr, seed, "mgpo", 0.0))
+            if "adamw" in cfg["variants"]:
+                plan.append((rank, lr, seed, "adamw", 0.0))
             for rho in [x for x in cfg["rhos"] if x > 0]:
                 for v in cfg["variants"]:
-                    plan.append((rank, lr, seed, v, rho))
+                    if v != "adamw":
+                        plan.append((rank, lr, seed, v, rho))
     return plan
 
 
@@ -357,7 +366,7 @@ def _metric(run: Dict[str, Any], name: str, cfg: Dict[str, Any]) -> float:
 def dose_rows(runs: List[Dict[str, Any]], cfg: Dict[str, Any], cells) -> List[Dict[str, Any]]:
     """Per cell (and "all" cells pooled), variant and ρ > 0: the absolute means and the paired differences
     against the ρ = 0 run of the same (cell, seed), with their 95% t intervals."""
-    zero = {(x["rank"], x["lr"], x["seed"]): x for x in runs if x["rho"] == 0.0}
+    zero = {(x["rank"], x["lr"], x["seed"]): x for x in runs if x["rho"] == 0.0 and x["variant"] == "mgpo"}
     groups = [((r, lr), [(r, lr)]) for r, lr in cells] + ([("all", list(cells))] if len(cells) > 1 else [])
     out = []
     for name, cs in groups:
@@ -367,7 +376,7 @@ def dose_rows(runs: List[Dict[str, Any]], cfg: Dict[str, Any], cells) -> List[Di
                     "eps_rel_mean": 0.0, "diverged": sum(x["diverged"] for x in z),
                     "solved": sum(x["exact_match"] >= SOLVED for x in z)})
         for v in cfg["variants"]:
-            for rho in [x for x in cfg["rhos"] if x > 0]:
+            for rho in ([0.0] if v == "adamw" else [x for x in cfg["rhos"] if x > 0]):
                 rs = [x for x in runs if x["variant"] == v and x["rho"] == rho and (x["rank"], x["lr"]) in cs
                       and (x["rank"], x["lr"], x["seed"]) in zero]
                 if not rs:
@@ -557,7 +566,7 @@ def charts(payload: Dict[str, Any], path) -> None:
         fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
         for j, g in enumerate(groups):
             ax = axes[0][j]
-            for vi, v in enumerate(cfg["variants"]):
+            for vi, v in enumerate([x for x in cfg["variants"] if x != "adamw"]):
                 rows = [r for r in payload["dose_rows"] if r["cell"] == (list(g) if g != "all" else "all")
                         or r["cell"] == g]
                 rows = [r for r in rows if r["variant"] == v and r["d_" + m]["mean"] is not None]
@@ -570,6 +579,13 @@ def charts(payload: Dict[str, Any], path) -> None:
                 ax.errorbar(xs, mu, yerr=[mu - lo, hi - mu], fmt="o-", color=colors.get(v), ms=3, lw=1, capsize=2,
                             label=VARIANTS[v]["label"])
             ax.axhline(0, color="k", lw=0.8)
+            null = [r for r in payload["dose_rows"] if r["variant"] == "adamw"
+                    and (r["cell"] == g or r["cell"] == (list(g) if g != "all" else "all"))]
+            if null and null[0]["d_" + m]["lo"] is not None and math.isfinite(null[0]["d_" + m]["lo"]):
+                d = null[0]["d_" + m]
+                ax.axhspan(d["lo"], d["hi"], color="tab:blue", alpha=0.12, lw=0,
+                           label="torch AdamW vs ρ = 0 (rounding only), 95% CI")
+                ax.axhline(d["mean"], color="tab:blue", lw=0.8, ls="--")
             ax.set_xticks(range(len(rhos)))
             ax.set_xticklabels([f"{x:g}" for x in rhos], fontsize=7)
             ax.set_xlabel("ρ", fontsize=8)
