@@ -450,6 +450,9 @@ def markdown(payload: Dict[str, Any]) -> str:
         f"Gaussian direction",
         f"- scan seeds {payload.get('scan_seeds')}; dose-response seeds {cfg['seeds']} (disjoint: the cells are "
         f"chosen on other seeds than they are measured on)",
+    ]
+    lines += [f"- note: {n}" for n in payload.get("notes", [])]
+    lines += [
         "",
         "## 1. Where plain LoRA bumps (scan; mean ± std over the scan seeds)",
         "",
