@@ -57,10 +57,10 @@ _RUN = dict(n_train=4000, n_eval=512, batch=32, steps=300, warmup_frac=0.03, wei
             rhos=[0.0, 0.005, 0.01, 0.02, 0.05, 0.1], variants=list(VARIANTS), n_seeds=8)
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # a 2-core CPU: a 0.1M-parameter base, 27 scan runs + 2 cells x 8 seeds x 16 runs (see docs/stability.md)
+    # a 2-core CPU (80 min measured on a shared one): a 0.1M-parameter base, 27 scan runs + 2 cells x 8 seeds x 17 runs
     "dose": {**_BASE, **_RUN},
     # a GPU (not run yet; sized by estimate, ~10 ms a step, for about 10 minutes on an H100/H200): a 3.2M-parameter
-    # base, batch 64, 2 scan seeds and 5 dose-response seeds (18 + 160 runs of 300 steps)
+    # base, batch 64, 2 scan seeds and 5 dose-response seeds (18 + 170 runs of 300 steps)
     "dose-cuda": {**_BASE, **_RUN, "hidden": 256, "intermediate": 688, "layers": 4, "heads": 8,
                   "pretrain_steps": 2000, "pretrain_batch": 128, "pretrain_lr": 1e-3, "batch": 64,
                   "n_eval": 1024, "scan_lrs": [1e-3, 3e-3, 1e-2], "scan_seeds": 2, "n_seeds": 5},
