@@ -21,7 +21,8 @@ import torch
 # ----------------------------------------------------------------------------------------------- packages
 
 #: What each subcommand cannot run without beyond torch, from setup.py's ``extras_require["bench"]`` (tqdm is not
-#: here: without it there are only no progress bars); the charts need matplotlib.
+#: here: without it there are only no progress bars); the charts need matplotlib.  "stability" is the experiment
+#: outside the package (``python -m experiments.stability``), which uses the same check.
 NEEDS = {"step": (), "table3": ("transformers", "peft"), "stability": ("transformers", "tokenizers")}
 CHART_NEEDS = ("matplotlib",)
 
@@ -34,14 +35,15 @@ def _installed(module: str) -> bool:
 
 
 def require_packages(cmd: str, chart: bool, models: bool = True) -> None:
-    """Refuse to start ``mgpo-bench <cmd>`` when a package it imports later is missing: before any measurement
-    (a chart's import failing after a run of minutes, or every row of table3 failing in its own process, says
-    less).  ``models=False`` where the subcommand trains nothing (``stability --report-only``)."""
+    """Refuse to start ``mgpo-bench <cmd>`` (or the stability experiment) when a package it imports later is
+    missing: before any measurement (a chart's import failing after a run of minutes, or every row of table3 failing
+    in its own process, says less).  ``models=False`` where the command trains nothing (``--report-only``)."""
     need = (list(NEEDS.get(cmd, ())) if models else []) + (list(CHART_NEEDS) if chart else [])
     missing = [m for m in need if not _installed(m)]
     if missing:
         raise SystemExit(
-            f"mgpo-bench {cmd} needs {', '.join(missing)}, not installed in this environment: in the checkout, "
+            f"{'python -m experiments.stability' if cmd == 'stability' else 'mgpo-bench ' + cmd} needs "
+            f"{', '.join(missing)}, not installed in this environment: in the checkout, "
             f"pip install --no-build-isolation -e '.[bench]' (or pip install {' '.join(missing)})"
             + ("; --no-chart runs without matplotlib" if set(missing) <= set(CHART_NEEDS) else ""))
 
