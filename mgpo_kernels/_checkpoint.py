@@ -22,6 +22,7 @@ with a message otherwise.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Dict, Optional
 
 import torch
@@ -316,3 +317,36 @@ def adopt_bypassed_load(opt) -> None:
     holds = _legacy_holds(opt, [(p, st.get(LEGACY_FINGERPRINT_KEY)) for p, st in found])
     saved = None if first is None else {k: first[f"mgpo_{k}"] for k in MIRRORED_KEYS}
     _finish_load(opt, found, {}, saved, holds, every_global=False)
+
+
+def adopt_loads_of(opt, zero) -> None:
+    """``ZeroRedundancyOptimizer.load_state_dict`` fills the state of its local optimizer ``opt`` itself, then runs
+    its own post-hooks: there ``opt`` adopts the load (:func:`adopt_bypassed_load`), so the next training forward
+    applies the loaded eps."""
+    if zero is not None and hasattr(zero, "register_load_state_dict_post_hook"):
+        ref = weakref.ref(opt)
+        zero.register_load_state_dict_post_hook(lambda _z: ref() is not None and adopt_bypassed_load(ref()))
+
+
+def getstate(opt, st: Dict[str, Any]) -> Dict[str, Any]:
+    """``MGPO.__getstate__``: torch pickles only defaults, state and param_groups; the global state, the device, the
+    requested backend, the distributed mode and where eps is travel too (the backend and the host cache are rebuilt
+    on the other side)."""
+    st.update(_gstate=opt._gstate, _device=opt._device, _requested_backend=opt._requested_backend,
+              _distributed_mode=opt._distributed_mode, _at_rest=opt._at_rest)
+    return st
+
+
+def setstate(opt) -> None:
+    """``MGPO.__setstate__``, after torch's: a copy continues where the original was (the next training forward
+    applies eps), with its backend resolved again."""
+    from . import _at_rest
+    from . import backends as _backends
+
+    opt.__dict__.setdefault("_process_group", None)
+    opt.__dict__.setdefault("_distributed_mode", "auto")
+    rest = opt.__dict__.setdefault("_at_rest", _at_rest.AtRest())
+    if rest.maybe_nonzero and opt.param_groups and opt.training and not rest.applied:
+        _at_rest.arm(opt)
+    if "_device" in opt.__dict__ and "_requested_backend" in opt.__dict__:
+        opt._backend = _backends.resolve(opt._requested_backend, opt._device, opt.param_groups)

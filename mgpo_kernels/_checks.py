@@ -1,4 +1,5 @@
-"""Every check of MGPO's inputs: hyper-parameters, options, AdamW flags, parameters and gradients.
+"""Every check of MGPO's inputs: hyper-parameters, options, AdamW flags, parameters and gradients; and, from the
+checked values, a new param group and a step's configuration, and the warnings about a step taken at theta.
 
 Each check raises before anything is modified and names the value at fault, so a refused call leaves the
 parameters and the optimizer state as they were.
@@ -6,6 +7,7 @@ parameters and the optimizer state as they were.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Iterable
 
 import torch
@@ -230,3 +232,97 @@ def check_global_scalar(name: str, value, where: str) -> None:
         raise ValueError(f"{where}: {name}={v} must be a whole count >= 0")
     if name == "gbar" and v < 0:
         raise ValueError(f"{where}: gbar={v} must be >= 0 (it is an average of norms)")
+
+
+# ---------------------------------------------------------------------------------------------- MGPO's own checks
+def check_constructor(lr, betas, eps, weight_decay, options: Dict[str, Any], backend: str, backend_names,
+                      distributed: str, distributed_modes, flags: Dict[str, Any]) -> None:
+    """Every argument of ``MGPO(...)`` but the parameters."""
+    check_group_hparams(lr, betas, eps, weight_decay)
+    check_adamw_flags(flags, "MGPO")
+    for k, v in options.items():
+        check_option(k, v)
+    if backend != "auto" and backend not in backend_names:
+        raise ValueError(f"unknown backend {backend!r}; valid backends are {', '.join(('auto',) + backend_names)}")
+    if distributed not in distributed_modes:
+        raise ValueError(f"Invalid distributed={distributed!r}: valid values are "
+                         f"{', '.join(map(repr, distributed_modes))}")
+
+
+def new_group(opt, param_group: dict) -> dict:
+    """A param group as ``MGPO.add_param_group`` adds it: the options and the mode of the optimizer's groups (they
+    are global), the defaults, then every value and parameter checked.  A set of parameters is left to torch to
+    refuse (it is unordered)."""
+    g = dict(param_group)
+    params = g["params"]
+    if isinstance(params, set):
+        return g
+    g["params"] = [params] if isinstance(params, Tensor) else list(params)
+    # (name, tensor) pairs, as from named_parameters(): torch splits the names off; the tensors are checked
+    tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in g["params"]]
+    if opt.param_groups:  # options and mode are global: a new group takes the optimizer's current ones
+        for k in OPTION_NAMES + (MODE_KEY,):
+            g.setdefault(k, opt.param_groups[0].get(k, opt.defaults.get(k)))
+    for k, v in opt.defaults.items():
+        g.setdefault(k, v)
+    check_group_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"], "param group")
+    check_adamw_flags(g, "param group")
+    for k in OPTION_NAMES:
+        check_option(k, g[k])
+    check_param_list(tensors, len(opt.param_groups), {opt._device} if "_device" in opt.__dict__ else set())
+    return g
+
+
+def step_config(opt, hook, perturbed: bool = False):
+    """The step's ``StepConfig`` from the optimizer's groups (options checked equal in every group, lrs checked),
+    GradScaler's inputs (``opt.grad_scale``/``found_inf``, set by ``GradScaler.step``) and the all-reduce ``hook``;
+    ``perturbed``: the parameters hold theta + eps (a training forward applied it)."""
+    from .backends.base import StepConfig
+
+    o = global_options(opt.param_groups)
+    check_step_lrs(opt.param_groups)
+    return StepConfig(
+        rho=float(o["rho"]), ema_beta=float(o["ema_beta"]), adaptive_norm=o["adaptive_norm"],
+        sign=DIRECTIONS[o["direction"]],
+        max_grad_norm=None if o["max_grad_norm"] is None else float(o["max_grad_norm"]),
+        perturbed=perturbed, grad_scale=getattr(opt, "grad_scale", None), found_inf=getattr(opt, "found_inf", None),
+        reduce_hook=hook, gbar_floor=float(o["gbar_floor"] or 0.0))
+
+
+def reduce_hook(opt):
+    """The all-reduce of the global sums this step needs (FSDP2, a sharded optimizer), or None; the layout of the
+    parameters over the processes is decided once, at the first step (``_distributed.detect_layout``)."""
+    from . import _distributed
+
+    if torch.compiler.is_compiling():
+        return _distributed.reduce_hook(opt.param_groups, "local", opt._process_group)
+    layout = opt.__dict__.get("_layout_decided")
+    if layout is None:
+        layout = _distributed.detect_layout(opt.param_groups, opt._device, opt._distributed_mode, opt._process_group)
+        opt.__dict__["_layout_decided"] = layout
+    return _distributed.reduce_hook(opt.param_groups, layout, opt._process_group)
+
+
+def warn_eval_step(opt) -> None:
+    if not opt.__dict__.get("_warned_eval_step") and not torch.compiler.is_compiling():
+        opt.__dict__["_warned_eval_step"] = True
+        warnings.warn(
+            "MGPO.step() was called in eval mode: the gradients were taken at theta and no perturbation is "
+            "applied, so this is a plain AdamW step, and so is every step until train() is called. Call "
+            "opt.train() (or leave `with opt.unperturbed():`) before the next forward pass.",
+            stacklevel=5,  # the caller of step(), through torch's step wrapper and no_grad
+        )
+
+
+def warn_missed_apply(opt) -> None:
+    rest = opt._at_rest
+    if rest.armed and not rest.applied and not rest.warned_missed and not torch.compiler.is_compiling():
+        rest.warned_missed = True
+        warnings.warn(
+            "MGPO.step(): no training forward applied the perturbation since the last step (no module holding "
+            "MGPO's parameters was called in training mode with grad enabled), so this gradient was taken at "
+            "theta and this is a plain AdamW step. A loop that computes the loss without calling the model as "
+            "an nn.Module (raw tensors, a functional_call) must call opt.apply_perturbation() before its "
+            "forward; a loop that trains with the model in eval mode should call model.train().",
+            stacklevel=4,  # the caller of step(), through torch's step wrapper and no_grad
+        )

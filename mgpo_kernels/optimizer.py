@@ -6,24 +6,22 @@ update.  Whatever reads or writes the parameters between steps (a save, an evalu
 pruning) deals with theta, as with any optimizer.  The options and the mode live in ``param_groups`` (as
 schedule-free optimizers keep theirs), so every wrapper that forwards ``param_groups`` reaches them and
 ``state_dict``/``deepcopy`` carry them.
-This class collects the tensors and runs the step; the checks, the host-path cache, the distributed norms and the
-checkpoints have their own modules, and the arithmetic of a step is the backend's.
+This class holds the options and the state and runs the step; the checks (_checks.py), the tensor lists
+(_host_cache.py), the distributed norms (_distributed.py), where eps is (_at_rest.py) and the checkpoints
+(_checkpoint.py) have their own modules, and the arithmetic of a step is the backend's (backends/).
 """
 from __future__ import annotations
 
 import contextlib
-import warnings
-import weakref
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from . import _at_rest, _checkpoint, _checks, _deepspeed, _distributed, _host_cache
+from . import _at_rest, _checkpoint, _checks, _deepspeed, _distributed, _host_cache, _perturbation
 from . import backends as _backends
 from ._checks import DIRECTIONS, MODE_KEY, OPTION_DEFAULTS, OPTION_NAMES, SUPPORTED_DTYPES  # noqa: F401
-from ._distributed import local as _local
-from .backends.base import GlobalState, GroupTensors, StepConfig
+from .backends.base import GlobalState, StepConfig
 
 
 def _option(name: str, doc: str) -> property:
@@ -74,43 +72,20 @@ class MGPO(torch.optim.Optimizer):
     max_grad_norm = _option("max_grad_norm", "Fused global gradient clipping (None: off)")
     gbar_floor = _option("gbar_floor", "The bound on the perturbation (None: the paper's unbounded formula)")
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float | Tensor = 1e-3,
-        betas=(0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        rho: float = OPTION_DEFAULTS["rho"],
-        ema_beta: float = OPTION_DEFAULTS["ema_beta"],
-        adaptive_norm: bool = OPTION_DEFAULTS["adaptive_norm"],
-        direction: str = OPTION_DEFAULTS["direction"],
-        max_grad_norm: Optional[float] = OPTION_DEFAULTS["max_grad_norm"],
-        gbar_floor: Optional[float] = OPTION_DEFAULTS["gbar_floor"],
-        backend: str = "auto",
-        *,
-        distributed: str = "auto",
-        process_group=None,
-        amsgrad: bool = False,
-        maximize: bool = False,
-        foreach: Optional[bool] = None,
-        fused: Optional[bool] = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-    ):
-        _checks.check_group_hparams(lr, betas, eps, weight_decay)
-        _checks.check_adamw_flags(dict(amsgrad=amsgrad, maximize=maximize, differentiable=differentiable), "MGPO")
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, rho: float = OPTION_DEFAULTS["rho"],
+                 ema_beta: float = OPTION_DEFAULTS["ema_beta"], adaptive_norm: bool = OPTION_DEFAULTS["adaptive_norm"],
+                 direction: str = OPTION_DEFAULTS["direction"],
+                 max_grad_norm: Optional[float] = OPTION_DEFAULTS["max_grad_norm"],
+                 gbar_floor: Optional[float] = OPTION_DEFAULTS["gbar_floor"], backend: str = "auto", *,
+                 distributed: str = "auto", process_group=None, amsgrad: bool = False, maximize: bool = False,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False):
         options = dict(rho=rho, ema_beta=ema_beta, adaptive_norm=adaptive_norm, direction=direction,
                        max_grad_norm=max_grad_norm, gbar_floor=gbar_floor)
-        for k, v in options.items():
-            _checks.check_option(k, v)
-        if backend != "auto" and backend not in _backends.BACKEND_NAMES:
-            raise ValueError(
-                f"unknown backend {backend!r}; valid backends are {', '.join(('auto',) + _backends.BACKEND_NAMES)}"
-            )
-        if distributed not in _distributed.DISTRIBUTED_MODES:
-            raise ValueError(f"Invalid distributed={distributed!r}: valid values are "
-                             f"{', '.join(map(repr, _distributed.DISTRIBUTED_MODES))}")
+        _checks.check_constructor(lr, betas, eps, weight_decay, options, backend, _backends.BACKEND_NAMES,
+                                  distributed, _distributed.DISTRIBUTED_MODES,
+                                  dict(amsgrad=amsgrad, maximize=maximize, differentiable=differentiable))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **options)
         defaults[MODE_KEY] = True  # train mode: a training forward applies eps (eval mode: it does not)
         zero = _distributed.sharding_parent()
@@ -120,7 +95,7 @@ class MGPO(torch.optim.Optimizer):
                                             None if zero is None else getattr(zero, "_default_device", None))
         _distributed.dtensor_mesh(self.param_groups)  # unsupported DTensor layouts fail here (and in step())
         self._requested_backend = backend
-        self._backend = _backends.resolve_for(backend, self._device, self.param_groups)
+        self._backend = _backends.resolve(backend, self._device, self.param_groups)
         # Allocated here, never replaced (loads copy into it): wrappers that copy the optimizer's __dict__
         # (Lightning) share it, and under torch.compile an attribute assigned inside the traced step() was lost.
         self._gstate = GlobalState.zeros(self._device)
@@ -128,35 +103,19 @@ class MGPO(torch.optim.Optimizer):
         # this rank's shard of a ZeroRedundancyOptimizer: sum the norms over its group, and after applying or removing
         # share this rank's parameters with the others, as ZeRO does after a step (they hold copies of ours)
         self._sharding_parent = zero  # a reference cycle (zero.optim is self), which the GC collects
-        if zero is not None and hasattr(zero, "register_load_state_dict_post_hook"):
-            # ZeRO's load_state_dict fills this optimizer's state itself, then runs its own post-hooks: take the
-            # global scalars there, so the next training forward applies the loaded eps
-            ref = weakref.ref(self)
-            zero.register_load_state_dict_post_hook(
-                lambda _z: ref() is not None and _checkpoint.adopt_bypassed_load(ref()))
+        _checkpoint.adopt_loads_of(self, zero)  # ZeRO's load_state_dict fills self.state itself
         if zero is not None and distributed == "auto":
             distributed, process_group = "sharded", zero.process_group
         self._distributed_mode = distributed
         self._process_group = process_group
 
-    # ------------------------------------------------------------------ copy / pickle
     def __getstate__(self) -> Dict[str, Any]:
-        """torch.optim.Optimizer pickles only defaults, state and param_groups; the global state and the device
-        travel too (the backend and the host-path cache are rebuilt on the other side)."""
-        st = super().__getstate__()
-        st.update(_gstate=self._gstate, _device=self._device, _requested_backend=self._requested_backend,
-                  _distributed_mode=self._distributed_mode, _at_rest=self._at_rest)
-        return st
+        """torch.optim.Optimizer pickles only defaults, state and param_groups; MGPO's own state travels too."""
+        return _checkpoint.getstate(self, super().__getstate__())
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_process_group", None)
-        self.__dict__.setdefault("_distributed_mode", "auto")
-        rest = self.__dict__.setdefault("_at_rest", _at_rest.AtRest())
-        if rest.maybe_nonzero and self.param_groups and self.training and not rest.applied:
-            _at_rest.arm(self)  # a copy continues where the original was: the next training forward applies eps
-        if "_device" in self.__dict__ and "_requested_backend" in self.__dict__:
-            self._backend = _backends.resolve_for(self._requested_backend, self._device, self.param_groups)
+        _checkpoint.setstate(self)
 
     # ------------------------------------------------------------------ views
     @property
@@ -186,122 +145,28 @@ class MGPO(torch.optim.Optimizer):
         hold theta + eps)."""
         return self._at_rest.applied
 
-    # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
-        g = dict(param_group)
-        params = g["params"]
-        if isinstance(params, set):  # torch refuses it (unordered): let it say so
-            return super().add_param_group(g)
-        g["params"] = [params] if isinstance(params, Tensor) else list(params)
-        # (name, tensor) pairs, as from named_parameters(): torch splits the names off; the tensors are checked
-        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in g["params"]]
-        if self.param_groups:  # options and mode are global: a new group takes the optimizer's current ones
-            for k in OPTION_NAMES + (MODE_KEY,):
-                g.setdefault(k, self.param_groups[0].get(k, self.defaults.get(k)))
-        for k, v in self.defaults.items():
-            g.setdefault(k, v)
-        _checks.check_group_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"], "param group")
-        _checks.check_adamw_flags(g, "param group")
-        for k in OPTION_NAMES:
-            _checks.check_option(k, g[k])
-        devices = {self._device} if "_device" in self.__dict__ else set()
-        _checks.check_param_list(tensors, len(self.param_groups), devices)
-        super().add_param_group(g)
+        super().add_param_group(_checks.new_group(self, param_group))  # options, mode and defaults, checked
         if "_backend" in self.__dict__ and self._requested_backend == "auto":  # the new parameters' layouts
-            self._backend = _backends.resolve_for("auto", self._device, self.param_groups)
+            self._backend = _backends.resolve("auto", self._device, self.param_groups)
             _host_cache.drop(self)
         if "_at_rest" in self.__dict__:
             self._at_rest.forget_params()
 
-    def _init_state(self, p: Tensor) -> dict:
-        st = self.state[p]
-        if len(st) == 0:
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            if p.dtype != torch.float32:
-                # the parameter holds theta here (at rest, or perturbed by coef * m = 0)
-                st["master_param"] = p.detach().clone(memory_format=torch.preserve_format).float()
-                self._at_rest.has_masters = True
-        return st
-
-    def _groups(self, with_grads: bool) -> List[GroupTensors]:
-        """The tensors of every group that has state (allocating it for new gradients)."""
-        out = []
-        for group in self.param_groups:
-            params, grads, ms, vs, masters, steps = [], [], [], [], [], []
-            for p in group["params"]:
-                if with_grads and p.grad is not None:
-                    st = self._init_state(p)
-                else:
-                    st = self.state.get(p)
-                    if not isinstance(st, dict) or not st:
-                        continue
-                params.append(_local(p).detach())
-                grads.append(_local(p.grad) if (with_grads and p.grad is not None) else None)
-                ms.append(_local(st["exp_avg"]))
-                vs.append(_local(st["exp_avg_sq"]))
-                masters.append(_local(st["master_param"]) if "master_param" in st else None)
-                steps.append(st["step"])
-            b1, b2 = group["betas"]
-            out.append(GroupTensors(params, grads, ms, vs, masters, steps, group["lr"], b1, b2,
-                                    group["eps"], group["weight_decay"]))
-        return out
+    _init_state = _host_cache.init_state  # (p): the state of a parameter, allocated at its first gradient
+    _groups = _host_cache.collect  # (with_grads): the GroupTensors of every group, read anew
 
     # ------------------------------------------------------------------ step
-    def _layout(self) -> str:
-        layout = self.__dict__.get("_layout_decided")
-        if layout is None:
-            layout = _distributed.detect_layout(self.param_groups, self._device, self._distributed_mode,
-                                                self._process_group)
-            self.__dict__["_layout_decided"] = layout
-        return layout
-
     def _reduce_hook(self):
         """The all-reduce of the global sums this step needs (FSDP2, a sharded optimizer), or None."""
-        layout = "local" if torch.compiler.is_compiling() else self._layout()
-        return _distributed.reduce_hook(self.param_groups, layout, self._process_group)
+        return _checks.reduce_hook(self)
 
     def _config(self, cached: bool) -> StepConfig:
-        """The step's configuration; ``perturbed``: the parameters hold theta + eps (the forward applied it)."""
+        """The step's configuration; a cached step (host cache) is a local one, with no all-reduce."""
         return self._step_config(None if cached else self._reduce_hook(), self._at_rest.applied)
 
-    def _step_config(self, hook, perturbed: bool = False) -> StepConfig:
-        o = _checks.global_options(self.param_groups)
-        _checks.check_step_lrs(self.param_groups)
-        return StepConfig(
-            rho=float(o["rho"]), ema_beta=float(o["ema_beta"]), adaptive_norm=o["adaptive_norm"],
-            sign=DIRECTIONS[o["direction"]],
-            max_grad_norm=None if o["max_grad_norm"] is None else float(o["max_grad_norm"]),
-            perturbed=perturbed,
-            grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None),
-            reduce_hook=hook,
-            gbar_floor=float(o["gbar_floor"] or 0.0),
-        )
-
-    def _warn_eval_step(self) -> None:
-        if not self.__dict__.get("_warned_eval_step") and not torch.compiler.is_compiling():
-            self.__dict__["_warned_eval_step"] = True
-            warnings.warn(
-                "MGPO.step() was called in eval mode: the gradients were taken at theta and no perturbation is "
-                "applied, so this is a plain AdamW step, and so is every step until train() is called. Call "
-                "opt.train() (or leave `with opt.unperturbed():`) before the next forward pass.",
-                stacklevel=5,  # the caller of step(), through torch's step wrapper and no_grad
-            )
-
-    def _warn_missed_apply(self) -> None:
-        rest = self._at_rest
-        if rest.armed and not rest.applied and not rest.warned_missed and not torch.compiler.is_compiling():
-            rest.warned_missed = True
-            warnings.warn(
-                "MGPO.step(): no training forward applied the perturbation since the last step (no module holding "
-                "MGPO's parameters was called in training mode with grad enabled), so this gradient was taken at "
-                "theta and this is a plain AdamW step. A loop that computes the loss without calling the model as "
-                "an nn.Module (raw tensors, a functional_call) must call opt.apply_perturbation() before its "
-                "forward; a loop that trains with the model in eval mode should call model.train().",
-                stacklevel=4,  # the caller of step(), through torch's step wrapper and no_grad
-            )
+    _step_config = _checks.step_config  # (hook, perturbed=False)
+    _warn_missed_apply = _checks.warn_missed_apply
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -314,66 +179,43 @@ class MGPO(torch.optim.Optimizer):
             link.step(self, self._step_config)
             return loss
         self._warn_missed_apply()
-        groups = None if torch.compiler.is_compiling() else _host_cache.lookup(self)
-        if groups is not None:  # same parameters, same gradient pattern as the cached step (plain tensors)
-            cfg = self._config(cached=True)
-            if not self.training:
-                self._warn_eval_step()
-            if not self._backend.checks_inputs:
-                _checks.validate_grads(self.param_groups, self._device)
-            if not any(any(gr is not None for gr in g.grads) for g in groups):
-                return self._stepped_without_grads(loss)
-            if self._at_rest.has_masters and not cfg.perturbed:
-                _checkpoint.sync_masters(groups)  # bf16/fp16 parameters written since the last step are theta
-            try:
-                self._backend.step(groups, self._gstate, cfg)
-            except Exception:
-                # a descriptive error if an input is at fault (nothing was modified)
-                _checks.validate_grads(self.param_groups, self._device)
-                raise
-            return self._stepped(cfg, loss)
-        link = None if torch.compiler.is_compiling() else _deepspeed.attach(self)
-        if link is not None:  # the first call from DeepSpeed ZeRO
-            link.step(self, self._step_config)
-            return loss
-        _checks.validate_grads(self.param_groups, self._device)
-        cfg = self._config(cached=False)  # before any state is allocated: it refuses unsupported layouts
-        if not torch.compiler.is_compiling():
-            _checkpoint.adopt_bypassed_load(self)  # a wrapper that filled self.state itself (ZeRO's load)
+        compiling = torch.compiler.is_compiling()
+        groups = None if compiling else _host_cache.lookup(self)  # the last step's lists, while they hold
+        cached = groups is not None
+        if not cached and not compiling:
+            link = _deepspeed.attach(self)
+            if link is not None:  # the first call from DeepSpeed ZeRO
+                link.step(self, self._step_config)
+                return loss
+        if not cached or not self._backend.checks_inputs:  # (a backend that checks its inputs: below)
+            _checks.validate_grads(self.param_groups, self._device)
+        cfg = self._config(cached)  # before any state is allocated: it refuses unsupported layouts
+        if not cached:
+            if not compiling:
+                _checkpoint.adopt_bypassed_load(self)  # a wrapper that filled self.state itself (ZeRO's load)
+            groups = self._groups(with_grads=True)
+            if cfg.reduce_hook is None and not compiling:
+                _host_cache.build(self, groups)
         if not self.training:
-            self._warn_eval_step()
-        groups = self._groups(with_grads=True)
+            _checks.warn_eval_step(self)
         backend = self._backend
-        if cfg.reduce_hook is None and not torch.compiler.is_compiling():
-            _host_cache.build(self, groups)
-        if not any(any(gr is not None for gr in g.grads) for g in groups):
+        if not any(gr is not None for g in groups for gr in g.grads):
             if cfg.reduce_hook is None:
-                return self._stepped_without_grads(loss)  # no gradient anywhere: nothing to do, as in AdamW
-            # a sharded optimizer must take part in the all-reduce even with no local gradient
-            backend = _backends.resolve("reference", self._device)
+                _perturbation.stepped_without_grads(self)  # no gradient anywhere: nothing to do, as in AdamW
+                return loss
+            backend = _backends.resolve("reference", self._device)  # a sharded optimizer joins the all-reduce
         if self._at_rest.has_masters and not cfg.perturbed:
             _checkpoint.sync_masters(groups)  # bf16/fp16 parameters written since the last step are theta
-        backend.step(groups, self._gstate, cfg)
-        return self._stepped(cfg, loss)
-
-    def _stepped(self, cfg: StepConfig, loss):
-        """After a step: theta_{t+1} is at rest; in train mode the next training forward applies eps_{t+1}."""
-        rest = self._at_rest
-        rest.applied = False
-        rest.maybe_nonzero = rest.maybe_nonzero or cfg.rho != 0.0
-        if self.training and rest.maybe_nonzero:
-            _at_rest.arm(self)
+        try:
+            backend.step(groups, self._gstate, cfg)
+        except Exception:
+            if cached:  # name the input at fault (the backend refused it before modifying anything)
+                _checks.validate_grads(self.param_groups, self._device)
+            raise
+        _perturbation.stepped(self, cfg)  # theta_{t+1} at rest; the next training forward applies eps_{t+1}
         return loss
 
-    def _stepped_without_grads(self, loss):
-        """No gradient anywhere (nothing to update, as in AdamW): still leave theta at rest."""
-        if self._at_rest.applied:
-            self._remove_perturbation()
-            _at_rest.arm(self)
-        return loss
-
-    # ------------------------------------------------------------------ eps: apply (forward) and remove
-    @torch.no_grad()
+    # ------------------------------------------------------------------ eps: applied by the training forward
     def apply_perturbation(self) -> None:
         """Apply eps = coef * m to the parameters now (one multi-tensor pass); the next ``step()`` removes it.
 
@@ -381,52 +223,9 @@ class MGPO(torch.optim.Optimizer):
         yourself before the forward of a loop that never calls an ``nn.Module`` holding the parameters (raw tensors,
         ``torch.func.functional_call``).  Does nothing in eval mode, when eps is already applied, or when eps is
         known to be zero (before the first step, rho = 0)."""
-        rest = self._at_rest
-        if rest.applied or not self.training:
-            return
-        link = self.__dict__.get("_deepspeed")
-        if link is not None:  # eps goes into DeepSpeed's model copy; its fp32 masters stay theta
-            _at_rest.disarm(rest)
-            if rest.maybe_nonzero:
-                link.apply()
-                rest.applied = True
-            return
-        # the step's cached lists while the parameters and the state are the ones it cached (no load since)
-        groups = None if torch.compiler.is_compiling() else _host_cache.lookup(self, with_grads=False)
-        if groups is None and not torch.compiler.is_compiling():
-            _checkpoint.adopt_bypassed_load(self)  # a wrapper that filled self.state itself (ZeRO's load)
-        _at_rest.disarm(rest)
-        if not rest.maybe_nonzero:
-            return
-        coef = self._gstate.coef
-        if groups is None:
-            groups = self._groups(with_grads=False)
-        if rest.has_masters:
-            _checkpoint.sync_masters(groups)  # a bf16/fp16 parameter written since the step: its value is theta
-        if coef.device.type == "cpu" and float(coef) == 0.0:  # nothing to add (no host sync on a CPU tensor)
-            return
-        if any(g.params for g in groups):
-            self._backend.perturb(groups, coef, apply=True)
-        rest.applied = True
-        self._share_with_ranks()
+        _perturbation.apply(self)
 
-    @torch.no_grad()
-    def _remove_perturbation(self) -> None:
-        """Remove the eps a training forward applied (eval() or a load before the step that would have)."""
-        rest = self._at_rest
-        if not rest.applied:
-            return
-        link = self.__dict__.get("_deepspeed")
-        if link is not None:
-            return link.remove()
-        self._backend.perturb(self._groups(with_grads=False), self._gstate.coef, apply=False)
-        rest.applied = False
-        self._share_with_ranks()
-
-    def _share_with_ranks(self) -> None:
-        zero = self.__dict__.get("_sharding_parent")
-        if zero is not None:  # a collective: the ranks hold copies of the parameters this rank owns (ZeRO)
-            zero._sync_params()
+    _remove_perturbation = _perturbation.remove  # (): eval(), a load between a training forward and its step
 
     # ------------------------------------------------------------------ modes
     def _set_mode(self, perturbed: bool) -> None:

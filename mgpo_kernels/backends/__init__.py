@@ -291,7 +291,3 @@ def resolve(name: str, device, param_groups=None) -> Backend:
     if why is not None:
         raise RuntimeError(f"MGPO backend {name!r} is not usable on {device}: {why}")
     return _loaded[name]()
-
-
-def resolve_for(name: str, device, param_groups) -> Backend:  # the old name, until optimizer.py calls resolve
-    return resolve(name, device, param_groups)
